@@ -1,0 +1,718 @@
+//! The scheduling state: the master queue, one bounded queue per worker,
+//! worker and task states. One owner (the [`crate::cluster::Cluster`] holds it
+//! under one mutex with short critical sections); every change goes through a
+//! named transition here, and the decisions are the pure functions of
+//! [`policy`]. Nothing in this module knows how workers are run.
+//!
+//! Identity rules (see DESIGN-NOTES): a worker keeps its ID across restarts
+//! and gets a new *incarnation* on each start; a message from an older
+//! incarnation is refused. A task keeps its ID and gets a new *attempt* each
+//! time it is handed to a worker; a report counts only for the current attempt
+//! of a task running on that very worker. That is how every task ends with
+//! exactly one final result.
+
+pub mod policy;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flotilla_proto::{
+    Assignment, Attempt, Incarnation, Outcome, TaskId, TaskReport, TaskResult, TaskSpec, WorkerId,
+};
+use serde::Serialize;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use policy::WorkerView;
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Queued,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl TaskState {
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed)
+    }
+}
+
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Started (or restarted) by the runtime; not registered yet. It may be
+    /// given queued work (the seed queued to a restarting node at once).
+    Starting,
+    Active,
+    Dead,
+}
+
+pub struct Task {
+    pub id: TaskId,
+    pub spec: TaskSpec,
+    pub state: TaskState,
+    pub node: Option<WorkerId>,
+    pub attempts: Attempt,
+    pub result: Option<TaskResult>,
+    pub error: Option<String>,
+    pub submitted_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    /// Workers on which an attempt died with its interpreter or worker: the
+    /// retry goes elsewhere when anywhere else exists.
+    crashed_on: Vec<WorkerId>,
+    crash_errors: Vec<String>,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+/// A long-poll held open by a worker slot, waiting for its next task.
+struct PollWaiter {
+    poll_id: u64,
+    tx: oneshot::Sender<Assignment>,
+}
+
+pub struct Worker {
+    pub id: WorkerId,
+    pub capacity: usize,
+    pub incarnation: Incarnation,
+    pub state: WorkerState,
+    /// Assigned tasks not yet handed over, in order.
+    waiting: VecDeque<TaskId>,
+    /// Slot -> the attempt it is running.
+    running: BTreeMap<u32, (TaskId, Attempt)>,
+    idle: BTreeMap<u32, PollWaiter>,
+    pub executed: u64,
+    pub restarts: u64,
+    pub last_heartbeat: Instant,
+}
+
+impl Worker {
+    fn held(&self) -> usize {
+        self.waiting.len() + self.running.len()
+    }
+
+    fn alive(&self) -> bool {
+        self.state != WorkerState::Dead
+    }
+}
+
+/// Why a worker message was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("node {0} does not exist")]
+    UnknownWorker(WorkerId),
+    #[error("node {worker} incarnation {got} has been replaced by incarnation {current}")]
+    Stale {
+        worker: WorkerId,
+        got: Incarnation,
+        current: Incarnation,
+    },
+    #[error("node {0} must register before polling")]
+    NotRegistered(WorkerId),
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("node {0} does not exist")]
+    UnknownWorker(WorkerId),
+    #[error("node {0}'s queue is full")]
+    Full(WorkerId),
+}
+
+/// Side effects the owner must carry out after a transition (wake waiters).
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Effects {
+    /// A task reached a final state: wake the completion feed.
+    pub completed: bool,
+    /// A worker queue shrank: wake `/send/{node}` calls waiting for room.
+    pub room_freed: bool,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct TaskView {
+    pub id: TaskId,
+    pub state: TaskState,
+    pub node: Option<WorkerId>,
+    pub attempts: Attempt,
+    pub result: Option<TaskResult>,
+    pub error: Option<String>,
+    pub submitted_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct NodeView {
+    pub id: WorkerId,
+    pub state: WorkerState,
+    pub capacity: usize,
+    pub incarnation: Incarnation,
+    pub queued: usize,
+    pub running: usize,
+    pub executed: u64,
+    pub restarts: u64,
+    pub last_heartbeat_ms_ago: u64,
+}
+
+pub struct Scheduler {
+    max_attempts: Attempt,
+    tasks: HashMap<TaskId, Task>,
+    next_task: TaskId,
+    master_queue: VecDeque<TaskId>,
+    workers: Vec<Worker>,
+    cursor: usize,
+    next_poll: u64,
+    /// Task IDs in the order they finished: the completion feed.
+    completions: Vec<TaskId>,
+    pub steals: u64,
+    effects: Effects,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Scheduler {
+    pub fn new(max_attempts: Attempt) -> Self {
+        Scheduler {
+            max_attempts: max_attempts.max(1),
+            tasks: HashMap::new(),
+            next_task: 1,
+            master_queue: VecDeque::new(),
+            workers: Vec::new(),
+            cursor: 0,
+            next_poll: 0,
+            completions: Vec::new(),
+            steals: 0,
+            effects: Effects::default(),
+        }
+    }
+
+    /// The effects accumulated since the last call.
+    pub fn take_effects(&mut self) -> Effects {
+        std::mem::take(&mut self.effects)
+    }
+
+    // ----- workers -------------------------------------------------------
+
+    /// A new worker (startup or `/add`): the next ID, first incarnation.
+    pub fn add_worker(&mut self, capacity: usize) -> (WorkerId, Incarnation) {
+        let id = self.workers.len() as WorkerId;
+        self.workers.push(Worker {
+            id,
+            capacity: capacity.max(1),
+            incarnation: 1,
+            state: WorkerState::Starting,
+            waiting: VecDeque::new(),
+            running: BTreeMap::new(),
+            idle: BTreeMap::new(),
+            executed: 0,
+            restarts: 0,
+            last_heartbeat: Instant::now(),
+        });
+        self.dispatch();
+        (id, 1)
+    }
+
+    pub fn worker(&self, id: WorkerId) -> Option<&Worker> {
+        self.workers.get(id as usize)
+    }
+
+    pub fn worker_count(&self) -> usize {
+        self.workers.len()
+    }
+
+    fn check(&self, id: WorkerId, inc: Incarnation) -> Result<&Worker, Refusal> {
+        let w = self.workers.get(id as usize).ok_or(Refusal::UnknownWorker(id))?;
+        if w.incarnation != inc || w.state == WorkerState::Dead {
+            return Err(Refusal::Stale {
+                worker: id,
+                got: inc,
+                current: w.incarnation,
+            });
+        }
+        Ok(w)
+    }
+
+    pub fn register(&mut self, id: WorkerId, inc: Incarnation) -> Result<usize, Refusal> {
+        self.check(id, inc)?;
+        let w = &mut self.workers[id as usize];
+        w.state = WorkerState::Active;
+        w.last_heartbeat = Instant::now();
+        info!(worker = id, incarnation = inc, "Node {id} activated");
+        let capacity = w.capacity;
+        self.dispatch();
+        Ok(capacity)
+    }
+
+    pub fn heartbeat(&mut self, id: WorkerId, inc: Incarnation, now: Instant) -> Result<(), Refusal> {
+        self.check(id, inc)?;
+        self.workers[id as usize].last_heartbeat = now;
+        Ok(())
+    }
+
+    /// Workers alive whose last heartbeat (or start) is older than `timeout`.
+    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<(WorkerId, Incarnation)> {
+        self.workers
+            .iter()
+            .filter(|w| w.alive() && now.saturating_duration_since(w.last_heartbeat) >= timeout)
+            .map(|w| (w.id, w.incarnation))
+            .collect()
+    }
+
+    /// When the next worker would become overdue, if none sends a heartbeat.
+    pub fn next_deadline(&self, timeout: Duration) -> Option<Instant> {
+        self.workers
+            .iter()
+            .filter(|w| w.alive())
+            .map(|w| w.last_heartbeat + timeout)
+            .min()
+    }
+
+    /// Death is decided once per incarnation: by the runtime's exit event,
+    /// the heartbeat timeout or `/stop`, whichever comes first. Returns false
+    /// when it was already decided. The worker's running and waiting tasks go
+    /// to the front of the master queue in their original order; the running
+    /// attempts are invalidated (and count toward `max_attempts`). When the
+    /// worker died by itself (`task_suspect`), its running tasks prefer
+    /// another worker on retry; a `/stop` or a missed heartbeat blames no task.
+    pub fn declare_dead(&mut self, id: WorkerId, inc: Incarnation, reason: &str, task_suspect: bool) -> bool {
+        let Some(w) = self.workers.get_mut(id as usize) else {
+            return false;
+        };
+        if w.incarnation != inc || w.state == WorkerState::Dead {
+            return false;
+        }
+        w.state = WorkerState::Dead;
+        warn!(worker = id, incarnation = inc, reason, "Node {id} is not responding: {reason}");
+        let running: Vec<TaskId> = std::mem::take(&mut w.running).into_values().map(|(t, _)| t).collect();
+        let waiting: Vec<TaskId> = std::mem::take(&mut w.waiting).into();
+        w.idle.clear();
+        info!(worker = id, running = running.len(), waiting = waiting.len(), "Requeueing tasks from Node {id}");
+        let mut requeue = Vec::with_capacity(running.len() + waiting.len());
+        for tid in running {
+            let error = format!("node {id} died while running it ({reason})");
+            if self.crashed(tid, task_suspect.then_some(id), error) {
+                requeue.push(tid);
+            }
+        }
+        requeue.extend(waiting);
+        for &tid in requeue.iter().rev() {
+            let task = self.tasks.get_mut(&tid).expect("queued task exists");
+            task.state = TaskState::Queued;
+            task.node = None;
+            self.master_queue.push_front(tid);
+        }
+        self.effects.room_freed = true;
+        self.dispatch();
+        true
+    }
+
+    /// The runtime is about to start the worker again: same ID and capacity,
+    /// next incarnation.
+    pub fn begin_restart(&mut self, id: WorkerId) -> Option<(Incarnation, usize)> {
+        let w = self.workers.get_mut(id as usize)?;
+        if w.state != WorkerState::Dead {
+            return None;
+        }
+        w.incarnation += 1;
+        w.state = WorkerState::Starting;
+        w.restarts += 1;
+        w.last_heartbeat = Instant::now();
+        let out = (w.incarnation, w.capacity);
+        self.dispatch();
+        Some(out)
+    }
+
+    // ----- tasks ---------------------------------------------------------
+
+    fn new_task(&mut self, spec: TaskSpec) -> TaskId {
+        let id = self.next_task;
+        self.next_task += 1;
+        self.tasks.insert(
+            id,
+            Task {
+                id,
+                spec,
+                state: TaskState::Queued,
+                node: None,
+                attempts: 0,
+                result: None,
+                error: None,
+                submitted_at: unix_ms(),
+                started_at: None,
+                finished_at: None,
+                crashed_on: Vec::new(),
+                crash_errors: Vec::new(),
+                waiters: Vec::new(),
+            },
+        );
+        id
+    }
+
+    /// `/send`: into the master queue, assigned by round-robin.
+    pub fn submit(&mut self, spec: TaskSpec) -> TaskId {
+        let id = self.new_task(spec);
+        self.master_queue.push_back(id);
+        self.dispatch();
+        id
+    }
+
+    /// `/send/{node}`: straight into that worker's queue if it has room.
+    pub fn submit_to(&mut self, worker: WorkerId, spec: TaskSpec) -> Result<TaskId, SubmitError> {
+        let w = self.workers.get(worker as usize).ok_or(SubmitError::UnknownWorker(worker))?;
+        if w.held() >= w.capacity {
+            return Err(SubmitError::Full(worker));
+        }
+        let id = self.new_task(spec);
+        let task = self.tasks.get_mut(&id).expect("just inserted");
+        task.state = TaskState::Assigned;
+        task.node = Some(worker);
+        let w = &mut self.workers[worker as usize];
+        w.waiting.push_back(id);
+        info!(task = id, worker, "Queueing instruction to Node {worker}; queue length {}", w.held());
+        self.dispatch();
+        Ok(id)
+    }
+
+    /// A worker slot is free: record what it did, then park its poll until a
+    /// task is handed to `tx`.
+    pub fn poll(
+        &mut self,
+        worker: WorkerId,
+        inc: Incarnation,
+        slot: u32,
+        report: Option<TaskReport>,
+        tx: oneshot::Sender<Assignment>,
+    ) -> Result<u64, Refusal> {
+        let w = self.check(worker, inc)?;
+        if w.state != WorkerState::Active {
+            return Err(Refusal::NotRegistered(worker));
+        }
+        if let Some(report) = report {
+            self.record(worker, slot, report);
+        }
+        // A slot that polls without reporting the attempt we think it runs
+        // never received it (the answer was lost on the way): run it again.
+        if let Some((tid, attempt)) = self.workers[worker as usize].running.remove(&slot) {
+            warn!(task = tid, attempt, worker, slot, "assignment was lost in transit; requeueing");
+            let error = format!("assignment to node {worker} was lost in transit");
+            if self.crashed(tid, None, error) {
+                self.requeue_front(tid);
+            }
+            self.effects.room_freed = true;
+        }
+        let poll_id = self.next_poll;
+        self.next_poll += 1;
+        self.workers[worker as usize].idle.insert(slot, PollWaiter { poll_id, tx });
+        self.dispatch();
+        Ok(poll_id)
+    }
+
+    /// A poll is going away (timed out or its connection closed). If a task
+    /// was handed to it meanwhile, `undelivered` is that assignment: it goes
+    /// back to the front of the worker's queue as if never handed over.
+    pub fn withdraw_poll(
+        &mut self,
+        worker: WorkerId,
+        slot: u32,
+        poll_id: u64,
+        undelivered: Option<Assignment>,
+    ) {
+        let Some(w) = self.workers.get_mut(worker as usize) else {
+            return;
+        };
+        if w.idle.get(&slot).is_some_and(|p| p.poll_id == poll_id) {
+            w.idle.remove(&slot);
+        }
+        let Some(a) = undelivered else { return };
+        if w.running.get(&slot) == Some(&(a.task_id, a.attempt)) {
+            w.running.remove(&slot);
+            w.waiting.push_front(a.task_id);
+            let task = self.tasks.get_mut(&a.task_id).expect("running task exists");
+            task.attempts -= 1;
+            task.state = TaskState::Assigned;
+            debug!(task = a.task_id, worker, "assignment not delivered; back to the queue");
+            self.dispatch();
+        }
+    }
+
+    /// A report for `(task, attempt)` from `worker`'s `slot`. Counted only if
+    /// that slot is running exactly that attempt; anything else is late or
+    /// duplicated and dropped.
+    fn record(&mut self, worker: WorkerId, slot: u32, report: TaskReport) {
+        let w = &mut self.workers[worker as usize];
+        if w.running.get(&slot) != Some(&(report.task_id, report.attempt)) {
+            warn!(task = report.task_id, attempt = report.attempt, worker, "dropping a stale result");
+            return;
+        }
+        w.running.remove(&slot);
+        self.effects.room_freed = true;
+        let tid = report.task_id;
+        match report.outcome {
+            Outcome::Succeeded { result } => {
+                info!(task = tid, worker, "Node {worker} response: {}", short(&result.response));
+                self.workers[worker as usize].executed += 1;
+                self.finish(tid, TaskState::Succeeded, Some(result), None);
+            }
+            Outcome::Failed { result, error } => {
+                info!(task = tid, worker, %error, "Node {worker} task failed");
+                self.workers[worker as usize].executed += 1;
+                self.finish(tid, TaskState::Failed, Some(result), Some(error));
+            }
+            Outcome::Crashed { error, .. } => {
+                warn!(task = tid, worker, %error, "task crashed its interpreter on Node {worker}");
+                if self.crashed(tid, Some(worker), error) {
+                    self.requeue_front(tid);
+                }
+            }
+        }
+    }
+
+    /// An attempt died with its interpreter or worker. Returns true when the
+    /// task should run again, false when it has used up its attempts (it is
+    /// then failed as poison).
+    fn crashed(&mut self, tid: TaskId, culprit_host: Option<WorkerId>, error: String) -> bool {
+        let max = self.max_attempts;
+        let task = self.tasks.get_mut(&tid).expect("crashed task exists");
+        task.crashed_on.extend(culprit_host);
+        task.crash_errors.push(error);
+        if task.attempts >= max {
+            let why = format!(
+                "gave up after {} attempts, each of which killed its interpreter or worker: {}",
+                task.attempts,
+                task.crash_errors.join("; ")
+            );
+            warn!(task = tid, "{why}");
+            self.finish(tid, TaskState::Failed, None, Some(why));
+            return false;
+        }
+        true
+    }
+
+    fn requeue_front(&mut self, tid: TaskId) {
+        let task = self.tasks.get_mut(&tid).expect("requeued task exists");
+        task.state = TaskState::Queued;
+        task.node = None;
+        self.master_queue.push_front(tid);
+    }
+
+    fn finish(&mut self, tid: TaskId, state: TaskState, result: Option<TaskResult>, error: Option<String>) {
+        let task = self.tasks.get_mut(&tid).expect("finished task exists");
+        task.state = state;
+        task.result = result;
+        task.error = error;
+        task.finished_at = Some(unix_ms());
+        for w in task.waiters.drain(..) {
+            let _ = w.send(());
+        }
+        self.completions.push(tid);
+        self.effects.completed = true;
+    }
+
+    // ----- dispatch ------------------------------------------------------
+
+    fn views(&self) -> Vec<WorkerView> {
+        self.workers
+            .iter()
+            .map(|w| WorkerView {
+                id: w.id,
+                eligible: w.alive(),
+                held: w.held(),
+                capacity: w.capacity,
+                waiting: w.waiting.len(),
+                idle_slot: w.state == WorkerState::Active && !w.idle.is_empty(),
+            })
+            .collect()
+    }
+
+    /// Moves work as far as it can go: master queue to worker queues
+    /// (round-robin), worker queues to idle slots, and steals for idle slots
+    /// with nothing of their own. Called after every transition.
+    fn dispatch(&mut self) {
+        loop {
+            let assigned = self.assign_from_master_queue();
+            let handed = self.hand_over();
+            let stolen = self.steal_once();
+            if !(assigned || handed || stolen) {
+                break;
+            }
+        }
+    }
+
+    fn assign_from_master_queue(&mut self) -> bool {
+        if self.master_queue.is_empty() || self.workers.is_empty() {
+            return false;
+        }
+        let mut views = self.views();
+        let mut progressed = false;
+        let mut i = 0;
+        while i < self.master_queue.len() && views.iter().any(|v| v.has_room()) {
+            let tid = self.master_queue[i];
+            let avoid = &self.tasks[&tid].crashed_on;
+            // Retry elsewhere when anywhere else exists.
+            let elsewhere = views.iter().any(|v| v.eligible && !avoid.contains(&v.id));
+            let pick = policy::round_robin(&views, self.cursor, |id| !elsewhere || !avoid.contains(&id));
+            let Some(k) = pick else {
+                i += 1;
+                continue;
+            };
+            self.master_queue.remove(i);
+            views[k].held += 1;
+            views[k].waiting += 1;
+            self.cursor = (k + 1) % views.len();
+            let w = &mut self.workers[k];
+            w.waiting.push_back(tid);
+            let task = self.tasks.get_mut(&tid).expect("queued task exists");
+            task.state = TaskState::Assigned;
+            task.node = Some(w.id);
+            info!(task = tid, worker = w.id, "Queueing instruction to Node {}; queue length {}", w.id, w.held());
+            progressed = true;
+        }
+        progressed
+    }
+
+    fn hand_over(&mut self) -> bool {
+        let mut progressed = false;
+        for w in self.workers.iter_mut().filter(|w| w.state == WorkerState::Active) {
+            while !w.waiting.is_empty() {
+                let Some((slot, waiter)) = w.idle.pop_first() else { break };
+                let tid = w.waiting.pop_front().expect("checked non-empty");
+                let task = self.tasks.get_mut(&tid).expect("waiting task exists");
+                task.attempts += 1;
+                task.state = TaskState::Running;
+                task.started_at = Some(unix_ms());
+                let assignment = Assignment {
+                    task_id: tid,
+                    attempt: task.attempts,
+                    spec: task.spec.clone(),
+                };
+                match waiter.tx.send(assignment) {
+                    Ok(()) => {
+                        debug!(task = tid, attempt = task.attempts, worker = w.id, slot, "Sending instruction to node {}", w.id);
+                        w.running.insert(slot, (tid, task.attempts));
+                        progressed = true;
+                    }
+                    Err(_) => {
+                        // The poll went away before we answered: not handed over.
+                        task.attempts -= 1;
+                        task.state = TaskState::Assigned;
+                        w.waiting.push_front(tid);
+                    }
+                }
+            }
+        }
+        progressed
+    }
+
+    fn steal_once(&mut self) -> bool {
+        let views = self.views();
+        for thief in 0..views.len() {
+            let Some(victim) = policy::steal_victim(&views, thief) else { continue };
+            let tid = *self.workers[victim].waiting.back().expect("victim has waiting work");
+            let thief_id = views[thief].id;
+            if self.tasks[&tid].crashed_on.contains(&thief_id) {
+                continue;
+            }
+            self.workers[victim].waiting.pop_back();
+            self.workers[thief].waiting.push_back(tid);
+            self.tasks.get_mut(&tid).expect("stolen task exists").node = Some(thief_id);
+            self.steals += 1;
+            self.effects.room_freed = true;
+            info!(task = tid, thief = thief_id, victim = views[victim].id, "Node {thief_id} is stealing work from Node {}", views[victim].id);
+            return true;
+        }
+        false
+    }
+
+    // ----- views ---------------------------------------------------------
+
+    pub fn task(&self, id: TaskId) -> Option<TaskView> {
+        self.tasks.get(&id).map(|t| TaskView {
+            id: t.id,
+            state: t.state,
+            node: t.node,
+            attempts: t.attempts,
+            result: t.result.clone(),
+            error: t.error.clone(),
+            submitted_at: t.submitted_at,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+        })
+    }
+
+    /// Registers `tx` to fire when the task finishes. `None`: no such task;
+    /// `Some(true)`: already finished (nothing registered).
+    pub fn wait_for(&mut self, id: TaskId, tx: oneshot::Sender<()>) -> Option<bool> {
+        let task = self.tasks.get_mut(&id)?;
+        if task.state.is_final() {
+            return Some(true);
+        }
+        task.waiters.push(tx);
+        Some(false)
+    }
+
+    /// Finished tasks after position `after` of the completion feed, at most
+    /// `limit`, and the position to ask from next.
+    pub fn completions_after(&self, after: usize, limit: usize) -> (Vec<TaskView>, usize) {
+        let start = after.min(self.completions.len());
+        let end = (start + limit).min(self.completions.len());
+        let views = self.completions[start..end]
+            .iter()
+            .filter_map(|&id| self.task(id))
+            .collect();
+        (views, end)
+    }
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let now = Instant::now();
+        self.workers
+            .iter()
+            .map(|w| NodeView {
+                id: w.id,
+                state: w.state,
+                capacity: w.capacity,
+                incarnation: w.incarnation,
+                queued: w.waiting.len(),
+                running: w.running.len(),
+                executed: w.executed,
+                restarts: w.restarts,
+                last_heartbeat_ms_ago: now.saturating_duration_since(w.last_heartbeat).as_millis() as u64,
+            })
+            .collect()
+    }
+
+    pub fn master_queue_len(&self) -> usize {
+        self.master_queue.len()
+    }
+
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+fn short(v: &serde_json::Value) -> String {
+    let s = match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if s.len() > 120 {
+        let mut end = 120;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,265 @@
+use super::*;
+use flotilla_proto::TaskKind;
+use proptest::prelude::*;
+use tokio::sync::oneshot::{self, Receiver};
+
+fn spec(code: &str) -> TaskSpec {
+    TaskSpec {
+        kind: TaskKind::Python,
+        command: code.to_string(),
+    }
+}
+
+fn ok(response: i64) -> Outcome {
+    Outcome::Succeeded {
+        result: TaskResult {
+            response: response.into(),
+            ..Default::default()
+        },
+    }
+}
+
+/// A scheduler with registered workers of the given capacities.
+fn cluster(caps: &[usize]) -> Scheduler {
+    let mut s = Scheduler::new(3);
+    for &c in caps {
+        let (id, inc) = s.add_worker(c);
+        s.register(id, inc).unwrap();
+    }
+    s
+}
+
+fn poll(s: &mut Scheduler, w: WorkerId, slot: u32, report: Option<TaskReport>) -> Receiver<Assignment> {
+    let inc = s.worker(w).unwrap().incarnation;
+    let (tx, rx) = oneshot::channel();
+    s.poll(w, inc, slot, report, tx).unwrap();
+    rx
+}
+
+fn report(a: &Assignment, outcome: Outcome) -> Option<TaskReport> {
+    Some(TaskReport {
+        task_id: a.task_id,
+        attempt: a.attempt,
+        outcome,
+    })
+}
+
+fn held(s: &Scheduler) -> Vec<usize> {
+    s.nodes().iter().map(|n| n.queued + n.running).collect()
+}
+
+#[test]
+fn seed_test_1_eleven_tasks_on_capacities_3_4_5_end_as_3_4_4() {
+    let mut s = cluster(&[3, 4, 5]);
+    for _ in 0..11 {
+        s.submit(spec("long"));
+    }
+    assert_eq!(held(&s), vec![3, 4, 4]);
+    assert_eq!(s.master_queue_len(), 0);
+    // A twelfth and thirteenth: only node 2 has room, then everyone is full.
+    s.submit(spec("long"));
+    s.submit(spec("long"));
+    assert_eq!(held(&s), vec![3, 4, 5]);
+    assert_eq!(s.master_queue_len(), 1);
+}
+
+#[test]
+fn seed_test_5_idle_workers_steal_the_last_waiting_task_from_node_0() {
+    let mut s = cluster(&[5, 5, 5, 5, 5]);
+    let mut polls: Vec<_> = (0..5).map(|w| poll(&mut s, w, 0, None)).collect();
+    for _ in 0..7 {
+        s.submit_to(0, spec("fib")).unwrap();
+    }
+    // Five run at once (one per node), two wait on node 0.
+    let running: Vec<_> = polls.iter_mut().map(|rx| rx.try_recv().unwrap()).collect();
+    assert_eq!(running.len(), 5);
+    assert_eq!(running[0].task_id, 1, "node 0 runs the first task");
+    assert_eq!(s.steals, 4);
+    let nodes = s.nodes();
+    assert_eq!(nodes[0].queued, 2);
+    assert!(nodes[1..].iter().all(|n| n.running == 1 && n.queued == 0));
+    // Stolen from the back: node 1 took task 2 (the last waiting when it stole).
+    assert_eq!(running[1].task_id, 2);
+    // Node 3 finishes and steals again (the last waiting: task 7).
+    let mut rx = poll(&mut s, 3, 0, report(&running[3], ok(1)));
+    assert_eq!(rx.try_recv().unwrap().task_id, 7);
+    assert_eq!(s.steals, 5);
+}
+
+#[test]
+fn send_to_a_full_node_is_refused_and_an_unknown_node_too() {
+    let mut s = cluster(&[1]);
+    s.submit_to(0, spec("a")).unwrap();
+    assert_eq!(s.submit_to(0, spec("b")), Err(SubmitError::Full(0)));
+    assert_eq!(s.submit_to(9, spec("b")), Err(SubmitError::UnknownWorker(9)));
+}
+
+#[test]
+fn a_dead_worker_s_tasks_go_to_the_front_of_the_master_queue_in_order() {
+    let mut s = cluster(&[3, 1]);
+    let mut rx0 = poll(&mut s, 0, 0, None);
+    let t: Vec<_> = (0..5).map(|i| s.submit(spec(&format!("t{i}")))).collect();
+    // RR: t0->0, t1->1, t2->0, t3->0 (1 full), t4 stays in the master queue.
+    assert_eq!(held(&s), vec![3, 1]);
+    assert_eq!(rx0.try_recv().unwrap().task_id, t[0]);
+    assert!(s.declare_dead(0, 1, "killed", false));
+    assert!(!s.declare_dead(0, 1, "heartbeat", false), "death is decided once");
+    let order: Vec<_> = s.master_queue.iter().copied().collect();
+    assert_eq!(order, vec![t[0], t[2], t[3], t[4]]);
+    assert_eq!(s.task(t[0]).unwrap().attempts, 1);
+    let (inc, cap) = s.begin_restart(0).unwrap();
+    assert_eq!((inc, cap), (2, 3));
+    // The restarted node gets the requeued work first, front of queue first.
+    assert_eq!(held(&s), vec![3, 1]);
+    assert_eq!(s.master_queue.iter().copied().collect::<Vec<_>>(), vec![t[4]]);
+    s.register(0, 2).unwrap();
+    let mut rx0 = poll(&mut s, 0, 0, None);
+    assert_eq!(rx0.try_recv().unwrap().task_id, t[0]);
+    // Its old incarnation is refused.
+    let (tx, _rx) = oneshot::channel();
+    assert!(matches!(s.poll(0, 1, 0, None, tx), Err(Refusal::Stale { .. })));
+    assert!(matches!(s.heartbeat(0, 1, Instant::now()), Err(Refusal::Stale { .. })));
+}
+
+#[test]
+fn a_late_result_from_a_dead_incarnation_is_not_recorded_twice() {
+    let mut s = cluster(&[2, 2]);
+    let mut rx0 = poll(&mut s, 0, 0, None);
+    let id = s.submit(spec("x"));
+    let first = rx0.try_recv().unwrap();
+    assert!(s.declare_dead(0, 1, "partitioned", false));
+    let mut rx1 = poll(&mut s, 1, 0, None);
+    let second = rx1.try_recv().unwrap();
+    assert_eq!((second.task_id, second.attempt), (id, 2));
+    // The zombie's report: refused at the door (stale incarnation).
+    let (tx, _rx) = oneshot::channel();
+    let late = TaskReport { task_id: id, attempt: first.attempt, outcome: ok(7) };
+    assert!(s.poll(0, 1, 0, Some(late), tx).is_err());
+    // A stale attempt from a live slot is dropped too.
+    let _ = poll(&mut s, 1, 1, Some(TaskReport { task_id: id, attempt: 1, outcome: ok(8) }));
+    assert_eq!(s.task(id).unwrap().state, TaskState::Running);
+    let _ = poll(&mut s, 1, 0, report(&second, ok(9)));
+    let view = s.task(id).unwrap();
+    assert_eq!(view.state, TaskState::Succeeded);
+    assert_eq!(view.result.unwrap().response, 9);
+    assert_eq!(s.completions_after(0, 10).0.len(), 1);
+}
+
+#[test]
+fn a_crashing_task_is_retried_elsewhere_then_fails_as_poison() {
+    let mut s = cluster(&[2, 2, 2]);
+    let mut rxs: Vec<_> = (0..3).map(|w| poll(&mut s, w, 0, None)).collect();
+    let id = s.submit(spec("exit()"));
+    let crash = || Outcome::Crashed { error: "exit".into(), stdout: String::new() };
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (w, a) = rxs
+            .iter_mut()
+            .enumerate()
+            .find_map(|(w, rx)| rx.try_recv().ok().map(|a| (w, a)))
+            .expect("someone runs it");
+        assert!(!seen.contains(&w), "retried on a different worker");
+        seen.push(w);
+        rxs[w] = poll(&mut s, w as WorkerId, 0, report(&a, crash()));
+    }
+    let view = s.task(id).unwrap();
+    assert_eq!(view.state, TaskState::Failed);
+    assert_eq!(view.attempts, 3);
+    assert!(view.error.unwrap().contains("3 attempts"));
+}
+
+#[test]
+fn an_undelivered_assignment_goes_back_without_using_an_attempt() {
+    let mut s = cluster(&[2]);
+    let (tx, mut rx) = oneshot::channel();
+    let poll_id = s.poll(0, 1, 0, None, tx).unwrap();
+    let id = s.submit(spec("x"));
+    let a = rx.try_recv().unwrap();
+    s.withdraw_poll(0, 0, poll_id, Some(a));
+    let view = s.task(id).unwrap();
+    assert_eq!((view.state, view.attempts), (TaskState::Assigned, 0));
+    let mut rx = poll(&mut s, 0, 0, None);
+    assert_eq!(rx.try_recv().unwrap().attempt, 1);
+}
+
+#[test]
+fn a_slot_that_polls_without_its_report_had_lost_its_assignment() {
+    let mut s = cluster(&[2]);
+    let mut rx = poll(&mut s, 0, 0, None);
+    let id = s.submit(spec("x"));
+    let _lost = rx.try_recv().unwrap();
+    let mut rx = poll(&mut s, 0, 0, None);
+    let again = rx.try_recv().unwrap();
+    assert_eq!((again.task_id, again.attempt), (id, 2));
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit,
+    SubmitTo(u8),
+    Poll(u8, bool),
+    Kill(u8, bool),
+    Restart(u8),
+    Add(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => Just(Op::Submit),
+        1 => (0u8..6).prop_map(Op::SubmitTo),
+        4 => (0u8..6, any::<bool>()).prop_map(|(w, c)| Op::Poll(w, c)),
+        1 => (0u8..6, any::<bool>()).prop_map(|(w, b)| Op::Kill(w, b)),
+        1 => (0u8..6).prop_map(Op::Restart),
+        1 => (1u8..4).prop_map(Op::Add),
+    ]
+}
+
+proptest! {
+    /// Whatever happens, every task is in exactly one place, no queue is over
+    /// capacity, and a finished task is finished once.
+    #[test]
+    fn tasks_are_never_lost_or_duplicated(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut s = cluster(&[2, 3]);
+        let mut pending: HashMap<WorkerId, Receiver<Assignment>> = HashMap::new();
+        let mut submitted = 0usize;
+        for op in ops {
+            let n = s.worker_count() as u8;
+            match op {
+                Op::Submit => { s.submit(spec("x")); submitted += 1; }
+                Op::SubmitTo(w) => { if s.submit_to((w % n) as WorkerId, spec("x")).is_ok() { submitted += 1; } }
+                Op::Poll(w, crash) => {
+                    let w = (w % n) as WorkerId;
+                    let wk = s.worker(w).unwrap();
+                    if wk.state == WorkerState::Starting { let inc = wk.incarnation; s.register(w, inc).unwrap(); }
+                    if s.worker(w).unwrap().state != WorkerState::Active { continue; }
+                    let rep = pending.get_mut(&w).and_then(|rx| rx.try_recv().ok()).map(|a| TaskReport {
+                        task_id: a.task_id, attempt: a.attempt,
+                        outcome: if crash { Outcome::Crashed { error: "boom".into(), stdout: String::new() } } else { ok(1) },
+                    });
+                    let rx = poll(&mut s, w, 0, rep);
+                    pending.insert(w, rx);
+                }
+                Op::Kill(w, crash_kill) => {
+                    let w = (w % n) as WorkerId;
+                    let inc = s.worker(w).unwrap().incarnation;
+                    s.declare_dead(w, inc, "killed", crash_kill);
+                    pending.remove(&w);
+                }
+                Op::Restart(w) => { s.begin_restart((w % n) as WorkerId); }
+                Op::Add(c) => { s.add_worker(c as usize); }
+            }
+            // Invariants.
+            let mut seen = std::collections::HashSet::new();
+            for &t in &s.master_queue { prop_assert!(seen.insert(t)); prop_assert_eq!(s.tasks[&t].state, TaskState::Queued); }
+            for w in &s.workers {
+                prop_assert!(w.held() <= w.capacity);
+                for &t in &w.waiting { prop_assert!(seen.insert(t)); prop_assert_eq!(s.tasks[&t].state, TaskState::Assigned); prop_assert_eq!(s.tasks[&t].node, Some(w.id)); }
+                for &(t, a) in w.running.values() { prop_assert!(seen.insert(t)); prop_assert_eq!(s.tasks[&t].state, TaskState::Running); prop_assert_eq!(s.tasks[&t].attempts, a); }
+            }
+            let mut finished = std::collections::HashSet::new();
+            for &t in &s.completions { prop_assert!(finished.insert(t), "finished twice"); prop_assert!(seen.insert(t)); prop_assert!(s.tasks[&t].state.is_final()); }
+            prop_assert_eq!(seen.len(), submitted);
+            prop_assert_eq!(s.tasks.len(), submitted);
+        }
+    }
+}

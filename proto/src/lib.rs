@@ -1,0 +1,183 @@
+//! Wire types shared by the Flotilla master, its workers and its clients.
+//!
+//! Everything that crosses a process boundary as JSON is defined here once, so
+//! the master and the worker cannot drift apart. The worker protocol is pull
+//! based: a worker long-polls `POST /internal/poll` once per execution slot,
+//! carrying the report of the task it just finished, and the master answers
+//! with the next assignment for that slot (or `204 No Content` when the poll
+//! times out with nothing to do).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A task's identity, kept across every attempt.
+pub type TaskId = u64;
+/// A worker's identity, kept across restarts (the seed's node ID).
+pub type WorkerId = u32;
+/// One start of a worker: the master bumps it on every (re)start so that a
+/// message from an older process of the same worker ID can be told apart.
+pub type Incarnation = u64;
+/// One hand-off of a task to a worker; a result counts only for the current one.
+pub type Attempt = u32;
+
+/// Internal (worker to master) routes.
+pub mod routes {
+    pub const REGISTER: &str = "/internal/register";
+    pub const HEARTBEAT: &str = "/internal/heartbeat";
+    pub const POLL: &str = "/internal/poll";
+}
+
+/// Environment variables through which a runtime tells a worker who it is.
+pub mod env {
+    pub const MASTER_URL: &str = "FLOTILLA_MASTER_URL";
+    pub const WORKER_ID: &str = "FLOTILLA_WORKER_ID";
+    pub const INCARNATION: &str = "FLOTILLA_INCARNATION";
+    pub const WORKER_SECRET: &str = "FLOTILLA_WORKER_SECRET";
+    pub const SLOTS: &str = "FLOTILLA_SLOTS";
+    pub const PYTHON: &str = "FLOTILLA_PYTHON";
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Python,
+    Shell,
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskKind::Python => "python",
+            TaskKind::Shell => "shell",
+        })
+    }
+}
+
+/// What a user submits: the seed's `{"type": "python" | "shell", "command": "..."}`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    #[serde(rename = "type")]
+    pub kind: TaskKind,
+    pub command: String,
+}
+
+/// What a finished task produced.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct TaskResult {
+    /// Python: the `response` variable (JSON value, or its `repr` when it is
+    /// not JSON-serialisable; the string `No result returned.` when unset; the
+    /// traceback on an exception). Shell: stdout.
+    pub response: Value,
+    /// Captured `print` output (Python) or stdout (shell).
+    pub stdout: String,
+    /// Shell only: the exit code of `sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Shell only: captured stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+}
+
+/// How one attempt of a task ended, as reported by the worker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Outcome {
+    /// The code ran to the end (Python without exception, shell with exit 0).
+    Succeeded { result: TaskResult },
+    /// The code ran and failed on its own terms (a Python exception, a
+    /// non-zero shell exit). Deterministic: not retried.
+    Failed { result: TaskResult, error: String },
+    /// The code killed the thing running it (the interpreter exited or was
+    /// killed). The master retries the task on another worker.
+    Crashed {
+        error: String,
+        #[serde(default)]
+        stdout: String,
+    },
+}
+
+/// `POST /internal/register`: a freshly started worker process says hello.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Register {
+    pub worker_id: WorkerId,
+    pub incarnation: Incarnation,
+    pub slots: u32,
+    pub pid: u32,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct RegisterReply {
+    pub heartbeat_interval_ms: u64,
+    pub capacity: usize,
+}
+
+/// `POST /internal/heartbeat`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub worker_id: WorkerId,
+    pub incarnation: Incarnation,
+}
+
+/// A task attempt's report, carried by the next poll of the same slot.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TaskReport {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub outcome: Outcome,
+}
+
+/// `POST /internal/poll`: "slot `slot` is free (here is what it just did)".
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Poll {
+    pub worker_id: WorkerId,
+    pub incarnation: Incarnation,
+    pub slot: u32,
+    #[serde(default)]
+    pub report: Option<TaskReport>,
+}
+
+/// The master's answer to a poll: one task attempt to run now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Assignment {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub spec: TaskSpec,
+}
+
+/// Error body used by every endpoint: `{"error": "..."}` (the seed's shape).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_spec_is_the_seed_shape() {
+        let spec: TaskSpec =
+            serde_json::from_str(r#"{"type":"python","command":"response = 1"}"#).unwrap();
+        assert_eq!(spec.kind, TaskKind::Python);
+        let err = serde_json::from_str::<TaskSpec>(r#"{"type":"python","comand":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("comand"), "{err}");
+        let err = serde_json::from_str::<TaskSpec>(r#"{"type":"ruby","command":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ruby"), "{err}");
+    }
+
+    #[test]
+    fn outcome_round_trips_with_a_status_tag() {
+        let o = Outcome::Crashed {
+            error: "interpreter exited".into(),
+            stdout: "bye".into(),
+        };
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["status"], "crashed");
+        assert_eq!(serde_json::from_value::<Outcome>(v).unwrap(), o);
+    }
+}

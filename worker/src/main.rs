@@ -1,0 +1,259 @@
+//! `flotilla-worker`: runs tasks for a Flotilla master.
+//!
+//! A runtime (process, Docker, ...) starts this binary with its identity in
+//! the environment (see `flotilla_proto::env`). The worker registers, sends a
+//! heartbeat every interval, and runs one long-poll loop per execution slot:
+//! each poll carries the report of the task the slot just finished and
+//! receives the next one. Queues live in the master; a worker holds at most
+//! one task per slot, so a dead worker can lose nothing the master does not
+//! already know about.
+
+mod python;
+mod shell;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flotilla_proto::{
+    env, routes, Assignment, Heartbeat, Incarnation, Poll, Register, RegisterReply, TaskKind,
+    TaskReport, WorkerId,
+};
+use reqwest::StatusCode;
+use tracing::{debug, error, info, warn};
+
+struct Config {
+    master_url: String,
+    worker_id: WorkerId,
+    incarnation: Incarnation,
+    secret: String,
+    slots: u32,
+    python: String,
+}
+
+fn var(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("environment variable {name} is not set (flotilla-worker is started by the master's runtime, which sets it)"))
+}
+
+fn parse_var<T: std::str::FromStr>(name: &str, default: Option<T>) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("environment variable {name}={v:?} is not a valid number")),
+        Err(_) => default.with_context(|| format!("environment variable {name} is not set")),
+    }
+}
+
+impl Config {
+    fn from_env() -> Result<Self> {
+        Ok(Config {
+            master_url: var(env::MASTER_URL)?.trim_end_matches('/').to_string(),
+            worker_id: parse_var(env::WORKER_ID, None)?,
+            incarnation: parse_var(env::INCARNATION, None)?,
+            secret: var(env::WORKER_SECRET)?,
+            slots: parse_var(env::SLOTS, Some(1))?.max(1),
+            python: std::env::var(env::PYTHON).unwrap_or_else(|_| "python3".to_string()),
+        })
+    }
+}
+
+/// Children of the worker (interpreters, shell commands) die with it, so a
+/// SIGKILLed worker leaves nothing running behind.
+pub fn die_with_parent(cmd: &mut tokio::process::Command) {
+    #[cfg(target_os = "linux")]
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+struct Worker {
+    cfg: Config,
+    http: reqwest::Client,
+}
+
+/// What the master said about this process.
+enum Verdict {
+    /// The master knows a newer incarnation of this worker ID: this process
+    /// is a zombie (it was declared dead) and must exit.
+    Superseded,
+}
+
+impl Worker {
+    fn url(&self, route: &str) -> String {
+        format!("{}{}", self.cfg.master_url, route)
+    }
+
+    async fn post<T: serde::Serialize>(&self, route: &str, body: &T) -> reqwest::Result<reqwest::Response> {
+        self.http
+            .post(self.url(route))
+            .bearer_auth(&self.cfg.secret)
+            .json(body)
+            .send()
+            .await
+    }
+
+    async fn register(&self) -> Result<RegisterReply> {
+        let body = Register {
+            worker_id: self.cfg.worker_id,
+            incarnation: self.cfg.incarnation,
+            slots: self.cfg.slots,
+            pid: std::process::id(),
+        };
+        let mut delay = Duration::from_millis(20);
+        for _ in 0..60 {
+            match self.post(routes::REGISTER, &body).await {
+                Ok(resp) if resp.status().is_success() => return Ok(resp.json().await?),
+                Ok(resp) => {
+                    let status = resp.status();
+                    bail!("the master refused registration ({status}): {}", resp.text().await.unwrap_or_default())
+                }
+                Err(e) => {
+                    debug!(error = %e, "master not reachable yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
+        bail!("the master at {} could not be reached", self.cfg.master_url)
+    }
+
+    async fn heartbeats(self: Arc<Self>, interval: Duration) -> Verdict {
+        let body = Heartbeat {
+            worker_id: self.cfg.worker_id,
+            incarnation: self.cfg.incarnation,
+        };
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.post(routes::HEARTBEAT, &body).await {
+                Ok(resp) if resp.status() == StatusCode::CONFLICT => return Verdict::Superseded,
+                Ok(resp) if !resp.status().is_success() => warn!(status = %resp.status(), "heartbeat refused"),
+                Ok(_) => debug!(worker = self.cfg.worker_id, "Heartbeat sent"),
+                Err(e) => warn!(error = %e, "heartbeat could not reach the master"),
+            }
+        }
+    }
+
+    async fn slot(self: Arc<Self>, slot: u32) -> Verdict {
+        let mut interpreter: Option<python::Interpreter> = None;
+        let mut report: Option<TaskReport> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let poll = Poll {
+                worker_id: self.cfg.worker_id,
+                incarnation: self.cfg.incarnation,
+                slot,
+                report: report.clone(),
+            };
+            let resp = match self.post(routes::POLL, &poll).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    // Keep the report: it is delivered with the next poll.
+                    warn!(error = %e, slot, "cannot reach the master; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(50);
+            match resp.status() {
+                StatusCode::OK => {
+                    report = None;
+                    let assignment: Assignment = match resp.json().await {
+                        Ok(a) => a,
+                        Err(e) => {
+                            error!(error = %e, "unreadable assignment from the master");
+                            continue;
+                        }
+                    };
+                    report = Some(self.execute(&mut interpreter, assignment).await);
+                }
+                StatusCode::NO_CONTENT => report = None,
+                StatusCode::CONFLICT => return Verdict::Superseded,
+                status => {
+                    // The report stays pending; a refusal here is a bug worth seeing.
+                    let text = resp.text().await.unwrap_or_default();
+                    error!(%status, %text, "poll refused by the master");
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    async fn execute(&self, interpreter: &mut Option<python::Interpreter>, a: Assignment) -> TaskReport {
+        debug!(task = a.task_id, attempt = a.attempt, kind = %a.spec.kind, "running task");
+        let outcome = match a.spec.kind {
+            TaskKind::Shell => shell::run(&a.spec.command).await,
+            TaskKind::Python => {
+                if interpreter.is_none() {
+                    match python::Interpreter::start(&self.cfg.python, self.cfg.worker_id).await {
+                        Ok(i) => *interpreter = Some(i),
+                        Err(e) => {
+                            return TaskReport {
+                                task_id: a.task_id,
+                                attempt: a.attempt,
+                                outcome: flotilla_proto::Outcome::Crashed {
+                                    error: format!("{e:#}"),
+                                    stdout: String::new(),
+                                },
+                            }
+                        }
+                    }
+                }
+                let interp = interpreter.as_mut().expect("started above");
+                match interp.run(&a.spec.command).await {
+                    Ok(outcome) => outcome,
+                    Err(crash) => {
+                        warn!(task = a.task_id, "the task ended its Python interpreter; starting a fresh one");
+                        *interpreter = None;
+                        crash
+                    }
+                }
+            }
+        };
+        TaskReport {
+            task_id: a.task_id,
+            attempt: a.attempt,
+            outcome,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = Config::from_env()?;
+    python::check_python(&cfg.python)?;
+    let http = reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .build()?;
+    let worker = Arc::new(Worker { cfg, http });
+    let reply = worker.register().await?;
+    let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
+    info!(worker = id, incarnation = inc, capacity = reply.capacity, "Node {id} created: {} with capacity of {}", std::process::id(), reply.capacity);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(worker.clone().heartbeats(Duration::from_millis(reply.heartbeat_interval_ms)));
+    for slot in 0..worker.cfg.slots {
+        tasks.spawn(worker.clone().slot(slot));
+    }
+    match tasks.join_next().await {
+        Some(Ok(Verdict::Superseded)) => {
+            warn!(worker = id, incarnation = inc, "the master has replaced this incarnation; exiting");
+            std::process::exit(0)
+        }
+        Some(Err(e)) => bail!("worker loop failed: {e}"),
+        None => Ok(()),
+    }
+}
