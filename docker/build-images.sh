@@ -245,6 +245,8 @@ build_app() {
     log "step: $image up to date (inputs $hash), skipped $(since "$t")"
     return
   fi
+  local previous
+  previous=$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
   local ctx=$ctx_root/$name
   mkdir -p "$ctx"
   cp "$dockerfile" "$ctx/Dockerfile"
@@ -255,6 +257,13 @@ build_app() {
     cat "$ctx_root/$name.log" >&2
     die "docker build of $image failed"
   fi
+  # The image this one replaces is now untagged: drop it (and its cache layers)
+  # rather than let every rebuild leave ~a binary's worth of dangling layers. It
+  # stays if a container still uses it.
+  if [[ -n $previous && $previous != $(docker image inspect -f '{{.Id}}' "$image") &&
+        $(docker image inspect -f '{{len .RepoTags}}' "$previous" 2>/dev/null) == 0 ]]; then
+    docker rmi "$previous" >/dev/null 2>&1 || true
+  fi
   log "step: build $image (+ :dev) $(since "$t")"
 }
 
@@ -262,6 +271,6 @@ build_app flotilla-worker "$DOCKER_DIR/Dockerfile.worker.local" "$BIN_DIR/flotil
 build_app flotilla-master "$DOCKER_DIR/Dockerfile.master.local" \
   "$BIN_DIR/flotilla" "$BIN_DIR/flotilla-worker" "$DOCKER_DIR/cluster.yaml"
 
-docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' |
-  grep -E '^  flotilla-(base|worker|master):' >&2 || true
+docker image ls --format '{{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' |
+  grep -E '^flotilla-(base|worker|master):' | sed 's/^/  /' >&2 || true
 log "done in $(since "$t_total")"

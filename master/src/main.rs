@@ -1,1 +1,143 @@
-fn main(){}
+//! `flotilla`: the user-facing CLI. Thin: the logic lives in the library.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use flotilla::manifest::{self, RuntimeKind};
+use flotilla::runner::{self, RunOptions};
+use flotilla::ServeOptions;
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "A compute cluster: a master, its workers, Python and shell tasks")]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct ServeArgs {
+    /// Cluster manifest (the seed's `system:` form or `kind: Cluster`).
+    file: PathBuf,
+    /// Port of the HTTP API (0 picks a free one).
+    #[arg(long, default_value_t = 5000)]
+    port: u16,
+    /// Address to bind. Anything but loopback needs FLOTILLA_TOKEN or --insecure.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Allow a non-loopback bind without a token.
+    #[arg(long)]
+    insecure: bool,
+    /// Override the manifest's runtime.
+    #[arg(long)]
+    runtime: Option<RuntimeKind>,
+    /// Tasks each worker runs at once.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the master and its workers, serve until Ctrl-C.
+    Up(ServeArgs),
+    /// Start the cluster, replay the file's requests, wait for every task, summarise.
+    Run {
+        #[command(flatten)]
+        serve: ServeArgs,
+        /// Print a machine-readable JSON report instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Multiply every `sleep` in the scenario by this factor.
+        #[arg(long, default_value_t = 1.0)]
+        sleep_scale: f64,
+        /// Fail if the tasks are not all finished after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+    },
+    /// Check a manifest and print what it describes.
+    Check { file: PathBuf },
+}
+
+fn init_logs(level: Option<&str>, default: &str) {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
+        _ => tracing_subscriber::EnvFilter::new(level.unwrap_or(default)),
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Workers inherit the level unless RUST_LOG says otherwise.
+    if std::env::var("RUST_LOG").is_err() {
+        std::env::set_var("RUST_LOG", level.unwrap_or(default));
+    }
+}
+
+fn serve_options(a: &ServeArgs) -> ServeOptions {
+    ServeOptions {
+        bind: a.bind,
+        port: a.port,
+        insecure: a.insecure,
+        runtime: a.runtime,
+        slots: a.slots,
+        ..ServeOptions::default()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up(args) => {
+            init_logs(cli.log_level.as_deref(), "info");
+            let spec = manifest::load_file(&args.file)?;
+            let opts = serve_options(&args);
+            let master = flotilla::start(&spec, &opts).await?;
+            println!("flotilla master listening on {} ({} workers); Ctrl-C to stop", master.url(), spec.capacities.len());
+            tokio::signal::ctrl_c().await?;
+            master.shutdown().await;
+        }
+        Command::Run {
+            serve,
+            json,
+            sleep_scale,
+            timeout,
+        } => {
+            init_logs(cli.log_level.as_deref(), "warn");
+            let spec = manifest::load_file(&serve.file)?;
+            let opts = serve_options(&serve);
+            let master = flotilla::start(&spec, &opts).await?;
+            master.wait_ready(Duration::from_secs(30)).await?;
+            let run_opts = RunOptions {
+                json,
+                sleep_scale,
+                timeout: timeout.map(Duration::from_secs_f64),
+                token: opts.token.clone(),
+            };
+            let outcome = tokio::select! {
+                r = runner::run(&master, &spec, &run_opts) => r.map(|_| ()),
+                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+            };
+            master.shutdown().await;
+            outcome?;
+        }
+        Command::Check { file } => {
+            let spec = manifest::load_file(&file)?;
+            println!(
+                "{}: cluster `{}`, runtime {:?}, {} workers (capacities {:?}), heartbeat every {:?} (timeout {:?}), {} shared resources, {} requests",
+                file.display(),
+                spec.name,
+                spec.runtime,
+                spec.capacities.len(),
+                spec.capacities,
+                spec.heartbeat_interval,
+                spec.heartbeat_timeout,
+                spec.resources.len(),
+                spec.requests.len()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,418 @@
+//! The HTTP API: the seed's endpoints (exact paths and bodies), the native
+//! task/node API, and the internal worker protocol. Handlers translate HTTP
+//! to cluster transitions and back; every error is `{"error": "..."}` with a
+//! message that names what was wrong.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_proto::{
+    routes, Assignment, ErrorBody, Heartbeat, Poll, Register, RegisterReply, TaskId, TaskSpec, WorkerId,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::cluster::Cluster;
+use crate::scheduler::{Refusal, SubmitError};
+
+/// Request bodies larger than this are refused with 413 (1 MiB by default).
+pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// The longest a `?wait=` long-poll may be held.
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// A JSON body whose every failure (too large, not JSON, wrong shape) is a
+/// clear `{"error"}`. Content-Type is not required: the seed's clients and
+/// `curl -d` users both get their body read.
+pub struct Body<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = read_body(req, state).await?;
+        parse_json(&bytes).map(Body)
+    }
+}
+
+async fn read_body<S: Send + Sync>(req: Request, state: &S) -> ApiResult<Bytes> {
+    Bytes::from_request(req, state).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body is larger than the limit of {DEFAULT_BODY_LIMIT} bytes"),
+            )
+        } else {
+            ApiError::bad_request(format!("cannot read the request body: {rejection}"))
+        }
+    })
+}
+
+fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("request body is empty; a JSON object was expected"));
+    }
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn parse_node(raw: &str) -> ApiResult<WorkerId> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found(format!("node '{raw}' does not exist (node IDs are numbers 0..n-1)")))
+}
+
+pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
+    let public = Router::new()
+        .route("/send", post(send))
+        .route("/send/{node}", post(send_to))
+        .route("/resource", post(create_resource))
+        .route("/add", post(add))
+        .route("/stop/{node}", post(stop))
+        .route("/tasks", post(submit_tasks))
+        .route("/tasks/finished", get(finished_tasks))
+        .route("/tasks/{id}", get(get_task))
+        .route("/nodes", get(nodes))
+        .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
+    let internal = Router::new()
+        .route(routes::REGISTER, post(register))
+        .route(routes::HEARTBEAT, post(heartbeat))
+        .route(routes::POLL, post(poll))
+        .layer(middleware::from_fn_with_state(cluster.clone(), require_worker_secret));
+    Router::new()
+        .route("/health", get(health))
+        .merge(public)
+        .merge(internal)
+        .fallback(|req: Request| async move {
+            ApiError::not_found(format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(DEFAULT_BODY_LIMIT))
+        .with_state(cluster)
+}
+
+fn bearer(req: &Request) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+async fn require_token(State(token): State<Arc<Option<String>>>, req: Request, next: Next) -> Response {
+    if let Some(expected) = token.as_deref() {
+        match bearer(&req) {
+            Some(got) if constant_time_eq(got.as_bytes(), expected.as_bytes()) => {}
+            Some(_) => return ApiError::new(StatusCode::UNAUTHORIZED, "bearer token does not match FLOTILLA_TOKEN").into_response(),
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "this master requires a token: send `Authorization: Bearer $FLOTILLA_TOKEN`",
+                )
+                .into_response()
+            }
+        }
+    }
+    next.run(req).await
+}
+
+async fn require_worker_secret(State(cluster): State<Arc<Cluster>>, req: Request, next: Next) -> Response {
+    match bearer(&req) {
+        Some(got) if constant_time_eq(got.as_bytes(), cluster.worker_secret.as_bytes()) => next.run(req).await,
+        _ => {
+            warn!(path = %req.uri().path(), "worker call without the cluster secret refused");
+            ApiError::new(StatusCode::UNAUTHORIZED, "worker routes need the cluster's worker secret").into_response()
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ----- the seed's endpoints ------------------------------------------------
+
+async fn send(State(cluster): State<Arc<Cluster>>, Body(spec): Body<TaskSpec>) -> Json<Value> {
+    let id = cluster.with_state(|s| s.submit(spec));
+    Json(json!({"message": "Instruction received", "task_id": id}))
+}
+
+/// `/send/{node}`: waits while that node's queue is full (the seed's
+/// contract), woken each time a queue shrinks.
+async fn send_to(
+    State(cluster): State<Arc<Cluster>>,
+    Path(node): Path<String>,
+    Body(spec): Body<TaskSpec>,
+) -> ApiResult<Json<Value>> {
+    let node = parse_node(&node)?;
+    loop {
+        let room = cluster.room.notified();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        match cluster.with_state(|s| s.submit_to(node, spec.clone())) {
+            Ok(id) => {
+                return Ok(Json(json!({"message": format!("Instruction received for node {node}"), "task_id": id})))
+            }
+            Err(SubmitError::UnknownWorker(_)) => {
+                return Err(ApiError::not_found(format!("node {node} does not exist")))
+            }
+            Err(SubmitError::Full(_)) => room.await,
+        }
+    }
+}
+
+async fn create_resource(Body(_body): Body<Value>) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        "shared resources are not available in this build yet",
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddBody {
+    max_capacity: Option<i64>,
+}
+
+async fn add(State(cluster): State<Arc<Cluster>>, req: Request) -> ApiResult<Json<Value>> {
+    let bytes = read_body(req, &()).await?;
+    let body: AddBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        AddBody { max_capacity: None }
+    } else {
+        parse_json(&bytes)?
+    };
+    let capacity = match body.max_capacity {
+        None => 10,
+        Some(c) if c >= 1 && c <= 100_000 => c as usize,
+        Some(c) => return Err(ApiError::bad_request(format!("max_capacity must be between 1 and 100000, got {c}"))),
+    };
+    let id = cluster
+        .add_worker(capacity)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({"message": format!("Node {id} added successfully"), "node_id": id})))
+}
+
+async fn stop(State(cluster): State<Arc<Cluster>>, Path(node): Path<String>) -> ApiResult<Json<Value>> {
+    let node = parse_node(&node)?;
+    if cluster.with_state(|s| s.worker(node).is_none()) {
+        return Err(ApiError::not_found(format!("node {node} does not exist")));
+    }
+    cluster
+        .stop_worker(node)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({"message": format!("Node {node} stopped successfully")})))
+}
+
+// ----- native API ----------------------------------------------------------
+
+/// `POST /tasks`: one task, or `{"tasks": [...]}` (all accepted or none).
+async fn submit_tasks(State(cluster): State<Arc<Cluster>>, Body(body): Body<Value>) -> ApiResult<Json<Value>> {
+    let specs: Vec<TaskSpec> = match body {
+        Value::Object(ref map) if map.contains_key("tasks") => {
+            if map.len() > 1 {
+                let extra: Vec<_> = map.keys().filter(|k| *k != "tasks").collect();
+                return Err(ApiError::bad_request(format!("unknown field(s) beside `tasks`: {extra:?}")));
+            }
+            let Value::Array(items) = &map["tasks"] else {
+                return Err(ApiError::bad_request("`tasks` must be a list of {\"type\", \"command\"} objects"));
+            };
+            if items.is_empty() {
+                return Err(ApiError::bad_request("`tasks` is empty"));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    TaskSpec::deserialize(t).map_err(|e| ApiError::bad_request(format!("tasks[{i}]: {e}")))
+                })
+                .collect::<ApiResult<_>>()?
+        }
+        other => vec![TaskSpec::deserialize(&other).map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
+    };
+    let ids: Vec<TaskId> = cluster.with_state(|s| specs.into_iter().map(|spec| s.submit(spec)).collect());
+    Ok(Json(json!({"task_ids": ids})))
+}
+
+fn wait_param(q: &HashMap<String, String>) -> ApiResult<Duration> {
+    match q.get("wait") {
+        None => Ok(Duration::ZERO),
+        Some(raw) => match raw.parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s).min(MAX_WAIT)),
+            _ => Err(ApiError::bad_request(format!("wait must be a number of seconds >= 0, got {raw:?}"))),
+        },
+    }
+}
+
+async fn get_task(
+    State(cluster): State<Arc<Cluster>>,
+    Path(id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let task_id: TaskId = id
+        .parse()
+        .map_err(|_| ApiError::not_found(format!("task '{id}' does not exist (task IDs are numbers)")))?;
+    let wait = wait_param(&q)?;
+    match cluster.wait_task(task_id, wait).await {
+        Some(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
+        None => Err(ApiError::not_found(format!("task {task_id} does not exist"))),
+    }
+}
+
+/// `GET /tasks/finished?after=N&wait=S`: the completion feed. Returns tasks
+/// that finished after position `after` (waiting up to `wait` seconds for
+/// the first) and `next`, the position to ask from next time.
+async fn finished_tasks(
+    State(cluster): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let after = match q.get("after") {
+        None => 0,
+        Some(raw) => raw
+            .parse::<usize>()
+            .map_err(|_| ApiError::bad_request(format!("after must be a non-negative integer, got {raw:?}")))?,
+    };
+    let wait = wait_param(&q)?;
+    let (tasks, next) = cluster.finished_after(after, 1000, wait).await;
+    Ok(Json(json!({"next": next, "tasks": tasks})))
+}
+
+async fn nodes(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
+    Json(serde_json::to_value(cluster.with_state(|s| s.nodes())).expect("serialisable"))
+}
+
+async fn health(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
+    let (nodes, queued, tasks, steals) =
+        cluster.with_state(|s| (s.nodes(), s.master_queue_len(), s.task_count(), s.steals));
+    let active = nodes.iter().filter(|n| n.state == crate::scheduler::WorkerState::Active).count();
+    Json(json!({
+        "status": "ok",
+        "cluster": cluster.cfg.name,
+        "runtime": cluster.runtime().name(),
+        "nodes": nodes.len(),
+        "active_nodes": active,
+        "master_queue": queued,
+        "tasks": tasks,
+        "steals": steals,
+    }))
+}
+
+// ----- internal worker protocol -------------------------------------------
+
+fn refusal(r: Refusal) -> ApiError {
+    let status = match r {
+        Refusal::UnknownWorker(_) => StatusCode::NOT_FOUND,
+        Refusal::Stale { .. } => StatusCode::CONFLICT,
+        Refusal::NotRegistered(_) => StatusCode::PRECONDITION_REQUIRED,
+    };
+    if matches!(r, Refusal::Stale { .. }) {
+        info!("{r}: refusing a message from a replaced incarnation");
+    }
+    ApiError::new(status, r.to_string())
+}
+
+async fn register(State(cluster): State<Arc<Cluster>>, Body(r): Body<Register>) -> ApiResult<Json<RegisterReply>> {
+    let capacity = cluster.with_state(|s| s.register(r.worker_id, r.incarnation)).map_err(refusal)?;
+    cluster.started_ok(r.worker_id);
+    info!(worker = r.worker_id, incarnation = r.incarnation, pid = r.pid, "Node {} registered", r.worker_id);
+    Ok(Json(RegisterReply {
+        heartbeat_interval_ms: cluster.cfg.heartbeat_interval.as_millis() as u64,
+        capacity,
+    }))
+}
+
+async fn heartbeat(State(cluster): State<Arc<Cluster>>, Body(h): Body<Heartbeat>) -> ApiResult<StatusCode> {
+    let now = std::time::Instant::now();
+    cluster.with_state(|s| s.heartbeat(h.worker_id, h.incarnation, now)).map_err(refusal)?;
+    tracing::debug!(worker = h.worker_id, "heartbeat");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Withdraws a poll however its handler ends (answered, timed out, or
+/// dropped because the connection closed), so that an assignment handed to
+/// it but never sent goes back to the queue instead of being lost.
+struct PollGuard {
+    cluster: Arc<Cluster>,
+    worker: WorkerId,
+    slot: u32,
+    poll_id: u64,
+    rx: Option<oneshot::Receiver<Assignment>>,
+}
+
+impl Drop for PollGuard {
+    fn drop(&mut self) {
+        let undelivered = self.rx.as_mut().and_then(|rx| rx.try_recv().ok());
+        let (worker, slot, poll_id) = (self.worker, self.slot, self.poll_id);
+        self.cluster
+            .with_state(|s| s.withdraw_poll(worker, slot, poll_id, undelivered));
+    }
+}
+
+async fn poll(State(cluster): State<Arc<Cluster>>, Body(p): Body<Poll>) -> ApiResult<Response> {
+    let (tx, rx) = oneshot::channel();
+    let poll_id = cluster
+        .with_state(|s| s.poll(p.worker_id, p.incarnation, p.slot, p.report, tx))
+        .map_err(refusal)?;
+    let mut guard = PollGuard {
+        cluster: cluster.clone(),
+        worker: p.worker_id,
+        slot: p.slot,
+        poll_id,
+        rx: Some(rx),
+    };
+    let rx = guard.rx.as_mut().expect("set above");
+    match tokio::time::timeout(cluster.cfg.poll_hold, rx).await {
+        Ok(Ok(assignment)) => {
+            guard.rx = None;
+            Ok(Json(assignment).into_response())
+        }
+        // The waiter was dropped: the worker was declared dead meanwhile.
+        Ok(Err(_)) => {
+            let inc = cluster.with_state(|s| s.worker(p.worker_id).map(|w| (w.incarnation, w.state)));
+            match inc {
+                Some((inc, state)) if inc == p.incarnation && state != crate::scheduler::WorkerState::Dead => {
+                    Ok(StatusCode::NO_CONTENT.into_response())
+                }
+                _ => Err(ApiError::new(StatusCode::CONFLICT, format!("node {} incarnation {} has been replaced", p.worker_id, p.incarnation))),
+            }
+        }
+        Err(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+    }
+}

@@ -1,0 +1,582 @@
+//! The manifest loader: one entry point for the seed's scenario form
+//! (`system:`, exactly SPEC section 3) and the native Kubernetes-style form
+//! (`apiVersion: flotilla.dev/v1`, `kind: Cluster`). Both become one
+//! [`ClusterSpec`]. Unknown keys are errors that name the key and its line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+pub const API_VERSION: &str = "flotilla.dev/v1";
+/// The seed's default capacity for a node (`/add` without a body).
+pub const DEFAULT_CAPACITY: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("cannot read manifest {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Process,
+    Docker,
+    Kubernetes,
+}
+
+impl std::str::FromStr for RuntimeKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "process" => Ok(RuntimeKind::Process),
+            "docker" => Ok(RuntimeKind::Docker),
+            "kubernetes" => Ok(RuntimeKind::Kubernetes),
+            other => Err(format!("unknown runtime `{other}`: expected process, docker or kubernetes")),
+        }
+    }
+}
+
+/// The eight resource types of the seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum ResourceType {
+    File,
+    String,
+    Integer,
+    Float,
+    Boolean,
+    List,
+    Dictionary,
+    Tuple,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResourceSpec {
+    pub name: String,
+    pub kind: ResourceType,
+    pub initial_value: Value,
+    /// File only: a path whose content is read at creation.
+    pub path: Option<String>,
+    pub mode: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+/// One entry of `requests`: sent `times` times, sleeping `sleep` seconds
+/// after each send.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestSpec {
+    pub endpoint: String,
+    #[serde(default = "one")]
+    pub times: u32,
+    #[serde(default = "post")]
+    pub method: Method,
+    #[serde(default)]
+    pub sleep: f64,
+    #[serde(default)]
+    pub body: Option<Value>,
+}
+
+fn one() -> u32 {
+    1
+}
+fn post() -> Method {
+    Method::Post
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerResources {
+    /// CPU cores per unit of queue capacity (Docker/Kubernetes quota).
+    pub cpu_per_capacity: f64,
+    pub memory_bytes: u64,
+}
+
+impl Default for WorkerResources {
+    fn default() -> Self {
+        WorkerResources {
+            cpu_per_capacity: 0.25,
+            memory_bytes: 512 << 20,
+        }
+    }
+}
+
+/// A cluster as the rest of Flotilla sees it, whichever form it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterSpec {
+    pub name: String,
+    pub runtime: RuntimeKind,
+    pub image: Option<String>,
+    pub network: Option<String>,
+    pub worker_resources: WorkerResources,
+    /// One entry per worker, in ID order: its capacity.
+    pub capacities: Vec<usize>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub max_attempts: u32,
+    pub resources: Vec<ResourceSpec>,
+    pub requests: Vec<RequestSpec>,
+    pub otlp_endpoint: Option<String>,
+}
+
+impl ClusterSpec {
+    fn defaults(name: String) -> Self {
+        ClusterSpec {
+            name,
+            runtime: RuntimeKind::Process,
+            image: None,
+            network: None,
+            worker_resources: WorkerResources::default(),
+            capacities: Vec::new(),
+            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            resources: Vec::new(),
+            requests: Vec::new(),
+            otlp_endpoint: None,
+        }
+    }
+}
+
+// ----- seed form -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeedFile {
+    system: SeedSystem,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeedSystem {
+    node_quantity: usize,
+    #[serde(default)]
+    node_capacities: Option<Vec<usize>>,
+    #[serde(default)]
+    shared_resources: Vec<SeedResource>,
+    #[serde(default)]
+    requests: Vec<RequestSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeedResource {
+    name: String,
+    #[serde(rename = "type")]
+    kind: ResourceType,
+    #[serde(default)]
+    values: SeedValues,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SeedValues {
+    #[serde(default)]
+    initial_value: Option<Value>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+// ----- native form -----------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeFile {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    spec: NativeSpec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeSpec {
+    #[serde(default)]
+    runtime: Option<RuntimeKind>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    image_pull_policy: Option<String>,
+    #[serde(default)]
+    network: Option<String>,
+    #[serde(default)]
+    worker_resources: Option<NativeWorkerResources>,
+    #[serde(default)]
+    heartbeat: Option<NativeHeartbeat>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    workers: Vec<NativeWorker>,
+    #[serde(default)]
+    resources: Vec<NativeResource>,
+    #[serde(default)]
+    requests: Vec<RequestSpec>,
+    #[serde(default)]
+    telemetry: Option<NativeTelemetry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeWorkerResources {
+    #[serde(default)]
+    cpu_per_capacity: Option<f64>,
+    #[serde(default)]
+    memory: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeHeartbeat {
+    #[serde(default)]
+    interval_seconds: Option<f64>,
+    #[serde(default)]
+    timeout_seconds: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NativeWorker {
+    capacity: usize,
+    #[serde(default = "one")]
+    replicas: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeResource {
+    name: String,
+    #[serde(rename = "type")]
+    kind: ResourceType,
+    #[serde(default)]
+    initial_value: Option<Value>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeTelemetry {
+    #[serde(default)]
+    otlp_endpoint: Option<String>,
+}
+
+/// Parses `"512Mi"`, `"1Gi"`, `"500M"`, `"1048576"` into bytes.
+pub fn parse_memory(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (num, unit) = raw.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("memory `{raw}` is not a quantity like 512Mi or 1Gi"))?;
+    let mult: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "K" | "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        other => return Err(format!("memory `{raw}` has an unknown unit `{other}` (use Ki, Mi, Gi, K, M or G)")),
+    };
+    Ok(n * mult)
+}
+
+pub fn load_file(path: &Path) -> Result<ClusterSpec, ManifestError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses either form. `origin` names the source in error messages.
+pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
+    let invalid = |message: String| ManifestError::Invalid {
+        origin: origin.to_string(),
+        message,
+    };
+    let probe: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
+    let Some(map) = probe.as_mapping() else {
+        return Err(invalid("a manifest is a YAML mapping: either `system:` (the seed form) or `apiVersion: flotilla.dev/v1` with `kind: Cluster`".into()));
+    };
+    let spec = if map.contains_key("apiVersion") {
+        let file: NativeFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        from_native(file).map_err(invalid)?
+    } else if map.contains_key("system") {
+        let file: SeedFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        from_seed(file.system).map_err(invalid)?
+    } else {
+        let keys: Vec<String> = map
+            .keys()
+            .map(|k| serde_yaml::to_string(k).unwrap_or_default().trim().to_string())
+            .collect();
+        return Err(invalid(format!(
+            "unknown top-level key(s) {keys:?}: expected `system` (the seed form) or `apiVersion`, `kind`, `metadata`, `spec` (the native form)"
+        )));
+    };
+    validate(&spec).map_err(invalid)?;
+    Ok(spec)
+}
+
+fn from_seed(system: SeedSystem) -> Result<ClusterSpec, String> {
+    let capacities = match system.node_capacities {
+        None => vec![DEFAULT_CAPACITY; system.node_quantity],
+        Some(c) if c.len() == system.node_quantity => c,
+        Some(c) => {
+            return Err(format!(
+                "system.node_capacities has {} entries but system.node_quantity is {}: give one capacity per node",
+                c.len(),
+                system.node_quantity
+            ))
+        }
+    };
+    let mut spec = ClusterSpec::defaults("flotilla".into());
+    spec.capacities = capacities;
+    spec.requests = system.requests;
+    spec.resources = system
+        .shared_resources
+        .into_iter()
+        .map(|r| ResourceSpec {
+            name: r.name,
+            kind: r.kind,
+            initial_value: r.values.initial_value.unwrap_or(Value::Null),
+            path: r.values.path,
+            mode: r.values.mode,
+        })
+        .collect();
+    Ok(spec)
+}
+
+fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
+    if file.api_version != API_VERSION {
+        return Err(format!("apiVersion `{}` is not supported: use `{API_VERSION}`", file.api_version));
+    }
+    if file.kind != "Cluster" {
+        return Err(format!("kind `{}` is not supported: use `Cluster`", file.kind));
+    }
+    let s = file.spec;
+    let mut spec = ClusterSpec::defaults(file.metadata.name);
+    if let Some(r) = s.runtime {
+        spec.runtime = r;
+    }
+    spec.image = s.image;
+    spec.network = s.network;
+    if let Some(wr) = s.worker_resources {
+        if let Some(c) = wr.cpu_per_capacity {
+            spec.worker_resources.cpu_per_capacity = c;
+        }
+        if let Some(m) = wr.memory {
+            spec.worker_resources.memory_bytes = parse_memory(&m).map_err(|e| format!("spec.workerResources.{e}"))?;
+        }
+    }
+    if let Some(hb) = s.heartbeat {
+        if let Some(i) = hb.interval_seconds {
+            spec.heartbeat_interval = seconds("spec.heartbeat.intervalSeconds", i)?;
+        }
+        if let Some(t) = hb.timeout_seconds {
+            spec.heartbeat_timeout = seconds("spec.heartbeat.timeoutSeconds", t)?;
+        }
+    }
+    if let Some(m) = s.max_attempts {
+        spec.max_attempts = m;
+    }
+    for w in s.workers {
+        for _ in 0..w.replicas {
+            spec.capacities.push(w.capacity);
+        }
+    }
+    spec.resources = s
+        .resources
+        .into_iter()
+        .map(|r| ResourceSpec {
+            name: r.name,
+            kind: r.kind,
+            initial_value: r.initial_value.unwrap_or(Value::Null),
+            path: r.path,
+            mode: r.mode,
+        })
+        .collect();
+    spec.requests = s.requests;
+    spec.otlp_endpoint = s.telemetry.and_then(|t| t.otlp_endpoint);
+    Ok(spec)
+}
+
+fn seconds(field: &str, v: f64) -> Result<Duration, String> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(format!("{field} must be a positive number of seconds, got {v}"))
+    }
+}
+
+fn validate(spec: &ClusterSpec) -> Result<(), String> {
+    if let Some(i) = spec.capacities.iter().position(|&c| c == 0) {
+        return Err(format!("worker {i} has capacity 0: every capacity must be at least 1"));
+    }
+    if spec.heartbeat_timeout <= spec.heartbeat_interval {
+        return Err(format!(
+            "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",
+            spec.heartbeat_timeout, spec.heartbeat_interval
+        ));
+    }
+    if spec.max_attempts == 0 {
+        return Err("maxAttempts must be at least 1".into());
+    }
+    if !(spec.worker_resources.cpu_per_capacity > 0.0) {
+        return Err("spec.workerResources.cpuPerCapacity must be greater than 0".into());
+    }
+    let mut names = std::collections::HashSet::new();
+    for r in &spec.resources {
+        if !names.insert(r.name.as_str()) {
+            return Err(format!("shared resource `{}` is defined twice", r.name));
+        }
+    }
+    for (i, r) in spec.requests.iter().enumerate() {
+        if !(r.sleep.is_finite() && r.sleep >= 0.0) {
+            return Err(format!("requests[{i}].sleep must be a number of seconds >= 0, got {}", r.sleep));
+        }
+        let path = endpoint_path(&r.endpoint).map_err(|e| format!("requests[{i}].endpoint: {e}"))?;
+        if !path.starts_with('/') {
+            return Err(format!("requests[{i}].endpoint `{}` has no path", r.endpoint));
+        }
+    }
+    Ok(())
+}
+
+/// The path (and query) of a scenario endpoint: `http://localhost:5000/send`
+/// -> `/send`. The runner sends it to the master it started, wherever that
+/// listens.
+pub fn endpoint_path(endpoint: &str) -> Result<String, String> {
+    let rest = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{endpoint}` is not an http:// URL"))?;
+    match rest.find('/') {
+        Some(i) => Ok(rest[i..].to_string()),
+        None => Ok("/".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"
+system:
+  node_quantity: 3
+  node_capacities: [3, 4, 5]
+  shared_resources:
+    - name: total
+      type: Integer
+      values: { initial_value: 0 }
+  requests:
+    - endpoint: http://localhost:5000/send
+      times: 11
+      method: POST
+      sleep: 0
+      body: { type: python, command: "response = 1" }
+"#;
+
+    #[test]
+    fn the_seed_form_loads() {
+        let spec = parse(SEED, "seed.yaml").unwrap();
+        assert_eq!(spec.capacities, vec![3, 4, 5]);
+        assert_eq!(spec.runtime, RuntimeKind::Process);
+        assert_eq!(spec.resources[0].kind, ResourceType::Integer);
+        assert_eq!(spec.requests[0].times, 11);
+        assert_eq!(spec.requests[0].body.as_ref().unwrap()["type"], "python");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named_with_its_line() {
+        let bad = SEED.replace("node_capacities", "node_capacity");
+        let err = parse(&bad, "seed.yaml").unwrap_err().to_string();
+        assert!(err.contains("node_capacity"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+        let bad = SEED.replace("      sleep: 0", "      sleep: 0\n      retries: 2");
+        let err = parse(&bad, "seed.yaml").unwrap_err().to_string();
+        assert!(err.contains("retries") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn mismatched_capacities_and_bad_types_are_explained() {
+        let bad = SEED.replace("[3, 4, 5]", "[3, 4]");
+        let err = parse(&bad, "s").unwrap_err().to_string();
+        assert!(err.contains("node_capacities has 2 entries") && err.contains("node_quantity is 3"), "{err}");
+        let bad = SEED.replace("type: Integer", "type: Integr");
+        let err = parse(&bad, "s").unwrap_err().to_string();
+        assert!(err.contains("Integr"), "{err}");
+        let err = parse("system: [1, 2", "s").unwrap_err().to_string();
+        assert!(err.contains("not valid YAML"), "{err}");
+        let err = parse("nodes: 3", "s").unwrap_err().to_string();
+        assert!(err.contains("nodes") && err.contains("system"), "{err}");
+    }
+
+    #[test]
+    fn the_native_form_loads_with_replicas_and_settings() {
+        let text = r#"
+apiVersion: flotilla.dev/v1
+kind: Cluster
+metadata: { name: demo }
+spec:
+  runtime: docker
+  image: flotilla-worker:0.1.0
+  workerResources: { cpuPerCapacity: 0.5, memory: 256Mi }
+  heartbeat: { intervalSeconds: 0.5, timeoutSeconds: 2 }
+  maxAttempts: 2
+  workers:
+    - capacity: 4
+      replicas: 2
+    - capacity: 8
+  resources:
+    - { name: total, type: Integer, initialValue: 0 }
+"#;
+        let spec = parse(text, "n").unwrap();
+        assert_eq!(spec.name, "demo");
+        assert_eq!(spec.runtime, RuntimeKind::Docker);
+        assert_eq!(spec.capacities, vec![4, 4, 8]);
+        assert_eq!(spec.heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(spec.worker_resources.memory_bytes, 256 << 20);
+        assert_eq!(spec.max_attempts, 2);
+        let err = parse(&text.replace("capacity: 8", "capacity: 0"), "n").unwrap_err().to_string();
+        assert!(err.contains("capacity 0"), "{err}");
+        let err = parse(&text.replace("runtime: docker", "runtime: nomad"), "n").unwrap_err().to_string();
+        assert!(err.contains("nomad"), "{err}");
+        let err = parse(&text.replace("kind: Cluster", "kind: Pod"), "n").unwrap_err().to_string();
+        assert!(err.contains("Pod"), "{err}");
+        let err = parse(&text.replace("maxAttempts", "maxAttempt"), "n").unwrap_err().to_string();
+        assert!(err.contains("maxAttempt") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn endpoints_keep_only_their_path() {
+        assert_eq!(endpoint_path("http://localhost:5000/send/0").unwrap(), "/send/0");
+        assert!(endpoint_path("localhost:5000/send").is_err());
+        assert_eq!(parse_memory("1Gi").unwrap(), 1 << 30);
+        assert!(parse_memory("lots").is_err());
+    }
+}

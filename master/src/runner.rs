@@ -1,0 +1,200 @@
+//! `flotilla run`: replays a manifest's `requests` against the master it
+//! started (over real HTTP, as the seed's runner did), then follows the
+//! completion feed until every task it created has finished, printing each
+//! result as it arrives and a summary at the end.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::manifest::{endpoint_path, ClusterSpec, Method};
+use crate::scheduler::{NodeView, TaskView};
+use crate::Master;
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Print one JSON document at the end instead of text.
+    pub json: bool,
+    /// Multiplies every `sleep` of the scenario (tests shorten them).
+    pub sleep_scale: f64,
+    /// Give up waiting for results after this long (`None`: wait forever).
+    pub timeout: Option<Duration>,
+    pub token: Option<String>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct RequestOutcome {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub body: Value,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct RunReport {
+    pub requests: Vec<RequestOutcome>,
+    pub tasks: Vec<TaskView>,
+    pub nodes: Vec<NodeView>,
+    pub steals: u64,
+    pub restarts: u64,
+    pub succeeded: usize,
+    pub failed: usize,
+}
+
+fn method_of(m: &Method) -> reqwest::Method {
+    match m {
+        Method::Get => reqwest::Method::GET,
+        Method::Post => reqwest::Method::POST,
+        Method::Put => reqwest::Method::PUT,
+        Method::Delete => reqwest::Method::DELETE,
+    }
+}
+
+fn one_line(v: &Value) -> String {
+    let s = match v {
+        Value::String(s) => s.trim_end().to_string(),
+        other => other.to_string(),
+    };
+    s.replace('\n', "\\n")
+}
+
+pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Result<RunReport> {
+    let http = reqwest::Client::new();
+    let base = master.url();
+    let mut out = std::io::stdout();
+    let mut requests = Vec::new();
+    let mut created: Vec<u64> = Vec::new();
+    for (i, r) in spec.requests.iter().enumerate() {
+        let path = endpoint_path(&r.endpoint).map_err(anyhow::Error::msg)?;
+        for _ in 0..r.times {
+            let mut req = http.request(method_of(&r.method), format!("{base}{path}"));
+            if let Some(token) = &opts.token {
+                req = req.bearer_auth(token);
+            }
+            if let Some(body) = &r.body {
+                req = req.json(body);
+            }
+            let resp = req
+                .send()
+                .await
+                .with_context(|| format!("requests[{i}]: {path} could not be sent"))?;
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            if let Some(id) = body.get("task_id").and_then(Value::as_u64) {
+                created.push(id);
+            }
+            if !opts.json {
+                writeln!(out, "{} {path} -> {status} {body}", method_of(&r.method))?;
+            }
+            requests.push(RequestOutcome {
+                method: method_of(&r.method).to_string(),
+                path: path.clone(),
+                status,
+                body,
+            });
+            if r.sleep > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(r.sleep * opts.sleep_scale)).await;
+            }
+        }
+    }
+
+    let tasks = follow(master, &created, opts).await?;
+    let (nodes, steals) = master.cluster.with_state(|s| (s.nodes(), s.steals));
+    let restarts = nodes.iter().map(|n| n.restarts).sum();
+    let succeeded = tasks.iter().filter(|t| t.state == crate::scheduler::TaskState::Succeeded).count();
+    let failed = tasks.len() - succeeded;
+    let report = RunReport {
+        requests,
+        tasks,
+        nodes,
+        steals,
+        restarts,
+        succeeded,
+        failed,
+    };
+    if opts.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&report)?)?;
+    } else {
+        print_summary(&report)?;
+    }
+    Ok(report)
+}
+
+/// Follows the completion feed until every task in `ids` is final.
+async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<TaskView>> {
+    let mut pending: HashSet<u64> = ids.iter().copied().collect();
+    let mut done: BTreeMap<u64, TaskView> = BTreeMap::new();
+    let mut per_node: BTreeMap<u32, usize> = BTreeMap::new();
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} tasks done {elapsed} | {msg}")
+            .expect("valid template"),
+    );
+    // indicatif swallows println when it is not drawing (not a terminal).
+    let say = |line: String| {
+        if bar.is_hidden() {
+            println!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut cursor = 0;
+    while !pending.is_empty() {
+        if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
+            bar.abandon();
+            bail!("{} task(s) still unfinished after {:?}: {:?}", pending.len(), opts.timeout.unwrap(), pending);
+        }
+        let (batch, next) = master
+            .cluster
+            .finished_after(cursor, 1000, Duration::from_millis(500))
+            .await;
+        cursor = next;
+        for t in batch {
+            if !pending.remove(&t.id) {
+                continue;
+            }
+            if let Some(n) = t.node {
+                *per_node.entry(n).or_default() += 1;
+            }
+            if !opts.json {
+                let what = match (&t.result, &t.error) {
+                    (_, Some(e)) => format!("error: {}", one_line(&Value::String(e.clone()))),
+                    (Some(r), None) => one_line(&r.response),
+                    (None, None) => String::new(),
+                };
+                let node = t.node.map(|n| format!("node {n}")).unwrap_or_else(|| "no node".into());
+                say(format!("task {} on {node} (attempt {}): {:?}: {what}", t.id, t.attempts, t.state));
+                if let Some(r) = &t.result {
+                    for line in r.stdout.lines() {
+                        say(format!("    | {line}"));
+                    }
+                }
+            }
+            done.insert(t.id, t);
+            bar.inc(1);
+        }
+        let counts: Vec<String> = per_node.iter().map(|(n, c)| format!("node {n}: {c}")).collect();
+        bar.set_message(counts.join(", "));
+    }
+    bar.finish_and_clear();
+    Ok(ids.iter().filter_map(|id| done.remove(id)).collect())
+}
+
+fn print_summary(r: &RunReport) -> Result<()> {
+    let mut out = std::io::stdout();
+    writeln!(out, "\nSummary: {} tasks, {} succeeded, {} failed; {} steals, {} restarts", r.tasks.len(), r.succeeded, r.failed, r.steals, r.restarts)?;
+    for n in &r.nodes {
+        writeln!(
+            out,
+            "  node {}: capacity {}, executed {}, restarts {}, {:?}",
+            n.id, n.capacity, n.executed, n.restarts, n.state
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The embedded default: each worker is a child process of the master
+//! (`flotilla-worker`), in its own process group so that a kill takes its
+//! Python interpreters with it. A child's exit is noticed at once through
+//! `wait`, and reported as a [`RuntimeEvent::Exited`].
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use flotilla_proto::{env, Incarnation, WorkerId};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, info};
+
+use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+
+pub struct ProcessRuntime {
+    worker_bin: PathBuf,
+    children: Mutex<HashMap<WorkerId, (Incarnation, u32)>>,
+    events: UnboundedSender<RuntimeEvent>,
+}
+
+/// Where `flotilla-worker` is: `FLOTILLA_WORKER_BIN`, else beside the
+/// running executable, else on `PATH`.
+pub fn find_worker_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("FLOTILLA_WORKER_BIN") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let candidate = dir.join("flotilla-worker");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("flotilla-worker")
+}
+
+impl ProcessRuntime {
+    pub fn new(worker_bin: PathBuf, events: UnboundedSender<RuntimeEvent>) -> Self {
+        ProcessRuntime {
+            worker_bin,
+            children: Mutex::new(HashMap::new()),
+            events,
+        }
+    }
+}
+
+#[async_trait]
+impl Runtime for ProcessRuntime {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {
+        let mut cmd = Command::new(&self.worker_bin);
+        cmd.env(env::MASTER_URL, &launch.master_url)
+            .env(env::WORKER_ID, launch.worker_id.to_string())
+            .env(env::INCARNATION, launch.incarnation.to_string())
+            .env(env::WORKER_SECRET, &launch.secret)
+            .env(env::SLOTS, launch.slots.to_string())
+            .stdin(Stdio::null())
+            .process_group(0);
+        #[cfg(target_os = "linux")]
+        unsafe {
+            // A worker must not outlive its master.
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| RuntimeError::Start {
+            worker: launch.worker_id,
+            reason: format!("{}: {e}", self.worker_bin.display()),
+        })?;
+        let pid = child.id().unwrap_or(0);
+        info!(worker = launch.worker_id, incarnation = launch.incarnation, pid, "started worker process");
+        self.children
+            .lock()
+            .expect("children lock")
+            .insert(launch.worker_id, (launch.incarnation, pid));
+        let events = self.events.clone();
+        let (worker_id, incarnation) = (launch.worker_id, launch.incarnation);
+        tokio::spawn(async move {
+            let detail = match child.wait().await {
+                Ok(status) => format!("process {pid} exited ({status})"),
+                Err(e) => format!("process {pid} could not be waited for: {e}"),
+            };
+            // Its interpreters and shell commands go with it.
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            debug!(worker = worker_id, incarnation, %detail, "worker process ended");
+            let _ = events.send(RuntimeEvent::Exited {
+                worker_id,
+                incarnation,
+                detail,
+            });
+        });
+        Ok(())
+    }
+
+    async fn kill(&self, worker: WorkerId) -> Result<(), RuntimeError> {
+        let entry = self.children.lock().expect("children lock").remove(&worker);
+        if let Some((_, pid)) = entry {
+            match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => {
+                    return Err(RuntimeError::Kill {
+                        worker,
+                        reason: format!("kill -9 -{pid}: {e}"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle> {
+        let children = self.children.lock().expect("children lock");
+        children.get(&worker).map(|&(incarnation, pid)| WorkerHandle {
+            incarnation,
+            locator: format!("pid {pid}"),
+        })
+    }
+
+    async fn shutdown(&self) {
+        let all: Vec<_> = self.children.lock().expect("children lock").drain().collect();
+        for (_, (_, pid)) in all {
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+    }
+}
