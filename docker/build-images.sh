@@ -102,9 +102,8 @@ base_tar=$CACHE_DIR/base-$base_hash.tar
 
 unmount_under() { # unmount whatever debootstrap left mounted below $1, deepest first
   local m
-  for m in $(awk -v d="$1" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/mounts | sort -r); do
-    umount -l "$m" 2>/dev/null || true
-  done
+  awk -v d="$1" '$2 == d || index($2, d "/") == 1 { print $2 }' /proc/mounts | sort -r |
+    while IFS= read -r m; do umount -l "$m" 2>/dev/null || true; done
 }
 
 build_rootfs() {
@@ -207,6 +206,7 @@ else
     log "reusing cached root filesystem $base_tar"
   fi
   t=$(now)
+  previous_base=$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || true)
   docker import \
     --change "LABEL $LABEL_BASE=$base_hash" \
     --change 'LABEL org.opencontainers.image.title="flotilla-base"' \
@@ -216,6 +216,9 @@ else
     --change 'CMD ["/bin/bash"]' \
     --message "flotilla base, recipe $base_hash" \
     "$base_tar" "$BASE_IMAGE" >/dev/null
+  # The replaced base goes once nothing is built on it (the app images rebuilt
+  # below then drop theirs; a base still in use by a container stays).
+  if [[ -n $previous_base ]]; then docker rmi "$previous_base" >/dev/null 2>&1 || true; fi
   log "step: docker import $BASE_IMAGE $(since "$t")"
 fi
 log "base image: $BASE_IMAGE $(docker image inspect -f '{{.Size}}' "$BASE_IMAGE" | awk '{ printf "%.1f MB", $1 / 1e6 }')"

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_proto::{
-    routes, Assignment, ErrorBody, Heartbeat, Poll, Register, RegisterReply, TaskId, TaskSpec, WorkerId,
+    routes, Assignment, ErrorBody, Heartbeat, Poll, Register, RegisterReply, TaskId, TaskSpec,
+    WorkerId,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -54,7 +55,13 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
+        (
+            self.status,
+            Json(ErrorBody {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -89,14 +96,20 @@ async fn read_body<S: Send + Sync>(req: Request, state: &S) -> ApiResult<Bytes> 
 
 fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::bad_request("request body is empty; a JSON object was expected"));
+        return Err(ApiError::bad_request(
+            "request body is empty; a JSON object was expected",
+        ));
     }
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn parse_node(raw: &str) -> ApiResult<WorkerId> {
-    raw.parse()
-        .map_err(|_| ApiError::not_found(format!("node '{raw}' does not exist (node IDs are numbers 0..n-1)")))
+    raw.parse().map_err(|_| {
+        ApiError::not_found(format!(
+            "node '{raw}' does not exist (node IDs are numbers 0..n-1)"
+        ))
+    })
 }
 
 pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
@@ -110,18 +123,28 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         .route("/tasks/finished", get(finished_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/nodes", get(nodes))
-        .layer(middleware::from_fn_with_state(Arc::new(token), require_token));
+        .layer(middleware::from_fn_with_state(
+            Arc::new(token),
+            require_token,
+        ));
     let internal = Router::new()
         .route(routes::REGISTER, post(register))
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::POLL, post(poll))
-        .layer(middleware::from_fn_with_state(cluster.clone(), require_worker_secret));
+        .layer(middleware::from_fn_with_state(
+            cluster.clone(),
+            require_worker_secret,
+        ));
     Router::new()
         .route("/health", get(health))
         .merge(public)
         .merge(internal)
         .fallback(|req: Request| async move {
-            ApiError::not_found(format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+            ApiError::not_found(format!(
+                "no such endpoint: {} {}",
+                req.method(),
+                req.uri().path()
+            ))
         })
         .layer(axum::extract::DefaultBodyLimit::max(DEFAULT_BODY_LIMIT))
         .with_state(cluster)
@@ -135,11 +158,21 @@ fn bearer(req: &Request) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
-async fn require_token(State(token): State<Arc<Option<String>>>, req: Request, next: Next) -> Response {
+async fn require_token(
+    State(token): State<Arc<Option<String>>>,
+    req: Request,
+    next: Next,
+) -> Response {
     if let Some(expected) = token.as_deref() {
         match bearer(&req) {
             Some(got) if constant_time_eq(got.as_bytes(), expected.as_bytes()) => {}
-            Some(_) => return ApiError::new(StatusCode::UNAUTHORIZED, "bearer token does not match FLOTILLA_TOKEN").into_response(),
+            Some(_) => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "bearer token does not match FLOTILLA_TOKEN",
+                )
+                .into_response()
+            }
             None => {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -152,12 +185,22 @@ async fn require_token(State(token): State<Arc<Option<String>>>, req: Request, n
     next.run(req).await
 }
 
-async fn require_worker_secret(State(cluster): State<Arc<Cluster>>, req: Request, next: Next) -> Response {
+async fn require_worker_secret(
+    State(cluster): State<Arc<Cluster>>,
+    req: Request,
+    next: Next,
+) -> Response {
     match bearer(&req) {
-        Some(got) if constant_time_eq(got.as_bytes(), cluster.worker_secret.as_bytes()) => next.run(req).await,
+        Some(got) if constant_time_eq(got.as_bytes(), cluster.worker_secret.as_bytes()) => {
+            next.run(req).await
+        }
         _ => {
             warn!(path = %req.uri().path(), "worker call without the cluster secret refused");
-            ApiError::new(StatusCode::UNAUTHORIZED, "worker routes need the cluster's worker secret").into_response()
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "worker routes need the cluster's worker secret",
+            )
+            .into_response()
         }
     }
 }
@@ -187,7 +230,9 @@ async fn send_to(
         room.as_mut().enable();
         match cluster.with_state(|s| s.submit_to(node, spec.clone())) {
             Ok(id) => {
-                return Ok(Json(json!({"message": format!("Instruction received for node {node}"), "task_id": id})))
+                return Ok(Json(
+                    json!({"message": format!("Instruction received for node {node}"), "task_id": id}),
+                ))
             }
             Err(SubmitError::UnknownWorker(_)) => {
                 return Err(ApiError::not_found(format!("node {node} does not exist")))
@@ -219,17 +264,26 @@ async fn add(State(cluster): State<Arc<Cluster>>, req: Request) -> ApiResult<Jso
     };
     let capacity = match body.max_capacity {
         None => 10,
-        Some(c) if c >= 1 && c <= 100_000 => c as usize,
-        Some(c) => return Err(ApiError::bad_request(format!("max_capacity must be between 1 and 100000, got {c}"))),
+        Some(c) if (1..=100_000).contains(&c) => c as usize,
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "max_capacity must be between 1 and 100000, got {c}"
+            )))
+        }
     };
     let id = cluster
         .add_worker(capacity)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(json!({"message": format!("Node {id} added successfully"), "node_id": id})))
+    Ok(Json(
+        json!({"message": format!("Node {id} added successfully"), "node_id": id}),
+    ))
 }
 
-async fn stop(State(cluster): State<Arc<Cluster>>, Path(node): Path<String>) -> ApiResult<Json<Value>> {
+async fn stop(
+    State(cluster): State<Arc<Cluster>>,
+    Path(node): Path<String>,
+) -> ApiResult<Json<Value>> {
     let node = parse_node(&node)?;
     if cluster.with_state(|s| s.worker(node).is_none()) {
         return Err(ApiError::not_found(format!("node {node} does not exist")));
@@ -238,21 +292,30 @@ async fn stop(State(cluster): State<Arc<Cluster>>, Path(node): Path<String>) -> 
         .stop_worker(node)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(json!({"message": format!("Node {node} stopped successfully")})))
+    Ok(Json(
+        json!({"message": format!("Node {node} stopped successfully")}),
+    ))
 }
 
 // ----- native API ----------------------------------------------------------
 
 /// `POST /tasks`: one task, or `{"tasks": [...]}` (all accepted or none).
-async fn submit_tasks(State(cluster): State<Arc<Cluster>>, Body(body): Body<Value>) -> ApiResult<Json<Value>> {
+async fn submit_tasks(
+    State(cluster): State<Arc<Cluster>>,
+    Body(body): Body<Value>,
+) -> ApiResult<Json<Value>> {
     let specs: Vec<TaskSpec> = match body {
         Value::Object(ref map) if map.contains_key("tasks") => {
             if map.len() > 1 {
                 let extra: Vec<_> = map.keys().filter(|k| *k != "tasks").collect();
-                return Err(ApiError::bad_request(format!("unknown field(s) beside `tasks`: {extra:?}")));
+                return Err(ApiError::bad_request(format!(
+                    "unknown field(s) beside `tasks`: {extra:?}"
+                )));
             }
             let Value::Array(items) = &map["tasks"] else {
-                return Err(ApiError::bad_request("`tasks` must be a list of {\"type\", \"command\"} objects"));
+                return Err(ApiError::bad_request(
+                    "`tasks` must be a list of {\"type\", \"command\"} objects",
+                ));
             };
             if items.is_empty() {
                 return Err(ApiError::bad_request("`tasks` is empty"));
@@ -261,13 +324,16 @@ async fn submit_tasks(State(cluster): State<Arc<Cluster>>, Body(body): Body<Valu
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    TaskSpec::deserialize(t).map_err(|e| ApiError::bad_request(format!("tasks[{i}]: {e}")))
+                    TaskSpec::deserialize(t)
+                        .map_err(|e| ApiError::bad_request(format!("tasks[{i}]: {e}")))
                 })
                 .collect::<ApiResult<_>>()?
         }
-        other => vec![TaskSpec::deserialize(&other).map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
+        other => vec![TaskSpec::deserialize(&other)
+            .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
-    let ids: Vec<TaskId> = cluster.with_state(|s| specs.into_iter().map(|spec| s.submit(spec)).collect());
+    let ids: Vec<TaskId> =
+        cluster.with_state(|s| specs.into_iter().map(|spec| s.submit(spec)).collect());
     Ok(Json(json!({"task_ids": ids})))
 }
 
@@ -276,7 +342,9 @@ fn wait_param(q: &HashMap<String, String>) -> ApiResult<Duration> {
         None => Ok(Duration::ZERO),
         Some(raw) => match raw.parse::<f64>() {
             Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s).min(MAX_WAIT)),
-            _ => Err(ApiError::bad_request(format!("wait must be a number of seconds >= 0, got {raw:?}"))),
+            _ => Err(ApiError::bad_request(format!(
+                "wait must be a number of seconds >= 0, got {raw:?}"
+            ))),
         },
     }
 }
@@ -286,13 +354,15 @@ async fn get_task(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let task_id: TaskId = id
-        .parse()
-        .map_err(|_| ApiError::not_found(format!("task '{id}' does not exist (task IDs are numbers)")))?;
+    let task_id: TaskId = id.parse().map_err(|_| {
+        ApiError::not_found(format!("task '{id}' does not exist (task IDs are numbers)"))
+    })?;
     let wait = wait_param(&q)?;
     match cluster.wait_task(task_id, wait).await {
         Some(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
-        None => Err(ApiError::not_found(format!("task {task_id} does not exist"))),
+        None => Err(ApiError::not_found(format!(
+            "task {task_id} does not exist"
+        ))),
     }
 }
 
@@ -305,9 +375,9 @@ async fn finished_tasks(
 ) -> ApiResult<Json<Value>> {
     let after = match q.get("after") {
         None => 0,
-        Some(raw) => raw
-            .parse::<usize>()
-            .map_err(|_| ApiError::bad_request(format!("after must be a non-negative integer, got {raw:?}")))?,
+        Some(raw) => raw.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("after must be a non-negative integer, got {raw:?}"))
+        })?,
     };
     let wait = wait_param(&q)?;
     let (tasks, next) = cluster.finished_after(after, 1000, wait).await;
@@ -321,7 +391,10 @@ async fn nodes(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
 async fn health(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
     let (nodes, queued, tasks, steals) =
         cluster.with_state(|s| (s.nodes(), s.master_queue_len(), s.task_count(), s.steals));
-    let active = nodes.iter().filter(|n| n.state == crate::scheduler::WorkerState::Active).count();
+    let active = nodes
+        .iter()
+        .filter(|n| n.state == crate::scheduler::WorkerState::Active)
+        .count();
     Json(json!({
         "status": "ok",
         "cluster": cluster.cfg.name,
@@ -348,19 +421,35 @@ fn refusal(r: Refusal) -> ApiError {
     ApiError::new(status, r.to_string())
 }
 
-async fn register(State(cluster): State<Arc<Cluster>>, Body(r): Body<Register>) -> ApiResult<Json<RegisterReply>> {
-    let capacity = cluster.with_state(|s| s.register(r.worker_id, r.incarnation)).map_err(refusal)?;
+async fn register(
+    State(cluster): State<Arc<Cluster>>,
+    Body(r): Body<Register>,
+) -> ApiResult<Json<RegisterReply>> {
+    let capacity = cluster
+        .with_state(|s| s.register(r.worker_id, r.incarnation, Some(r.pid)))
+        .map_err(refusal)?;
     cluster.started_ok(r.worker_id);
-    info!(worker = r.worker_id, incarnation = r.incarnation, pid = r.pid, "Node {} registered", r.worker_id);
+    info!(
+        worker = r.worker_id,
+        incarnation = r.incarnation,
+        pid = r.pid,
+        "Node {} registered",
+        r.worker_id
+    );
     Ok(Json(RegisterReply {
         heartbeat_interval_ms: cluster.cfg.heartbeat_interval.as_millis() as u64,
         capacity,
     }))
 }
 
-async fn heartbeat(State(cluster): State<Arc<Cluster>>, Body(h): Body<Heartbeat>) -> ApiResult<StatusCode> {
+async fn heartbeat(
+    State(cluster): State<Arc<Cluster>>,
+    Body(h): Body<Heartbeat>,
+) -> ApiResult<StatusCode> {
     let now = std::time::Instant::now();
-    cluster.with_state(|s| s.heartbeat(h.worker_id, h.incarnation, now)).map_err(refusal)?;
+    cluster
+        .with_state(|s| s.heartbeat(h.worker_id, h.incarnation, now))
+        .map_err(refusal)?;
     tracing::debug!(worker = h.worker_id, "heartbeat");
     Ok(StatusCode::NO_CONTENT)
 }
@@ -405,12 +494,21 @@ async fn poll(State(cluster): State<Arc<Cluster>>, Body(p): Body<Poll>) -> ApiRe
         }
         // The waiter was dropped: the worker was declared dead meanwhile.
         Ok(Err(_)) => {
-            let inc = cluster.with_state(|s| s.worker(p.worker_id).map(|w| (w.incarnation, w.state)));
+            let inc =
+                cluster.with_state(|s| s.worker(p.worker_id).map(|w| (w.incarnation, w.state)));
             match inc {
-                Some((inc, state)) if inc == p.incarnation && state != crate::scheduler::WorkerState::Dead => {
+                Some((inc, state))
+                    if inc == p.incarnation && state != crate::scheduler::WorkerState::Dead =>
+                {
                     Ok(StatusCode::NO_CONTENT.into_response())
                 }
-                _ => Err(ApiError::new(StatusCode::CONFLICT, format!("node {} incarnation {} has been replaced", p.worker_id, p.incarnation))),
+                _ => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "node {} incarnation {} has been replaced",
+                        p.worker_id, p.incarnation
+                    ),
+                )),
             }
         }
         Err(_) => Ok(StatusCode::NO_CONTENT.into_response()),

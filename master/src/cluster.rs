@@ -86,7 +86,10 @@ impl Cluster {
     }
 
     fn master_url(&self) -> String {
-        self.master_url.get().cloned().expect("master URL is set before workers start")
+        self.master_url
+            .get()
+            .cloned()
+            .expect("master URL is set before workers start")
     }
 
     /// Runs `f` on the scheduling state, then wakes whoever its transition
@@ -106,7 +109,12 @@ impl Cluster {
         out
     }
 
-    fn launch(&self, worker_id: WorkerId, incarnation: Incarnation, capacity: usize) -> WorkerLaunch {
+    fn launch(
+        &self,
+        worker_id: WorkerId,
+        incarnation: Incarnation,
+        capacity: usize,
+    ) -> WorkerLaunch {
         WorkerLaunch {
             worker_id,
             incarnation,
@@ -118,15 +126,24 @@ impl Cluster {
     }
 
     /// Startup and `/add`: a new worker ID, started by the runtime.
-    pub async fn add_worker(&self, capacity: usize) -> Result<WorkerId, crate::runtime::RuntimeError> {
+    pub async fn add_worker(
+        &self,
+        capacity: usize,
+    ) -> Result<WorkerId, crate::runtime::RuntimeError> {
         let (id, inc) = self.with_state(|s| s.add_worker(capacity));
-        info!(worker = id, capacity, "Node {id} added with capacity {capacity}");
+        info!(
+            worker = id,
+            capacity, "Node {id} added with capacity {capacity}"
+        );
         self.runtime.start(self.launch(id, inc, capacity)).await?;
         Ok(id)
     }
 
     /// `/stop/{node}`: kill it for real, then recover as from any death.
-    pub async fn stop_worker(self: &Arc<Self>, id: WorkerId) -> Result<(), crate::runtime::RuntimeError> {
+    pub async fn stop_worker(
+        self: &Arc<Self>,
+        id: WorkerId,
+    ) -> Result<(), crate::runtime::RuntimeError> {
         let inc = self.with_state(|s| s.worker(id).map(|w| w.incarnation));
         let Some(inc) = inc else { return Ok(()) };
         self.runtime.kill(id).await?;
@@ -148,10 +165,22 @@ impl Cluster {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let failures = self.failed_starts.lock().expect("lock").get(&id).copied().unwrap_or(0);
+        let failures = self
+            .failed_starts
+            .lock()
+            .expect("lock")
+            .get(&id)
+            .copied()
+            .unwrap_or(0);
         if failures > 0 {
-            let delay = Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(10));
-            warn!(worker = id, failures, ?delay, "worker keeps failing to start; backing off");
+            let delay =
+                Duration::from_millis(250u64 << failures.min(5)).min(Duration::from_secs(10));
+            warn!(
+                worker = id,
+                failures,
+                ?delay,
+                "worker keeps failing to start; backing off"
+            );
             tokio::time::sleep(delay).await;
         }
         if let Err(e) = self.runtime.kill(id).await {
@@ -177,12 +206,18 @@ impl Cluster {
             return;
         }
         let never_registered = self.with_state(|s| {
-            s.worker(id)
-                .is_some_and(|w| w.incarnation == inc && w.state == crate::scheduler::WorkerState::Starting)
+            s.worker(id).is_some_and(|w| {
+                w.incarnation == inc && w.state == crate::scheduler::WorkerState::Starting
+            })
         });
         if self.with_state(|s| s.declare_dead(id, inc, reason, task_suspect)) {
             if never_registered {
-                *self.failed_starts.lock().expect("lock").entry(id).or_default() += 1;
+                *self
+                    .failed_starts
+                    .lock()
+                    .expect("lock")
+                    .entry(id)
+                    .or_default() += 1;
             }
             self.spawn_restart(id);
         }
@@ -209,7 +244,10 @@ impl Cluster {
     }
 
     /// Deaths the runtime saw by itself (a process exit, a container event).
-    pub fn spawn_runtime_events(self: &Arc<Self>, mut events: mpsc::UnboundedReceiver<RuntimeEvent>) {
+    pub fn spawn_runtime_events(
+        self: &Arc<Self>,
+        mut events: mpsc::UnboundedReceiver<RuntimeEvent>,
+    ) {
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
@@ -236,7 +274,12 @@ impl Cluster {
 
     /// The completion feed: tasks finished after position `after`, waiting
     /// up to `wait` for the first one.
-    pub async fn finished_after(&self, after: usize, limit: usize, wait: Duration) -> (Vec<TaskView>, usize) {
+    pub async fn finished_after(
+        &self,
+        after: usize,
+        limit: usize,
+        wait: Duration,
+    ) -> (Vec<TaskView>, usize) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let notified = self.completed.notified();
@@ -253,7 +296,8 @@ impl Cluster {
     }
 
     pub async fn shutdown(&self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runtime.shutdown().await;
     }
 }

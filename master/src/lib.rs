@@ -41,7 +41,9 @@ impl Default for ServeOptions {
         ServeOptions {
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 5000,
-            token: std::env::var("FLOTILLA_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: std::env::var("FLOTILLA_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
             insecure: false,
             runtime: None,
             slots: 1,
@@ -124,14 +126,22 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     let cluster = Cluster::new(cfg, runtime);
     let listener = TcpListener::bind((opts.bind, opts.port))
         .await
-        .with_context(|| format!("cannot listen on {}:{} (is another master running? try --port)", opts.bind, opts.port))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {}:{} (is another master running? try --port)",
+                opts.bind, opts.port
+            )
+        })?;
     let addr = listener.local_addr()?;
     let worker_host = if opts.bind.is_unspecified() {
         IpAddr::from([127, 0, 0, 1])
     } else {
         opts.bind
     };
-    cluster.set_master_url(format!("http://{}", SocketAddr::new(worker_host, addr.port())));
+    cluster.set_master_url(format!(
+        "http://{}",
+        SocketAddr::new(worker_host, addr.port())
+    ));
     let app = api::router(cluster.clone(), opts.token.clone());
     let server = tokio::spawn(async move {
         use axum::serve::ListenerExt;
@@ -148,7 +158,11 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     for &capacity in &spec.capacities {
         cluster.add_worker(capacity).await?;
     }
-    Ok(Master { cluster, addr, server })
+    Ok(Master {
+        cluster,
+        addr,
+        server,
+    })
 }
 
 fn runtime_kind_name(k: RuntimeKind) -> &'static str {

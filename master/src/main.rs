@@ -11,7 +11,11 @@ use flotilla::runner::{self, RunOptions};
 use flotilla::ServeOptions;
 
 #[derive(Parser)]
-#[command(name = "flotilla", version, about = "A compute cluster: a master, its workers, Python and shell tasks")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "A compute cluster: a master, its workers, Python and shell tasks"
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true)]
@@ -68,7 +72,10 @@ fn init_logs(level: Option<&str>, default: &str) {
         Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
         _ => tracing_subscriber::EnvFilter::new(level.unwrap_or(default)),
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     // Workers inherit the level unless RUST_LOG says otherwise.
     if std::env::var("RUST_LOG").is_err() {
         std::env::set_var("RUST_LOG", level.unwrap_or(default));
@@ -95,7 +102,11 @@ async fn main() -> Result<()> {
             let spec = manifest::load_file(&args.file)?;
             let opts = serve_options(&args);
             let master = flotilla::start(&spec, &opts).await?;
-            println!("flotilla master listening on {} ({} workers); Ctrl-C to stop", master.url(), spec.capacities.len());
+            println!(
+                "flotilla master listening on {} ({} workers); Ctrl-C to stop",
+                master.url(),
+                spec.capacities.len()
+            );
             tokio::signal::ctrl_c().await?;
             master.shutdown().await;
         }

@@ -16,7 +16,10 @@ pub const DEFAULT_CAPACITY: usize = 10;
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("cannot read manifest {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
 }
@@ -36,7 +39,9 @@ impl std::str::FromStr for RuntimeKind {
             "process" => Ok(RuntimeKind::Process),
             "docker" => Ok(RuntimeKind::Docker),
             "kubernetes" => Ok(RuntimeKind::Kubernetes),
-            other => Err(format!("unknown runtime `{other}`: expected process, docker or kubernetes")),
+            other => Err(format!(
+                "unknown runtime `{other}`: expected process, docker or kubernetes"
+            )),
         }
     }
 }
@@ -300,7 +305,11 @@ pub fn parse_memory(raw: &str) -> Result<u64, String> {
         "K" | "k" => 1_000,
         "M" => 1_000_000,
         "G" => 1_000_000_000,
-        other => return Err(format!("memory `{raw}` has an unknown unit `{other}` (use Ki, Mi, Gi, K, M or G)")),
+        other => {
+            return Err(format!(
+                "memory `{raw}` has an unknown unit `{other}` (use Ki, Mi, Gi, K, M or G)"
+            ))
+        }
     };
     Ok(n * mult)
 }
@@ -319,7 +328,8 @@ pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
         origin: origin.to_string(),
         message,
     };
-    let probe: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
+    let probe: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
     let Some(map) = probe.as_mapping() else {
         return Err(invalid("a manifest is a YAML mapping: either `system:` (the seed form) or `apiVersion: flotilla.dev/v1` with `kind: Cluster`".into()));
     };
@@ -332,7 +342,12 @@ pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
     } else {
         let keys: Vec<String> = map
             .keys()
-            .map(|k| serde_yaml::to_string(k).unwrap_or_default().trim().to_string())
+            .map(|k| {
+                serde_yaml::to_string(k)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string()
+            })
             .collect();
         return Err(invalid(format!(
             "unknown top-level key(s) {keys:?}: expected `system` (the seed form) or `apiVersion`, `kind`, `metadata`, `spec` (the native form)"
@@ -373,10 +388,16 @@ fn from_seed(system: SeedSystem) -> Result<ClusterSpec, String> {
 
 fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     if file.api_version != API_VERSION {
-        return Err(format!("apiVersion `{}` is not supported: use `{API_VERSION}`", file.api_version));
+        return Err(format!(
+            "apiVersion `{}` is not supported: use `{API_VERSION}`",
+            file.api_version
+        ));
     }
     if file.kind != "Cluster" {
-        return Err(format!("kind `{}` is not supported: use `Cluster`", file.kind));
+        return Err(format!(
+            "kind `{}` is not supported: use `Cluster`",
+            file.kind
+        ));
     }
     let s = file.spec;
     let mut spec = ClusterSpec::defaults(file.metadata.name);
@@ -390,7 +411,8 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
             spec.worker_resources.cpu_per_capacity = c;
         }
         if let Some(m) = wr.memory {
-            spec.worker_resources.memory_bytes = parse_memory(&m).map_err(|e| format!("spec.workerResources.{e}"))?;
+            spec.worker_resources.memory_bytes =
+                parse_memory(&m).map_err(|e| format!("spec.workerResources.{e}"))?;
         }
     }
     if let Some(hb) = s.heartbeat {
@@ -429,13 +451,17 @@ fn seconds(field: &str, v: f64) -> Result<Duration, String> {
     if v.is_finite() && v > 0.0 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(format!("{field} must be a positive number of seconds, got {v}"))
+        Err(format!(
+            "{field} must be a positive number of seconds, got {v}"
+        ))
     }
 }
 
 fn validate(spec: &ClusterSpec) -> Result<(), String> {
     if let Some(i) = spec.capacities.iter().position(|&c| c == 0) {
-        return Err(format!("worker {i} has capacity 0: every capacity must be at least 1"));
+        return Err(format!(
+            "worker {i} has capacity 0: every capacity must be at least 1"
+        ));
     }
     if spec.heartbeat_timeout <= spec.heartbeat_interval {
         return Err(format!(
@@ -446,7 +472,8 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
     if spec.max_attempts == 0 {
         return Err("maxAttempts must be at least 1".into());
     }
-    if !(spec.worker_resources.cpu_per_capacity > 0.0) {
+    let cpu = spec.worker_resources.cpu_per_capacity;
+    if !cpu.is_finite() || cpu <= 0.0 {
         return Err("spec.workerResources.cpuPerCapacity must be greater than 0".into());
     }
     let mut names = std::collections::HashSet::new();
@@ -457,11 +484,18 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
     }
     for (i, r) in spec.requests.iter().enumerate() {
         if !(r.sleep.is_finite() && r.sleep >= 0.0) {
-            return Err(format!("requests[{i}].sleep must be a number of seconds >= 0, got {}", r.sleep));
+            return Err(format!(
+                "requests[{i}].sleep must be a number of seconds >= 0, got {}",
+                r.sleep
+            ));
         }
-        let path = endpoint_path(&r.endpoint).map_err(|e| format!("requests[{i}].endpoint: {e}"))?;
+        let path =
+            endpoint_path(&r.endpoint).map_err(|e| format!("requests[{i}].endpoint: {e}"))?;
         if !path.starts_with('/') {
-            return Err(format!("requests[{i}].endpoint `{}` has no path", r.endpoint));
+            return Err(format!(
+                "requests[{i}].endpoint `{}` has no path",
+                r.endpoint
+            ));
         }
     }
     Ok(())
@@ -526,7 +560,10 @@ system:
     fn mismatched_capacities_and_bad_types_are_explained() {
         let bad = SEED.replace("[3, 4, 5]", "[3, 4]");
         let err = parse(&bad, "s").unwrap_err().to_string();
-        assert!(err.contains("node_capacities has 2 entries") && err.contains("node_quantity is 3"), "{err}");
+        assert!(
+            err.contains("node_capacities has 2 entries") && err.contains("node_quantity is 3"),
+            "{err}"
+        );
         let bad = SEED.replace("type: Integer", "type: Integr");
         let err = parse(&bad, "s").unwrap_err().to_string();
         assert!(err.contains("Integr"), "{err}");
@@ -562,19 +599,30 @@ spec:
         assert_eq!(spec.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(spec.worker_resources.memory_bytes, 256 << 20);
         assert_eq!(spec.max_attempts, 2);
-        let err = parse(&text.replace("capacity: 8", "capacity: 0"), "n").unwrap_err().to_string();
+        let err = parse(&text.replace("capacity: 8", "capacity: 0"), "n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("capacity 0"), "{err}");
-        let err = parse(&text.replace("runtime: docker", "runtime: nomad"), "n").unwrap_err().to_string();
+        let err = parse(&text.replace("runtime: docker", "runtime: nomad"), "n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nomad"), "{err}");
-        let err = parse(&text.replace("kind: Cluster", "kind: Pod"), "n").unwrap_err().to_string();
+        let err = parse(&text.replace("kind: Cluster", "kind: Pod"), "n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Pod"), "{err}");
-        let err = parse(&text.replace("maxAttempts", "maxAttempt"), "n").unwrap_err().to_string();
+        let err = parse(&text.replace("maxAttempts", "maxAttempt"), "n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("maxAttempt") && err.contains("line"), "{err}");
     }
 
     #[test]
     fn endpoints_keep_only_their_path() {
-        assert_eq!(endpoint_path("http://localhost:5000/send/0").unwrap(), "/send/0");
+        assert_eq!(
+            endpoint_path("http://localhost:5000/send/0").unwrap(),
+            "/send/0"
+        );
         assert!(endpoint_path("localhost:5000/send").is_err());
         assert_eq!(parse_memory("1Gi").unwrap(), 1 << 30);
         assert!(parse_memory("lots").is_err());

@@ -106,7 +106,10 @@ pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Resu
     let tasks = follow(master, &created, opts).await?;
     let (nodes, steals) = master.cluster.with_state(|s| (s.nodes(), s.steals));
     let restarts = nodes.iter().map(|n| n.restarts).sum();
-    let succeeded = tasks.iter().filter(|t| t.state == crate::scheduler::TaskState::Succeeded).count();
+    let succeeded = tasks
+        .iter()
+        .filter(|t| t.state == crate::scheduler::TaskState::Succeeded)
+        .count();
     let failed = tasks.len() - succeeded;
     let report = RunReport {
         requests,
@@ -132,8 +135,10 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
     let mut per_node: BTreeMap<u32, usize> = BTreeMap::new();
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} tasks done {elapsed} | {msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {pos}/{len} tasks done {elapsed} | {msg}",
+        )
+        .expect("valid template"),
     );
     // indicatif swallows println when it is not drawing (not a terminal).
     let say = |line: String| {
@@ -148,7 +153,12 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
     while !pending.is_empty() {
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             bar.abandon();
-            bail!("{} task(s) still unfinished after {:?}: {:?}", pending.len(), opts.timeout.unwrap(), pending);
+            bail!(
+                "{} task(s) still unfinished after {:?}: {:?}",
+                pending.len(),
+                opts.timeout.unwrap(),
+                pending
+            );
         }
         let (batch, next) = master
             .cluster
@@ -168,8 +178,14 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
                     (Some(r), None) => one_line(&r.response),
                     (None, None) => String::new(),
                 };
-                let node = t.node.map(|n| format!("node {n}")).unwrap_or_else(|| "no node".into());
-                say(format!("task {} on {node} (attempt {}): {:?}: {what}", t.id, t.attempts, t.state));
+                let node = t
+                    .node
+                    .map(|n| format!("node {n}"))
+                    .unwrap_or_else(|| "no node".into());
+                say(format!(
+                    "task {} on {node} (attempt {}): {:?}: {what}",
+                    t.id, t.attempts, t.state
+                ));
                 if let Some(r) = &t.result {
                     for line in r.stdout.lines() {
                         say(format!("    | {line}"));
@@ -179,7 +195,10 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
             done.insert(t.id, t);
             bar.inc(1);
         }
-        let counts: Vec<String> = per_node.iter().map(|(n, c)| format!("node {n}: {c}")).collect();
+        let counts: Vec<String> = per_node
+            .iter()
+            .map(|(n, c)| format!("node {n}: {c}"))
+            .collect();
         bar.set_message(counts.join(", "));
     }
     bar.finish_and_clear();
@@ -188,7 +207,15 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
 
 fn print_summary(r: &RunReport) -> Result<()> {
     let mut out = std::io::stdout();
-    writeln!(out, "\nSummary: {} tasks, {} succeeded, {} failed; {} steals, {} restarts", r.tasks.len(), r.succeeded, r.failed, r.steals, r.restarts)?;
+    writeln!(
+        out,
+        "\nSummary: {} tasks, {} succeeded, {} failed; {} steals, {} restarts",
+        r.tasks.len(),
+        r.succeeded,
+        r.failed,
+        r.steals,
+        r.restarts
+    )?;
     for n in &r.nodes {
         writeln!(
             out,

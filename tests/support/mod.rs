@@ -1,1 +1,343 @@
-//! e2e support
+//! Support for the end-to-end tests: start the real `flotilla` binary (which
+//! starts real `flotilla-worker` processes), talk HTTP to it like a user.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+/// The workspace's target directory holding the built binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (cargo test --workspace builds it)",
+        path.display()
+    );
+    path
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// `../shared/seed-scenarios` beside the repository (or FLOTILLA_SEED_SCENARIOS).
+pub fn seed_scenarios_dir() -> PathBuf {
+    std::env::var("FLOTILLA_SEED_SCENARIOS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("../shared/seed-scenarios"))
+}
+
+pub fn temp_file(name: &str, content: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flotilla-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+/// A running `flotilla up`, killed (with its workers) on drop.
+pub struct Cluster {
+    child: Child,
+    pub url: String,
+    pub http: reqwest::Client,
+    token: Option<String>,
+    _stderr: std::thread::JoinHandle<()>,
+}
+
+impl Cluster {
+    /// Starts `flotilla up` on a manifest given as YAML text.
+    pub async fn start(manifest: &str) -> Result<Cluster> {
+        Self::start_with(manifest, &[], &[]).await
+    }
+
+    pub async fn start_with(
+        manifest: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Cluster> {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let path = temp_file(&format!("cluster-{n}.yaml"), manifest);
+        let mut cmd = Command::new(bin("flotilla"));
+        cmd.arg("up").arg(&path).args(["--port", "0"]).args(args);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let token = envs
+            .iter()
+            .find(|(k, _)| *k == "FLOTILLA_TOKEN")
+            .map(|(_, v)| v.to_string());
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("start flotilla up")?;
+        let stderr = child.stderr.take().unwrap();
+        let tag = format!("[cluster {n}]");
+        let stderr_thread = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{tag} {line}");
+            }
+        });
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .ok_or_else(|| anyhow!("flotilla up did not print its address; printed {line:?}"))?
+            .to_string();
+        let cluster = Cluster {
+            child,
+            url,
+            http: reqwest::Client::new(),
+            token,
+            _stderr: stderr_thread,
+        };
+        cluster
+            .wait_until(Duration::from_secs(30), |nodes| {
+                nodes.iter().all(|n| n["state"] == "active")
+            })
+            .await?;
+        Ok(cluster)
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// POST a JSON body; returns (status, body).
+    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        let resp = self
+            .auth(self.http.post(format!("{}{path}", self.url)).json(&body))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// POST raw bytes (for malformed-input tests).
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<(u16, Value)> {
+        let resp = self
+            .auth(
+                self.http
+                    .post(format!("{}{path}", self.url))
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
+        let resp = self
+            .auth(self.http.get(format!("{}{path}", self.url)))
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
+    }
+
+    /// Submits a Python task through `/send`; returns its ID.
+    pub async fn send_python(&self, code: &str) -> Result<u64> {
+        self.send_to_path("/send", code).await
+    }
+
+    pub async fn send_to_path(&self, path: &str, code: &str) -> Result<u64> {
+        let (status, body) = self
+            .post(path, json!({"type": "python", "command": code}))
+            .await?;
+        if status != 200 {
+            bail!("{path} answered {status}: {body}");
+        }
+        body["task_id"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no task_id in {body}"))
+    }
+
+    /// Long-polls a task until it is final.
+    pub async fn wait_task(&self, id: u64, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(&format!("/tasks/{id}?wait=5")).await?;
+            if status != 200 {
+                bail!("GET /tasks/{id} answered {status}: {body}");
+            }
+            if body["state"] == "succeeded" || body["state"] == "failed" {
+                return Ok(body);
+            }
+            if Instant::now() >= deadline {
+                bail!("task {id} not finished after {timeout:?}: {body}");
+            }
+        }
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<Value>> {
+        let (status, body) = self.get("/nodes").await?;
+        if status != 200 {
+            bail!("GET /nodes answered {status}: {body}");
+        }
+        Ok(body.as_array().cloned().unwrap_or_default())
+    }
+
+    /// Waits until `pred` holds for `/nodes` (checked every 50 ms; test-side only).
+    pub async fn wait_until(
+        &self,
+        timeout: Duration,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(nodes) = self.nodes().await {
+                if pred(&nodes) {
+                    return Ok(nodes);
+                }
+                if Instant::now() >= deadline {
+                    bail!("condition on /nodes not met after {timeout:?}: {nodes:?}");
+                }
+            } else if Instant::now() >= deadline {
+                bail!("master not answering after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn health(&self) -> Result<Value> {
+        Ok(self.get("/health").await?.1)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        // SIGINT: the master kills its workers and exits.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `flotilla run FILE --json` to completion; returns its report.
+pub fn flotilla_run(file: &Path, extra: &[&str]) -> Result<Value> {
+    let out = Command::new(bin("flotilla"))
+        .arg("run")
+        .arg(file)
+        .args(["--port", "0", "--json"])
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run flotilla run")?;
+    if !out.status.success() {
+        bail!(
+            "flotilla run {} failed ({}): {}",
+            file.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "flotilla run printed no JSON: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Runs the CLI expecting failure; returns stderr.
+pub fn flotilla_fails(args: &[&str], envs: &[(&str, &str)]) -> String {
+    let mut cmd = Command::new(bin("flotilla"));
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run flotilla");
+    assert!(
+        !out.status.success(),
+        "flotilla {args:?} should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A seed-form manifest with the given capacities and fast heartbeats.
+pub fn seed_manifest(capacities: &[usize]) -> String {
+    format!(
+        "system:\n  node_quantity: {}\n  node_capacities: {:?}\n",
+        capacities.len(),
+        capacities
+    )
+}
+
+/// A native manifest with the given capacities and heartbeat settings.
+pub fn native_manifest(
+    capacities: &[usize],
+    interval: f64,
+    timeout: f64,
+    max_attempts: u32,
+) -> String {
+    let workers: String = capacities
+        .iter()
+        .map(|c| format!("    - capacity: {c}\n"))
+        .collect();
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata:\n  name: test\nspec:\n  heartbeat: {{ intervalSeconds: {interval}, timeoutSeconds: {timeout} }}\n  maxAttempts: {max_attempts}\n  workers:\n{workers}"
+    )
+}
+
+pub fn fib_code(n: u32) -> String {
+    format!("def fibonacci(n):\n\tif n == 0:\n\t\treturn 0\n\telif n == 1:\n\t\treturn 1\n\telse:\n\t\treturn fibonacci(n-1) + fibonacci(n-2)\nresponse = fibonacci({n})")
+}
+
+pub fn fib(n: u64) -> u64 {
+    let (mut a, mut b) = (0u64, 1u64);
+    for _ in 0..n {
+        (a, b) = (b, a + b);
+    }
+    a
+}

@@ -37,9 +37,9 @@ fn var(name: &str) -> Result<String> {
 
 fn parse_var<T: std::str::FromStr>(name: &str, default: Option<T>) -> Result<T> {
     match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .map_err(|_| anyhow::anyhow!("environment variable {name}={v:?} is not a valid number")),
+        Ok(v) => v.parse().map_err(|_| {
+            anyhow::anyhow!("environment variable {name}={v:?} is not a valid number")
+        }),
         Err(_) => default.with_context(|| format!("environment variable {name} is not set")),
     }
 }
@@ -86,7 +86,11 @@ impl Worker {
         format!("{}{}", self.cfg.master_url, route)
     }
 
-    async fn post<T: serde::Serialize>(&self, route: &str, body: &T) -> reqwest::Result<reqwest::Response> {
+    async fn post<T: serde::Serialize>(
+        &self,
+        route: &str,
+        body: &T,
+    ) -> reqwest::Result<reqwest::Response> {
         self.http
             .post(self.url(route))
             .bearer_auth(&self.cfg.secret)
@@ -108,7 +112,10 @@ impl Worker {
                 Ok(resp) if resp.status().is_success() => return Ok(resp.json().await?),
                 Ok(resp) => {
                     let status = resp.status();
-                    bail!("the master refused registration ({status}): {}", resp.text().await.unwrap_or_default())
+                    bail!(
+                        "the master refused registration ({status}): {}",
+                        resp.text().await.unwrap_or_default()
+                    )
                 }
                 Err(e) => {
                     debug!(error = %e, "master not reachable yet");
@@ -131,7 +138,9 @@ impl Worker {
             tick.tick().await;
             match self.post(routes::HEARTBEAT, &body).await {
                 Ok(resp) if resp.status() == StatusCode::CONFLICT => return Verdict::Superseded,
-                Ok(resp) if !resp.status().is_success() => warn!(status = %resp.status(), "heartbeat refused"),
+                Ok(resp) if !resp.status().is_success() => {
+                    warn!(status = %resp.status(), "heartbeat refused")
+                }
                 Ok(_) => debug!(worker = self.cfg.worker_id, "Heartbeat sent"),
                 Err(e) => warn!(error = %e, "heartbeat could not reach the master"),
             }
@@ -184,7 +193,11 @@ impl Worker {
         }
     }
 
-    async fn execute(&self, interpreter: &mut Option<python::Interpreter>, a: Assignment) -> TaskReport {
+    async fn execute(
+        &self,
+        interpreter: &mut Option<python::Interpreter>,
+        a: Assignment,
+    ) -> TaskReport {
         debug!(task = a.task_id, attempt = a.attempt, kind = %a.spec.kind, "running task");
         let outcome = match a.spec.kind {
             TaskKind::Shell => shell::run(&a.spec.command).await,
@@ -208,7 +221,10 @@ impl Worker {
                 match interp.run(&a.spec.command).await {
                     Ok(outcome) => outcome,
                     Err(crash) => {
-                        warn!(task = a.task_id, "the task ended its Python interpreter; starting a fresh one");
+                        warn!(
+                            task = a.task_id,
+                            "the task ended its Python interpreter; starting a fresh one"
+                        );
                         *interpreter = None;
                         crash
                     }
@@ -241,16 +257,31 @@ async fn main() -> Result<()> {
     let worker = Arc::new(Worker { cfg, http });
     let reply = worker.register().await?;
     let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
-    info!(worker = id, incarnation = inc, capacity = reply.capacity, "Node {id} created: {} with capacity of {}", std::process::id(), reply.capacity);
+    info!(
+        worker = id,
+        incarnation = inc,
+        capacity = reply.capacity,
+        "Node {id} created: {} with capacity of {}",
+        std::process::id(),
+        reply.capacity
+    );
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(worker.clone().heartbeats(Duration::from_millis(reply.heartbeat_interval_ms)));
+    tasks.spawn(
+        worker
+            .clone()
+            .heartbeats(Duration::from_millis(reply.heartbeat_interval_ms)),
+    );
     for slot in 0..worker.cfg.slots {
         tasks.spawn(worker.clone().slot(slot));
     }
     match tasks.join_next().await {
         Some(Ok(Verdict::Superseded)) => {
-            warn!(worker = id, incarnation = inc, "the master has replaced this incarnation; exiting");
+            warn!(
+                worker = id,
+                incarnation = inc,
+                "the master has replaced this incarnation; exiting"
+            );
             std::process::exit(0)
         }
         Some(Err(e)) => bail!("worker loop failed: {e}"),

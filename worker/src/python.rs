@@ -64,27 +64,40 @@ impl Interpreter {
     pub async fn run(&mut self, code: &str) -> std::result::Result<Outcome, Outcome> {
         let request = json!({"op": "run", "code": code}).to_string() + "\n";
         if let Err(e) = self.stdin.write_all(request.as_bytes()).await {
-            return Err(self.crashed(format!("cannot hand the task to the interpreter: {e}"), String::new()).await);
+            return Err(self
+                .crashed(
+                    format!("cannot hand the task to the interpreter: {e}"),
+                    String::new(),
+                )
+                .await);
         }
-        loop {
-            let msg = match self.next_message().await {
-                Ok(Some(msg)) => msg,
-                Ok(None) => return Err(self.crashed("the Python interpreter died while running the task".into(), String::new()).await),
-                Err(e) => return Err(self.crashed(format!("{e:#}"), String::new()).await),
-            };
-            match msg["op"].as_str() {
-                Some("done") => return Ok(done_outcome(msg)),
-                Some("exit") => {
-                    let code = msg["code"].as_i64().unwrap_or(0);
-                    let stdout = msg["stdout"].as_str().unwrap_or_default().to_string();
-                    return Err(self
-                        .crashed(format!("the task called exit({code}) and ended its Python interpreter"), stdout)
-                        .await);
-                }
-                other => {
-                    let text = format!("unexpected message from the Python interpreter: {other:?}");
-                    return Err(self.crashed(text, String::new()).await);
-                }
+        let msg = match self.next_message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => {
+                return Err(self
+                    .crashed(
+                        "the Python interpreter died while running the task".into(),
+                        String::new(),
+                    )
+                    .await)
+            }
+            Err(e) => return Err(self.crashed(format!("{e:#}"), String::new()).await),
+        };
+        match msg["op"].as_str() {
+            Some("done") => Ok(done_outcome(msg)),
+            Some("exit") => {
+                let code = msg["code"].as_i64().unwrap_or(0);
+                let stdout = msg["stdout"].as_str().unwrap_or_default().to_string();
+                Err(self
+                    .crashed(
+                        format!("the task called exit({code}) and ended its Python interpreter"),
+                        stdout,
+                    )
+                    .await)
+            }
+            other => {
+                let text = format!("unexpected message from the Python interpreter: {other:?}");
+                Err(self.crashed(text, String::new()).await)
             }
         }
     }
@@ -125,7 +138,10 @@ fn done_outcome(msg: Value) -> Outcome {
         }
     } else {
         let traceback = msg["traceback"].as_str().unwrap_or_default().to_string();
-        let error = msg["error"].as_str().unwrap_or("python exception").to_string();
+        let error = msg["error"]
+            .as_str()
+            .unwrap_or("python exception")
+            .to_string();
         Outcome::Failed {
             result: TaskResult {
                 response: Value::String(traceback),

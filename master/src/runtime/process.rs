@@ -78,7 +78,12 @@ impl Runtime for ProcessRuntime {
             reason: format!("{}: {e}", self.worker_bin.display()),
         })?;
         let pid = child.id().unwrap_or(0);
-        info!(worker = launch.worker_id, incarnation = launch.incarnation, pid, "started worker process");
+        info!(
+            worker = launch.worker_id,
+            incarnation = launch.incarnation,
+            pid,
+            "started worker process"
+        );
         self.children
             .lock()
             .expect("children lock")
@@ -120,14 +125,21 @@ impl Runtime for ProcessRuntime {
 
     async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle> {
         let children = self.children.lock().expect("children lock");
-        children.get(&worker).map(|&(incarnation, pid)| WorkerHandle {
-            incarnation,
-            locator: format!("pid {pid}"),
-        })
+        children
+            .get(&worker)
+            .map(|&(incarnation, pid)| WorkerHandle {
+                incarnation,
+                locator: format!("pid {pid}"),
+            })
     }
 
     async fn shutdown(&self) {
-        let all: Vec<_> = self.children.lock().expect("children lock").drain().collect();
+        let all: Vec<_> = self
+            .children
+            .lock()
+            .expect("children lock")
+            .drain()
+            .collect();
         for (_, (_, pid)) in all {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
         }

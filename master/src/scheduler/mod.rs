@@ -88,6 +88,8 @@ pub struct Worker {
     pub executed: u64,
     pub restarts: u64,
     pub last_heartbeat: Instant,
+    /// The worker's own process ID, as it reported at registration.
+    pub pid: Option<u32>,
 }
 
 impl Worker {
@@ -156,6 +158,7 @@ pub struct NodeView {
     pub executed: u64,
     pub restarts: u64,
     pub last_heartbeat_ms_ago: u64,
+    pub pid: Option<u32>,
 }
 
 pub struct Scheduler {
@@ -216,6 +219,7 @@ impl Scheduler {
             executed: 0,
             restarts: 0,
             last_heartbeat: Instant::now(),
+            pid: None,
         });
         self.dispatch();
         (id, 1)
@@ -230,7 +234,10 @@ impl Scheduler {
     }
 
     fn check(&self, id: WorkerId, inc: Incarnation) -> Result<&Worker, Refusal> {
-        let w = self.workers.get(id as usize).ok_or(Refusal::UnknownWorker(id))?;
+        let w = self
+            .workers
+            .get(id as usize)
+            .ok_or(Refusal::UnknownWorker(id))?;
         if w.incarnation != inc || w.state == WorkerState::Dead {
             return Err(Refusal::Stale {
                 worker: id,
@@ -241,10 +248,16 @@ impl Scheduler {
         Ok(w)
     }
 
-    pub fn register(&mut self, id: WorkerId, inc: Incarnation) -> Result<usize, Refusal> {
+    pub fn register(
+        &mut self,
+        id: WorkerId,
+        inc: Incarnation,
+        pid: Option<u32>,
+    ) -> Result<usize, Refusal> {
         self.check(id, inc)?;
         let w = &mut self.workers[id as usize];
         w.state = WorkerState::Active;
+        w.pid = pid;
         w.last_heartbeat = Instant::now();
         info!(worker = id, incarnation = inc, "Node {id} activated");
         let capacity = w.capacity;
@@ -252,7 +265,12 @@ impl Scheduler {
         Ok(capacity)
     }
 
-    pub fn heartbeat(&mut self, id: WorkerId, inc: Incarnation, now: Instant) -> Result<(), Refusal> {
+    pub fn heartbeat(
+        &mut self,
+        id: WorkerId,
+        inc: Incarnation,
+        now: Instant,
+    ) -> Result<(), Refusal> {
         self.check(id, inc)?;
         self.workers[id as usize].last_heartbeat = now;
         Ok(())
@@ -283,7 +301,13 @@ impl Scheduler {
     /// attempts are invalidated (and count toward `max_attempts`). When the
     /// worker died by itself (`task_suspect`), its running tasks prefer
     /// another worker on retry; a `/stop` or a missed heartbeat blames no task.
-    pub fn declare_dead(&mut self, id: WorkerId, inc: Incarnation, reason: &str, task_suspect: bool) -> bool {
+    pub fn declare_dead(
+        &mut self,
+        id: WorkerId,
+        inc: Incarnation,
+        reason: &str,
+        task_suspect: bool,
+    ) -> bool {
         let Some(w) = self.workers.get_mut(id as usize) else {
             return false;
         };
@@ -291,11 +315,24 @@ impl Scheduler {
             return false;
         }
         w.state = WorkerState::Dead;
-        warn!(worker = id, incarnation = inc, reason, "Node {id} is not responding: {reason}");
-        let running: Vec<TaskId> = std::mem::take(&mut w.running).into_values().map(|(t, _)| t).collect();
+        warn!(
+            worker = id,
+            incarnation = inc,
+            reason,
+            "Node {id} is not responding: {reason}"
+        );
+        let running: Vec<TaskId> = std::mem::take(&mut w.running)
+            .into_values()
+            .map(|(t, _)| t)
+            .collect();
         let waiting: Vec<TaskId> = std::mem::take(&mut w.waiting).into();
         w.idle.clear();
-        info!(worker = id, running = running.len(), waiting = waiting.len(), "Requeueing tasks from Node {id}");
+        info!(
+            worker = id,
+            running = running.len(),
+            waiting = waiting.len(),
+            "Requeueing tasks from Node {id}"
+        );
         let mut requeue = Vec::with_capacity(running.len() + waiting.len());
         for tid in running {
             let error = format!("node {id} died while running it ({reason})");
@@ -324,6 +361,7 @@ impl Scheduler {
         }
         w.incarnation += 1;
         w.state = WorkerState::Starting;
+        w.pid = None;
         w.restarts += 1;
         w.last_heartbeat = Instant::now();
         let out = (w.incarnation, w.capacity);
@@ -367,7 +405,10 @@ impl Scheduler {
 
     /// `/send/{node}`: straight into that worker's queue if it has room.
     pub fn submit_to(&mut self, worker: WorkerId, spec: TaskSpec) -> Result<TaskId, SubmitError> {
-        let w = self.workers.get(worker as usize).ok_or(SubmitError::UnknownWorker(worker))?;
+        let w = self
+            .workers
+            .get(worker as usize)
+            .ok_or(SubmitError::UnknownWorker(worker))?;
         if w.held() >= w.capacity {
             return Err(SubmitError::Full(worker));
         }
@@ -377,7 +418,12 @@ impl Scheduler {
         task.node = Some(worker);
         let w = &mut self.workers[worker as usize];
         w.waiting.push_back(id);
-        info!(task = id, worker, "Queueing instruction to Node {worker}; queue length {}", w.held());
+        info!(
+            task = id,
+            worker,
+            "Queueing instruction to Node {worker}; queue length {}",
+            w.held()
+        );
         self.dispatch();
         Ok(id)
     }
@@ -402,7 +448,10 @@ impl Scheduler {
         // A slot that polls without reporting the attempt we think it runs
         // never received it (the answer was lost on the way): run it again.
         if let Some((tid, attempt)) = self.workers[worker as usize].running.remove(&slot) {
-            warn!(task = tid, attempt, worker, slot, "assignment was lost in transit; requeueing");
+            warn!(
+                task = tid,
+                attempt, worker, slot, "assignment was lost in transit; requeueing"
+            );
             let error = format!("assignment to node {worker} was lost in transit");
             if self.crashed(tid, None, error) {
                 self.requeue_front(tid);
@@ -411,7 +460,9 @@ impl Scheduler {
         }
         let poll_id = self.next_poll;
         self.next_poll += 1;
-        self.workers[worker as usize].idle.insert(slot, PollWaiter { poll_id, tx });
+        self.workers[worker as usize]
+            .idle
+            .insert(slot, PollWaiter { poll_id, tx });
         self.dispatch();
         Ok(poll_id)
     }
@@ -439,7 +490,10 @@ impl Scheduler {
             let task = self.tasks.get_mut(&a.task_id).expect("running task exists");
             task.attempts -= 1;
             task.state = TaskState::Assigned;
-            debug!(task = a.task_id, worker, "assignment not delivered; back to the queue");
+            debug!(
+                task = a.task_id,
+                worker, "assignment not delivered; back to the queue"
+            );
             self.dispatch();
         }
     }
@@ -450,7 +504,12 @@ impl Scheduler {
     fn record(&mut self, worker: WorkerId, slot: u32, report: TaskReport) {
         let w = &mut self.workers[worker as usize];
         if w.running.get(&slot) != Some(&(report.task_id, report.attempt)) {
-            warn!(task = report.task_id, attempt = report.attempt, worker, "dropping a stale result");
+            warn!(
+                task = report.task_id,
+                attempt = report.attempt,
+                worker,
+                "dropping a stale result"
+            );
             return;
         }
         w.running.remove(&slot);
@@ -458,7 +517,12 @@ impl Scheduler {
         let tid = report.task_id;
         match report.outcome {
             Outcome::Succeeded { result } => {
-                info!(task = tid, worker, "Node {worker} response: {}", short(&result.response));
+                info!(
+                    task = tid,
+                    worker,
+                    "Node {worker} response: {}",
+                    short(&result.response)
+                );
                 self.workers[worker as usize].executed += 1;
                 self.finish(tid, TaskState::Succeeded, Some(result), None);
             }
@@ -504,7 +568,13 @@ impl Scheduler {
         self.master_queue.push_front(tid);
     }
 
-    fn finish(&mut self, tid: TaskId, state: TaskState, result: Option<TaskResult>, error: Option<String>) {
+    fn finish(
+        &mut self,
+        tid: TaskId,
+        state: TaskState,
+        result: Option<TaskResult>,
+        error: Option<String>,
+    ) {
         let task = self.tasks.get_mut(&tid).expect("finished task exists");
         task.state = state;
         task.result = result;
@@ -559,7 +629,8 @@ impl Scheduler {
             let avoid = &self.tasks[&tid].crashed_on;
             // Retry elsewhere when anywhere else exists.
             let elsewhere = views.iter().any(|v| v.eligible && !avoid.contains(&v.id));
-            let pick = policy::round_robin(&views, self.cursor, |id| !elsewhere || !avoid.contains(&id));
+            let pick =
+                policy::round_robin(&views, self.cursor, |id| !elsewhere || !avoid.contains(&id));
             let Some(k) = pick else {
                 i += 1;
                 continue;
@@ -573,7 +644,13 @@ impl Scheduler {
             let task = self.tasks.get_mut(&tid).expect("queued task exists");
             task.state = TaskState::Assigned;
             task.node = Some(w.id);
-            info!(task = tid, worker = w.id, "Queueing instruction to Node {}; queue length {}", w.id, w.held());
+            info!(
+                task = tid,
+                worker = w.id,
+                "Queueing instruction to Node {}; queue length {}",
+                w.id,
+                w.held()
+            );
             progressed = true;
         }
         progressed
@@ -581,9 +658,15 @@ impl Scheduler {
 
     fn hand_over(&mut self) -> bool {
         let mut progressed = false;
-        for w in self.workers.iter_mut().filter(|w| w.state == WorkerState::Active) {
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| w.state == WorkerState::Active)
+        {
             while !w.waiting.is_empty() {
-                let Some((slot, waiter)) = w.idle.pop_first() else { break };
+                let Some((slot, waiter)) = w.idle.pop_first() else {
+                    break;
+                };
                 let tid = w.waiting.pop_front().expect("checked non-empty");
                 let task = self.tasks.get_mut(&tid).expect("waiting task exists");
                 task.attempts += 1;
@@ -596,7 +679,14 @@ impl Scheduler {
                 };
                 match waiter.tx.send(assignment) {
                     Ok(()) => {
-                        debug!(task = tid, attempt = task.attempts, worker = w.id, slot, "Sending instruction to node {}", w.id);
+                        debug!(
+                            task = tid,
+                            attempt = task.attempts,
+                            worker = w.id,
+                            slot,
+                            "Sending instruction to node {}",
+                            w.id
+                        );
                         w.running.insert(slot, (tid, task.attempts));
                         progressed = true;
                     }
@@ -615,8 +705,13 @@ impl Scheduler {
     fn steal_once(&mut self) -> bool {
         let views = self.views();
         for thief in 0..views.len() {
-            let Some(victim) = policy::steal_victim(&views, thief) else { continue };
-            let tid = *self.workers[victim].waiting.back().expect("victim has waiting work");
+            let Some(victim) = policy::steal_victim(&views, thief) else {
+                continue;
+            };
+            let tid = *self.workers[victim]
+                .waiting
+                .back()
+                .expect("victim has waiting work");
             let thief_id = views[thief].id;
             if self.tasks[&tid].crashed_on.contains(&thief_id) {
                 continue;
@@ -626,7 +721,13 @@ impl Scheduler {
             self.tasks.get_mut(&tid).expect("stolen task exists").node = Some(thief_id);
             self.steals += 1;
             self.effects.room_freed = true;
-            info!(task = tid, thief = thief_id, victim = views[victim].id, "Node {thief_id} is stealing work from Node {}", views[victim].id);
+            info!(
+                task = tid,
+                thief = thief_id,
+                victim = views[victim].id,
+                "Node {thief_id} is stealing work from Node {}",
+                views[victim].id
+            );
             return true;
         }
         false
@@ -684,7 +785,9 @@ impl Scheduler {
                 running: w.running.len(),
                 executed: w.executed,
                 restarts: w.restarts,
-                last_heartbeat_ms_ago: now.saturating_duration_since(w.last_heartbeat).as_millis() as u64,
+                last_heartbeat_ms_ago: now.saturating_duration_since(w.last_heartbeat).as_millis()
+                    as u64,
+                pid: w.pid,
             })
             .collect()
     }

@@ -24,12 +24,17 @@ fn cluster(caps: &[usize]) -> Scheduler {
     let mut s = Scheduler::new(3);
     for &c in caps {
         let (id, inc) = s.add_worker(c);
-        s.register(id, inc).unwrap();
+        s.register(id, inc, None).unwrap();
     }
     s
 }
 
-fn poll(s: &mut Scheduler, w: WorkerId, slot: u32, report: Option<TaskReport>) -> Receiver<Assignment> {
+fn poll(
+    s: &mut Scheduler,
+    w: WorkerId,
+    slot: u32,
+    report: Option<TaskReport>,
+) -> Receiver<Assignment> {
     let inc = s.worker(w).unwrap().incarnation;
     let (tx, rx) = oneshot::channel();
     s.poll(w, inc, slot, report, tx).unwrap();
@@ -91,7 +96,10 @@ fn send_to_a_full_node_is_refused_and_an_unknown_node_too() {
     let mut s = cluster(&[1]);
     s.submit_to(0, spec("a")).unwrap();
     assert_eq!(s.submit_to(0, spec("b")), Err(SubmitError::Full(0)));
-    assert_eq!(s.submit_to(9, spec("b")), Err(SubmitError::UnknownWorker(9)));
+    assert_eq!(
+        s.submit_to(9, spec("b")),
+        Err(SubmitError::UnknownWorker(9))
+    );
 }
 
 #[test]
@@ -103,7 +111,10 @@ fn a_dead_worker_s_tasks_go_to_the_front_of_the_master_queue_in_order() {
     assert_eq!(held(&s), vec![3, 1]);
     assert_eq!(rx0.try_recv().unwrap().task_id, t[0]);
     assert!(s.declare_dead(0, 1, "killed", false));
-    assert!(!s.declare_dead(0, 1, "heartbeat", false), "death is decided once");
+    assert!(
+        !s.declare_dead(0, 1, "heartbeat", false),
+        "death is decided once"
+    );
     let order: Vec<_> = s.master_queue.iter().copied().collect();
     assert_eq!(order, vec![t[0], t[2], t[3], t[4]]);
     assert_eq!(s.task(t[0]).unwrap().attempts, 1);
@@ -111,14 +122,23 @@ fn a_dead_worker_s_tasks_go_to_the_front_of_the_master_queue_in_order() {
     assert_eq!((inc, cap), (2, 3));
     // The restarted node gets the requeued work first, front of queue first.
     assert_eq!(held(&s), vec![3, 1]);
-    assert_eq!(s.master_queue.iter().copied().collect::<Vec<_>>(), vec![t[4]]);
-    s.register(0, 2).unwrap();
+    assert_eq!(
+        s.master_queue.iter().copied().collect::<Vec<_>>(),
+        vec![t[4]]
+    );
+    s.register(0, 2, None).unwrap();
     let mut rx0 = poll(&mut s, 0, 0, None);
     assert_eq!(rx0.try_recv().unwrap().task_id, t[0]);
     // Its old incarnation is refused.
     let (tx, _rx) = oneshot::channel();
-    assert!(matches!(s.poll(0, 1, 0, None, tx), Err(Refusal::Stale { .. })));
-    assert!(matches!(s.heartbeat(0, 1, Instant::now()), Err(Refusal::Stale { .. })));
+    assert!(matches!(
+        s.poll(0, 1, 0, None, tx),
+        Err(Refusal::Stale { .. })
+    ));
+    assert!(matches!(
+        s.heartbeat(0, 1, Instant::now()),
+        Err(Refusal::Stale { .. })
+    ));
 }
 
 #[test]
@@ -133,12 +153,25 @@ fn a_late_result_from_a_dead_incarnation_is_not_recorded_twice() {
     assert_eq!((second.task_id, second.attempt), (id, 2));
     // The zombie's report: refused at the door (stale incarnation).
     let (tx, _rx) = oneshot::channel();
-    let late = TaskReport { task_id: id, attempt: first.attempt, outcome: ok(7) };
+    let late = TaskReport {
+        task_id: id,
+        attempt: first.attempt,
+        outcome: ok(7),
+    };
     assert!(s.poll(0, 1, 0, Some(late), tx).is_err());
     // A stale attempt from a live slot is dropped too.
-    let _ = poll(&mut s, 1, 1, Some(TaskReport { task_id: id, attempt: 1, outcome: ok(8) }));
+    let _rx = poll(
+        &mut s,
+        1,
+        1,
+        Some(TaskReport {
+            task_id: id,
+            attempt: 1,
+            outcome: ok(8),
+        }),
+    );
     assert_eq!(s.task(id).unwrap().state, TaskState::Running);
-    let _ = poll(&mut s, 1, 0, report(&second, ok(9)));
+    let _rx = poll(&mut s, 1, 0, report(&second, ok(9)));
     let view = s.task(id).unwrap();
     assert_eq!(view.state, TaskState::Succeeded);
     assert_eq!(view.result.unwrap().response, 9);
@@ -150,7 +183,10 @@ fn a_crashing_task_is_retried_elsewhere_then_fails_as_poison() {
     let mut s = cluster(&[2, 2, 2]);
     let mut rxs: Vec<_> = (0..3).map(|w| poll(&mut s, w, 0, None)).collect();
     let id = s.submit(spec("exit()"));
-    let crash = || Outcome::Crashed { error: "exit".into(), stdout: String::new() };
+    let crash = || Outcome::Crashed {
+        error: "exit".into(),
+        stdout: String::new(),
+    };
     let mut seen = Vec::new();
     for _ in 0..3 {
         let (w, a) = rxs
@@ -230,7 +266,7 @@ proptest! {
                 Op::Poll(w, crash) => {
                     let w = (w % n) as WorkerId;
                     let wk = s.worker(w).unwrap();
-                    if wk.state == WorkerState::Starting { let inc = wk.incarnation; s.register(w, inc).unwrap(); }
+                    if wk.state == WorkerState::Starting { let inc = wk.incarnation; s.register(w, inc, None).unwrap(); }
                     if s.worker(w).unwrap().state != WorkerState::Active { continue; }
                     let rep = pending.get_mut(&w).and_then(|rx| rx.try_recv().ok()).map(|a| TaskReport {
                         task_id: a.task_id, attempt: a.attempt,
