@@ -100,8 +100,40 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
             "request body is empty; a JSON object was expected",
         ));
     }
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    // serde would take `["python", "x"]` for a struct, positionally: refuse it.
+    if !value.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "invalid JSON body: expected an object, got {}",
+            kind_of(&value)
+        )));
+    }
+    deserialize_named(value).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// Deserialises with the path of the offending field in the error
+/// (`max_capacity: invalid type: string "big", expected i64`).
+fn deserialize_named<T: DeserializeOwned>(value: Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        }
+    })
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 fn parse_node(raw: &str) -> ApiResult<WorkerId> {
@@ -324,12 +356,12 @@ async fn submit_tasks(
                 .iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    TaskSpec::deserialize(t)
+                    deserialize_named::<TaskSpec>(t.clone())
                         .map_err(|e| ApiError::bad_request(format!("tasks[{i}]: {e}")))
                 })
                 .collect::<ApiResult<_>>()?
         }
-        other => vec![TaskSpec::deserialize(&other)
+        other => vec![deserialize_named::<TaskSpec>(other)
             .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
     let ids: Vec<TaskId> =

@@ -91,3 +91,20 @@ fn an_unknown_runtime_is_named() {
     assert!(!ok);
     assert!(err.contains("nomad"), "{err}");
 }
+
+#[test]
+fn every_example_manifest_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        let (ok, out, err) = flotilla(&["check", path.to_str().unwrap()]);
+        assert!(ok, "{}: {err}", path.display());
+        assert!(out.contains("workers"), "{out}");
+        checked += 1;
+    }
+    assert!(checked >= 6, "examples for each seed situation: {checked}");
+}
