@@ -27,7 +27,7 @@ fn shrunk(name: &str, from: u32, to: u32) -> PathBuf {
     temp_file(name, &text.replace(&needle, &format!("fibonacci({to})")))
 }
 
-fn run(file: &PathBuf, sleep_scale: &str) -> Value {
+fn run(file: &std::path::Path, sleep_scale: &str) -> Value {
     flotilla_run(file, &["--sleep-scale", sleep_scale, "--timeout", "120"]).unwrap()
 }
 
