@@ -2,6 +2,7 @@
 //! and manifest loader. `main.rs` is the CLI on top of this library.
 
 pub mod api;
+pub mod bench;
 pub mod cluster;
 pub mod manifest;
 pub mod runner;

@@ -65,6 +65,18 @@ enum Command {
     },
     /// Check a manifest and print what it describes.
     Check { file: PathBuf },
+    /// Run the BENCHMARKS.md workloads against fresh clusters (separate processes).
+    Bench {
+        /// Comma-separated: W1, W2, W3, W6, idle.
+        #[arg(long, default_value = "W1,W2,W3,W6,idle", value_delimiter = ',')]
+        workloads: Vec<String>,
+        /// Runs per workload; figures are medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Print the figures as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logs(level: Option<&str>, default: &str) {
@@ -134,6 +146,24 @@ async fn main() -> Result<()> {
             master.shutdown().await;
             outcome?;
         }
+        Command::Bench {
+            workloads,
+            runs,
+            json,
+        } => {
+            init_logs(cli.log_level.as_deref(), "error");
+            let opts = flotilla::bench::BenchOptions {
+                workloads,
+                runs: runs.max(1),
+                flotilla: std::env::current_exe()?,
+            };
+            let figures = flotilla::bench::run(&opts).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&figures)?);
+            } else {
+                print_figures(&figures);
+            }
+        }
         Command::Check { file } => {
             let spec = manifest::load_file(&file)?;
             println!(
@@ -151,4 +181,43 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_figures(f: &serde_json::Value) {
+    println!(
+        "machine: {} cores, {}; medians of {} runs",
+        f["machine"]["cores"], f["machine"]["kind"], f["runs"]
+    );
+    let w = &f["workloads"];
+    if let Some(x) = w.get("W1") {
+        println!(
+            "W1 throughput: {:.0} tasks/s",
+            x["tasks_per_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("W2") {
+        println!(
+            "W2 latency: p50 {:.2} ms, p99 {:.2} ms",
+            x["p50_ms"].as_f64().unwrap_or(0.0),
+            x["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("W3") {
+        println!(
+            "W3 CPU efficiency: {:.3} (makespan / perfect; 1.00 is perfect)",
+            x["efficiency"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("W6") {
+        println!(
+            "W6 skew/stealing: {:.3} x the 2-core limit",
+            x["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("idle") {
+        println!(
+            "idle (master + 4 workers): {:.2}% of one core",
+            x["cpu_percent_of_one_core"].as_f64().unwrap_or(0.0)
+        );
+    }
 }

@@ -148,7 +148,16 @@ impl Worker {
     }
 
     async fn slot(self: Arc<Self>, slot: u32) -> Verdict {
-        let mut interpreter: Option<python::Interpreter> = None;
+        // Warm from the start: the first task should not pay for CPython's start-up.
+        let mut interpreter = match python::Interpreter::start(&self.cfg.python, self.cfg.worker_id)
+            .await
+        {
+            Ok(i) => Some(i),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot start the Python interpreter yet; will retry per task");
+                None
+            }
+        };
         let mut report: Option<TaskReport> = None;
         let mut backoff = Duration::from_millis(50);
         loop {

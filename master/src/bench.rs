@@ -1,0 +1,361 @@
+//! `flotilla bench`: the workloads of BENCHMARKS.md, measured from outside
+//! the cluster. Each run starts a fresh `flotilla up` as a separate process
+//! and drives it over HTTP as a user would; figures are medians of the runs.
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+
+pub struct BenchOptions {
+    pub workloads: Vec<String>,
+    pub runs: usize,
+    pub flotilla: PathBuf,
+}
+
+/// A cluster under test: a child `flotilla up`.
+struct Target {
+    child: Child,
+    url: String,
+    http: reqwest::Client,
+}
+
+impl Target {
+    async fn start(flotilla: &PathBuf, manifest: &str) -> Result<Target> {
+        let dir = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join("cluster.yaml");
+        std::fs::write(&path, manifest)?;
+        let mut child = Command::new(flotilla)
+            .args(["--log-level", "error", "up"])
+            .arg(&path)
+            .args(["--port", "0"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", flotilla.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .ok_or_else(|| anyhow!("flotilla up printed no address: {line:?}"))?
+            .to_string();
+        let t = Target {
+            child,
+            url,
+            http: reqwest::Client::builder().tcp_nodelay(true).build()?,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let nodes: Value = t
+                .http
+                .get(format!("{}/nodes", t.url))
+                .send()
+                .await?
+                .json()
+                .await?;
+            let nodes = nodes.as_array().cloned().unwrap_or_default();
+            if !nodes.is_empty() && nodes.iter().all(|n| n["state"] == "active") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("workers did not come up: {nodes:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(t)
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .json(body)
+            .send()
+            .await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("POST {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        let resp = self.http.get(format!("{}{path}", self.url)).send().await?;
+        let status = resp.status();
+        let body: Value = resp.json().await?;
+        if !status.is_success() {
+            bail!("GET {path}: {status} {body}");
+        }
+        Ok(body)
+    }
+
+    /// Follows the completion feed until `ids` are all final; returns them
+    /// in completion order with the instant the last one was seen.
+    async fn collect(&self, ids: &[u64]) -> Result<(Vec<Value>, Instant)> {
+        let wanted: HashSet<u64> = ids.iter().copied().collect();
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        while seen.len() < wanted.len() {
+            let page = self
+                .get(&format!("/tasks/finished?after={after}&wait=30"))
+                .await?;
+            after = page["next"].as_u64().unwrap_or(after);
+            for t in page["tasks"].as_array().into_iter().flatten() {
+                let id = t["id"].as_u64().unwrap_or(0);
+                if wanted.contains(&id) {
+                    if !seen.insert(id) {
+                        bail!("task {id} finished twice");
+                    }
+                    out.push(t.clone());
+                }
+            }
+        }
+        Ok((out, Instant::now()))
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn manifest(workers: usize, capacity: usize) -> String {
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: {{ name: bench }}\nspec:\n  workers:\n    - capacity: {capacity}\n      replicas: {workers}\n"
+    )
+}
+
+fn python(code: String) -> Value {
+    json!({"type": "python", "command": code})
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let n = xs.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+const FIB: &str = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n";
+
+/// One fib(n) in a plain python3, timed inside the interpreter (median of 3).
+fn single_fib_seconds(n: u32) -> Result<f64> {
+    let code = format!(
+        "{FIB}import time\nt = time.perf_counter()\nfib({n})\nprint(time.perf_counter() - t)"
+    );
+    let mut xs = Vec::new();
+    for _ in 0..3 {
+        let out = Command::new("python3").args(["-c", &code]).output()?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        xs.push(
+            s.trim()
+                .parse::<f64>()
+                .with_context(|| format!("python3 printed {s:?}"))?,
+        );
+    }
+    Ok(median(xs))
+}
+
+fn check_unique_results(tasks: &[Value], n: usize) -> Result<()> {
+    let mut seen = HashSet::new();
+    for t in tasks {
+        if t["state"] != "succeeded" {
+            bail!("task failed: {t}");
+        }
+        let r = t["result"]["response"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no numeric response: {t}"))?;
+        if !seen.insert(r) {
+            bail!("response {r} seen twice");
+        }
+    }
+    if seen.len() != n || (0..n as u64).any(|i| !seen.contains(&i)) {
+        bail!("expected responses 0..{n}, got {} distinct", seen.len());
+    }
+    Ok(())
+}
+
+async fn w1(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(&opts.flotilla, &manifest(4, 64)).await?;
+    let n = 2000;
+    let tasks: Vec<Value> = (0..n).map(|i| python(format!("response = {i}"))).collect();
+    let start = Instant::now();
+    let sent = t.post("/tasks", &json!({ "tasks": tasks })).await?;
+    let ids: Vec<u64> = sent["task_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
+    let (done, end) = t.collect(&ids).await?;
+    check_unique_results(&done, n)?;
+    let secs = (end - start).as_secs_f64();
+    Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs}))
+}
+
+async fn w2(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(&opts.flotilla, &manifest(4, 8)).await?;
+    let mut lat = Vec::new();
+    for i in 0..300u64 {
+        let start = Instant::now();
+        let sent = t.post("/send", &python(format!("response = {i}"))).await?;
+        let id = sent["task_id"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no task_id"))?;
+        let done = t.get(&format!("/tasks/{id}?wait=10")).await?;
+        lat.push(start.elapsed().as_secs_f64() * 1000.0);
+        if done["result"]["response"] != i {
+            bail!("task {id} answered {done}");
+        }
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    Ok(json!({"p50_ms": percentile(&lat, 0.5), "p99_ms": percentile(&lat, 0.99)}))
+}
+
+/// W3 and W6: `count` fib(n) tasks; the figure is makespan over the
+/// two-core limit (count x one task alone / 2).
+async fn cpu_workload(
+    opts: &BenchOptions,
+    workers: usize,
+    capacity: usize,
+    count: usize,
+    n: u32,
+    path: &str,
+) -> Result<Value> {
+    let single = single_fib_seconds(n)?;
+    let t = Target::start(&opts.flotilla, &manifest(workers, capacity)).await?;
+    let code = format!("{FIB}fib({n})\nresponse = {{i}}");
+    let start = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let sent = t
+            .post(path, &python(code.replace("{i}", &i.to_string())))
+            .await?;
+        ids.push(
+            sent["task_id"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("no task_id"))?,
+        );
+    }
+    let (done, end) = t.collect(&ids).await?;
+    check_unique_results(&done, count)?;
+    let makespan = (end - start).as_secs_f64();
+    let limit = count as f64 * single / 2.0;
+    Ok(json!({"ratio": makespan / limit, "makespan_s": makespan, "single_task_s": single}))
+}
+
+/// CPU used by an idle cluster of 4 workers (master + workers), from
+/// /proc/<pid>/stat over a window.
+async fn idle(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(&opts.flotilla, &manifest(4, 8)).await?;
+    let nodes = t.get("/nodes").await?;
+    let mut pids = vec![t.child.id()];
+    pids.extend(
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["pid"].as_u64().map(|p| p as u32)),
+    );
+    let ticks = || -> Result<u64> {
+        let mut total = 0;
+        for pid in &pids {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            let fields: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            // utime and stime are fields 14 and 15; after the ')' they are 12 and 13 (0-based 11, 12).
+            total += fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+        }
+        Ok(total)
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let window = 10.0;
+    let before = ticks()?;
+    tokio::time::sleep(Duration::from_secs_f64(window)).await;
+    let used = (ticks()? - before) as f64 / hz;
+    Ok(
+        json!({"cpu_percent_of_one_core": 100.0 * used / window, "window_s": window, "processes": pids.len()}),
+    )
+}
+
+pub async fn run(opts: &BenchOptions) -> Result<Value> {
+    let mut workloads = serde_json::Map::new();
+    for w in &opts.workloads {
+        let mut runs = Vec::new();
+        for _ in 0..opts.runs {
+            let r = match w.as_str() {
+                "W1" => w1(opts).await?,
+                "W2" => w2(opts).await?,
+                "W3" => cpu_workload(opts, 2, 32, 32, 30, "/send").await?,
+                "W6" => cpu_workload(opts, 4, 8, 8, 32, "/send/0").await?,
+                "idle" => idle(opts).await?,
+                other => bail!("unknown workload `{other}`: expected W1, W2, W3, W6 or idle"),
+            };
+            eprintln!("{w}: {r}");
+            runs.push(r);
+        }
+        let med = |key: &str| median(runs.iter().filter_map(|r| r[key].as_f64()).collect());
+        let summary = match w.as_str() {
+            "W1" => json!({"tasks_per_s": med("tasks_per_s")}),
+            "W2" => json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")}),
+            "W3" => {
+                json!({"efficiency": med("ratio"), "makespan_s": med("makespan_s"), "single_task_s": med("single_task_s")})
+            }
+            "W6" => {
+                json!({"ratio": med("ratio"), "makespan_s": med("makespan_s"), "single_task_s": med("single_task_s")})
+            }
+            _ => json!({"cpu_percent_of_one_core": med("cpu_percent_of_one_core"), "window_s": 10}),
+        };
+        let mut summary = summary.as_object().cloned().expect("object");
+        summary.insert("runs".into(), Value::Array(runs));
+        workloads.insert(w.clone(), Value::Object(summary));
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    Ok(json!({
+        "machine": {"cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kind": cpu},
+        "runs": opts.runs,
+        "workloads": workloads,
+    }))
+}
