@@ -140,3 +140,74 @@ fn prueba5_idle_nodes_steal_from_node_0() {
         assert_eq!(t["result"]["response"], fib(31));
     }
 }
+
+#[test]
+fn prueba2_five_tasks_sum_the_shared_list_exactly() {
+    let text = scenario("Prueba2.yaml");
+    // The expected sum, from the scenario's own list.
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let list = &doc["system"]["shared_resources"][0]["values"]["initial_value"];
+    let expected: u64 = list
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    let report = run(&temp_file("Prueba2.yaml", &text), "0.05");
+    assert_all_succeeded_once(&report, 6);
+    let total = report["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "total")
+        .unwrap();
+    assert_eq!(total["value"], expected, "{total}");
+    assert_eq!(
+        total["version"], 5,
+        "one write grant per partial sum (read grants do not bump it)"
+    );
+    let last = tasks(&report).last().unwrap();
+    assert_eq!(
+        last["result"]["response"], expected,
+        "the last task reads the exact sum"
+    );
+    let partials: u64 = tasks(&report)[..5]
+        .iter()
+        .map(|t| t["result"]["response"].as_u64().unwrap())
+        .sum();
+    assert_eq!(partials, expected);
+}
+
+#[test]
+fn prueba3_3_a_read_lock_held_by_a_stopped_node_is_released() {
+    // fibonacci(shared_list[0]) with shared_list[0] = 40: shrink the list's
+    // first element, which is the Fibonacci size here.
+    let text = scenario("Prueba3-3.yaml");
+    assert!(text.contains("initial_value: [40, 2, 3, 4, 5]"));
+    let file = temp_file(
+        "Prueba3-3.yaml",
+        &text.replace(
+            "initial_value: [40, 2, 3, 4, 5]",
+            "initial_value: [35, 2, 3, 4, 5]",
+        ),
+    );
+    // fib(35) takes over a second; the scenario stops node 0 after its 3 s
+    // sleep, scaled to 0.6 s: mid-computation, read lock held.
+    let report = run(&file, "0.2");
+    assert_all_succeeded_once(&report, 1);
+    let t = &tasks(&report)[0];
+    assert_eq!(t["result"]["response"], fib(35));
+    assert_eq!(t["attempts"], 2, "node 0 was stopped while running it: {t}");
+    assert_eq!(report["nodes"][0]["restarts"], 1);
+    let list = report["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "shared_list")
+        .unwrap();
+    assert_eq!(
+        list["holders"].as_array().unwrap().len(),
+        0,
+        "no lock left behind: {list}"
+    );
+}

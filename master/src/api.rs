@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use flotilla_proto::{
-    routes, Assignment, ErrorBody, Heartbeat, Poll, Register, RegisterReply, TaskId, TaskSpec,
-    WorkerId,
+    routes, Assignment, ErrorBody, Heartbeat, LockAction, LockGrant, LockMode, LockReleased,
+    LockRequest, Poll, Register, RegisterReply, TaskId, TaskSpec, WorkerId,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -25,7 +25,9 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::cluster::Cluster;
-use crate::scheduler::{Refusal, SubmitError};
+use crate::resources::locks::{LockError, RequestId};
+use crate::resources::ResourceType;
+use crate::scheduler::{LockCallError, Refusal, SubmitError};
 
 /// Request bodies larger than this are refused with 413 (1 MiB by default).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -149,6 +151,8 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         .route("/send", post(send))
         .route("/send/{node}", post(send_to))
         .route("/resource", post(create_resource))
+        .route("/resources", get(list_resources))
+        .route("/resources/{name}", get(get_resource))
         .route("/add", post(add))
         .route("/stop/{node}", post(stop))
         .route("/tasks", post(submit_tasks))
@@ -169,6 +173,8 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        // Authenticated by the attempt's lease in the body.
+        .route(routes::LOCK, post(lock))
         .merge(public)
         .merge(internal)
         .fallback(|req: Request| async move {
@@ -274,11 +280,172 @@ async fn send_to(
     }
 }
 
-async fn create_resource(Body(_body): Body<Value>) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "shared resources are not available in this build yet",
-    )
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResourceBody {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    values: ResourceValues,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ResourceValues {
+    #[serde(default)]
+    initial_value: Option<Value>,
+    #[serde(default)]
+    path: Option<String>,
+    #[serde(default)]
+    mode: Option<String>,
+}
+
+/// `/resource`: the seed's `{"name", "type", "values": {"initial_value"}}`.
+async fn create_resource(
+    State(cluster): State<Arc<Cluster>>,
+    Body(body): Body<ResourceBody>,
+) -> ApiResult<Json<Value>> {
+    let kind = ResourceType::parse(&body.kind).map_err(ApiError::bad_request)?;
+    let spec = crate::manifest::ResourceSpec {
+        name: body.name.clone(),
+        kind,
+        initial_value: body.values.initial_value.unwrap_or(Value::Null),
+        path: body.values.path,
+        mode: body.values.mode,
+    };
+    let value = crate::resources::initial_value(&spec).map_err(ApiError::bad_request)?;
+    cluster
+        .with_state(|s| s.locks.create(&spec.name, kind, value))
+        .map_err(|e| ApiError::bad_request(format!("resource `{}`: {e}", spec.name)))?;
+    Ok(Json(
+        json!({"message": format!("Resource {} created successfully", spec.name), "name": spec.name}),
+    ))
+}
+
+async fn list_resources(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
+    Json(serde_json::to_value(cluster.with_state(|s| s.locks.views())).expect("serialisable"))
+}
+
+async fn get_resource(
+    State(cluster): State<Arc<Cluster>>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Value>> {
+    cluster
+        .with_state(|s| s.locks.view(&name))
+        .map(|v| Json(serde_json::to_value(v).expect("serialisable")))
+        .ok_or_else(|| ApiError::not_found(format!("shared resource `{name}` does not exist")))
+}
+
+fn lock_error(e: LockCallError) -> ApiError {
+    let status = match &e {
+        LockCallError::StaleLease => StatusCode::CONFLICT,
+        LockCallError::Lock(l) => match l {
+            LockError::Unknown(_) => StatusCode::NOT_FOUND,
+            LockError::Duplicate(_) | LockError::WrongType { .. } => StatusCode::BAD_REQUEST,
+            LockError::AlreadyHeld { .. }
+            | LockError::NotHeld { .. }
+            | LockError::Fenced { .. } => StatusCode::CONFLICT,
+        },
+    };
+    ApiError::new(status, e.to_string())
+}
+
+/// Cancels a lock request however its handler ends, giving back a grant
+/// that was made but never answered.
+struct LockWait {
+    cluster: Arc<Cluster>,
+    name: String,
+    id: RequestId,
+    rx: Option<oneshot::Receiver<LockGrant>>,
+}
+
+impl Drop for LockWait {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            let granted = rx.try_recv().ok();
+            let (name, id) = (self.name.clone(), self.id);
+            self.cluster
+                .with_state(|s| s.locks.cancel(&name, id, granted.as_ref()));
+        }
+    }
+}
+
+/// `POST /internal/lock`: acquire (held open until granted, no polling) or
+/// release. Authenticated by the task attempt's lease.
+async fn lock(
+    State(cluster): State<Arc<Cluster>>,
+    Body(req): Body<LockRequest>,
+) -> ApiResult<Json<Value>> {
+    match req.action {
+        LockAction::Acquire => {
+            let wait = match req.timeout_s {
+                None => None,
+                Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(t) => {
+                    return Err(ApiError::bad_request(format!(
+                        "timeout_s must be a number of seconds >= 0, got {t}"
+                    )))
+                }
+            };
+            let (tx, rx) = oneshot::channel();
+            let id = cluster
+                .with_state(|s| s.lock_acquire(&req.lease, &req.name, req.mode, tx))
+                .map_err(lock_error)?;
+            let mut pending = LockWait {
+                cluster: cluster.clone(),
+                name: req.name.clone(),
+                id,
+                rx: Some(rx),
+            };
+            let rx = pending.rx.as_mut().expect("set above");
+            let outcome = match wait {
+                Some(wait) => tokio::time::timeout(wait, rx).await.ok(),
+                None => Some(rx.await),
+            };
+            match outcome {
+                Some(Ok(grant)) => {
+                    pending.rx = None;
+                    Ok(Json(serde_json::to_value(grant).expect("serialisable")))
+                }
+                Some(Err(_)) => Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("the {} lock request on `{}` was dropped: this task attempt is no longer live (its worker was declared dead)", req.mode, req.name),
+                )),
+                None => Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("timed out after {}s waiting for the {} lock on `{}`", req.timeout_s.unwrap_or(0.0), req.mode, req.name),
+                )),
+            }
+        }
+        LockAction::Release => {
+            let publish = match (req.mode, req.value) {
+                (LockMode::Write, Some(value)) => {
+                    let token = req.token.ok_or_else(|| {
+                        ApiError::bad_request(
+                            "a write release with a value must carry the grant's fencing token",
+                        )
+                    })?;
+                    Some((value, token))
+                }
+                (LockMode::Read, Some(_)) => {
+                    return Err(ApiError::bad_request("a read lock cannot publish a value"))
+                }
+                (_, None) => None,
+            };
+            let (version, committed) = cluster
+                .with_state(|s| s.lock_release(&req.lease, &req.name, req.mode, publish))
+                .map_err(lock_error)?;
+            Ok(Json(
+                serde_json::to_value(LockReleased {
+                    name: req.name,
+                    version,
+                    committed,
+                })
+                .expect("serialisable"),
+            ))
+        }
+    }
 }
 
 #[derive(Deserialize)]

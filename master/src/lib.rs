@@ -5,6 +5,7 @@ pub mod api;
 pub mod bench;
 pub mod cluster;
 pub mod manifest;
+pub mod resources;
 pub mod runner;
 pub mod runtime;
 pub mod scheduler;
@@ -125,6 +126,12 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(cfg, runtime);
+    for r in &spec.resources {
+        let value = resources::initial_value(r).map_err(anyhow::Error::msg)?;
+        cluster
+            .with_state(|s| s.locks.create(&r.name, r.kind, value))
+            .map_err(|e| anyhow::anyhow!("shared resource `{}`: {e}", r.name))?;
+    }
     let listener = TcpListener::bind((opts.bind, opts.port))
         .await
         .with_context(|| {

@@ -41,6 +41,7 @@ pub struct RunReport {
     pub nodes: Vec<NodeView>,
     pub steals: u64,
     pub restarts: u64,
+    pub resources: Vec<crate::resources::locks::ResourceView>,
     pub succeeded: usize,
     pub failed: usize,
 }
@@ -104,7 +105,9 @@ pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Resu
     }
 
     let tasks = follow(master, &created, opts).await?;
-    let (nodes, steals) = master.cluster.with_state(|s| (s.nodes(), s.steals));
+    let (nodes, steals, resources) = master
+        .cluster
+        .with_state(|s| (s.nodes(), s.steals, s.locks.views()));
     let restarts = nodes.iter().map(|n| n.restarts).sum();
     let succeeded = tasks
         .iter()
@@ -117,6 +120,7 @@ pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Resu
         nodes,
         steals,
         restarts,
+        resources,
         succeeded,
         failed,
     };
@@ -188,7 +192,7 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
                 ));
                 if let Some(r) = &t.result {
                     for line in r.stdout.lines() {
-                        say(format!("    | {line}"));
+                        say(format!("    | {}", clip(line, 160)));
                     }
                 }
             }
@@ -205,6 +209,17 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
     Ok(ids.iter().filter_map(|id| done.remove(id)).collect())
 }
 
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &s[..end], s.len() - end)
+}
+
 fn print_summary(r: &RunReport) -> Result<()> {
     let mut out = std::io::stdout();
     writeln!(
@@ -216,6 +231,16 @@ fn print_summary(r: &RunReport) -> Result<()> {
         r.steals,
         r.restarts
     )?;
+    for res in &r.resources {
+        writeln!(
+            out,
+            "  resource {} ({}): {} (version {})",
+            res.name,
+            res.kind,
+            clip(&res.value.to_string(), 120),
+            res.version
+        )?;
+    }
     for n in &r.nodes {
         writeln!(
             out,

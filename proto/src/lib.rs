@@ -25,6 +25,7 @@ pub mod routes {
     pub const REGISTER: &str = "/internal/register";
     pub const HEARTBEAT: &str = "/internal/heartbeat";
     pub const POLL: &str = "/internal/poll";
+    pub const LOCK: &str = "/internal/lock";
 }
 
 /// Environment variables through which a runtime tells a worker who it is.
@@ -35,6 +36,9 @@ pub mod env {
     pub const WORKER_SECRET: &str = "FLOTILLA_WORKER_SECRET";
     pub const SLOTS: &str = "FLOTILLA_SLOTS";
     pub const PYTHON: &str = "FLOTILLA_PYTHON";
+    /// Given to shell tasks: their attempt's lease and the master's lock URL.
+    pub const LEASE: &str = "FLOTILLA_LEASE";
+    pub const LOCK_URL: &str = "FLOTILLA_LOCK_URL";
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -143,6 +147,8 @@ pub struct Assignment {
     pub task_id: TaskId,
     pub attempt: Attempt,
     pub spec: TaskSpec,
+    /// A secret naming this attempt, for its lock calls.
+    pub lease: String,
 }
 
 /// Error body used by every endpoint: `{"error": "..."}` (the seed's shape).
@@ -180,4 +186,73 @@ mod tests {
         assert_eq!(v["status"], "crashed");
         assert_eq!(serde_json::from_value::<Outcome>(v).unwrap(), o);
     }
+}
+
+/// Lock modes on a shared resource.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum LockMode {
+    Read,
+    Write,
+}
+
+impl std::fmt::Display for LockMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LockMode::Read => "read",
+            LockMode::Write => "write",
+        })
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LockAction {
+    Acquire,
+    Release,
+}
+
+/// `POST /internal/lock`: a task attempt takes or gives back a lock. It is
+/// authenticated by the attempt's `lease` (handed out with the assignment),
+/// so task code can act only as itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LockRequest {
+    pub lease: String,
+    pub action: LockAction,
+    pub name: String,
+    pub mode: LockMode,
+    /// Write release: the new value to publish (absent: release without writing).
+    #[serde(default)]
+    pub value: Option<Value>,
+    /// Write release: the fencing token of the grant being released.
+    #[serde(default)]
+    pub token: Option<u64>,
+    /// Acquire: give up after this many seconds.
+    #[serde(default)]
+    pub timeout_s: Option<f64>,
+}
+
+/// The answer to an acquire: the value as of the grant, and for writes the
+/// fencing token that the release must carry.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct LockGrant {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub mode: LockMode,
+    pub value: Value,
+    /// The resource's version at grant time; for a write grant, the fencing
+    /// token (every write grant gets a larger one).
+    pub token: u64,
+}
+
+/// The answer to a release.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct LockReleased {
+    pub name: String,
+    /// The resource's version after the release.
+    pub version: u64,
+    /// Whether a new value was published.
+    pub committed: bool,
 }

@@ -190,6 +190,12 @@ impl Cluster {
             .ok_or_else(|| anyhow!("no task_id in {body}"))
     }
 
+    /// Sends a Python task and waits for its final state.
+    pub async fn run_python(&self, code: &str) -> Value {
+        let id = self.send_python(code).await.unwrap();
+        self.wait_task(id, Duration::from_secs(30)).await.unwrap()
+    }
+
     /// Long-polls a task until it is final.
     pub async fn wait_task(&self, id: u64, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;

@@ -8,6 +8,7 @@
 //! one task per slot, so a dead worker can lose nothing the master does not
 //! already know about.
 
+mod locks;
 mod python;
 mod shell;
 
@@ -72,6 +73,9 @@ pub fn die_with_parent(cmd: &mut tokio::process::Command) {
 struct Worker {
     cfg: Config,
     http: reqwest::Client,
+    /// PATH for shell tasks: this binary's folder first, so that
+    /// `flotilla-worker lock ...` is found.
+    task_path: String,
 }
 
 /// What the master said about this process.
@@ -147,17 +151,11 @@ impl Worker {
         }
     }
 
-    async fn slot(self: Arc<Self>, slot: u32) -> Verdict {
-        // Warm from the start: the first task should not pay for CPython's start-up.
-        let mut interpreter = match python::Interpreter::start(&self.cfg.python, self.cfg.worker_id)
-            .await
-        {
-            Ok(i) => Some(i),
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot start the Python interpreter yet; will retry per task");
-                None
-            }
-        };
+    async fn slot(
+        self: Arc<Self>,
+        slot: u32,
+        mut interpreter: Option<python::Interpreter>,
+    ) -> Verdict {
         let mut report: Option<TaskReport> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -208,8 +206,23 @@ impl Worker {
         a: Assignment,
     ) -> TaskReport {
         debug!(task = a.task_id, attempt = a.attempt, kind = %a.spec.kind, "running task");
+        let proxy = locks::LockProxy {
+            http: &self.http,
+            master_url: &self.cfg.master_url,
+            lease: &a.lease,
+        };
         let outcome = match a.spec.kind {
-            TaskKind::Shell => shell::run(&a.spec.command).await,
+            TaskKind::Shell => {
+                let env = [
+                    (env::LEASE, a.lease.clone()),
+                    (env::LOCK_URL, self.cfg.master_url.clone()),
+                    ("FLOTILLA_TASK_ID", a.task_id.to_string()),
+                    ("FLOTILLA_ATTEMPT", a.attempt.to_string()),
+                    (env::WORKER_ID, self.cfg.worker_id.to_string()),
+                    ("PATH", self.task_path.clone()),
+                ];
+                shell::run(&a.spec.command, &env).await
+            }
             TaskKind::Python => {
                 if interpreter.is_none() {
                     match python::Interpreter::start(&self.cfg.python, self.cfg.worker_id).await {
@@ -227,7 +240,7 @@ impl Worker {
                     }
                 }
                 let interp = interpreter.as_mut().expect("started above");
-                match interp.run(&a.spec.command).await {
+                match interp.run(&a.spec.command, &proxy).await {
                     Ok(outcome) => outcome,
                     Err(crash) => {
                         warn!(
@@ -257,13 +270,40 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("lock") {
+        return locks::cli(&args[1..]).await;
+    }
     let cfg = Config::from_env()?;
     python::check_python(&cfg.python)?;
     let http = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
         .build()?;
-    let worker = Arc::new(Worker { cfg, http });
+    let own_dir = std::env::current_exe()?
+        .parent()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let task_path = match std::env::var("PATH") {
+        Ok(p) if !p.is_empty() => format!("{own_dir}:{p}"),
+        _ => format!("{own_dir}:/usr/local/bin:/usr/bin:/bin"),
+    };
+    let worker = Arc::new(Worker {
+        cfg,
+        http,
+        task_path,
+    });
+    // Warm before registering: an active worker runs its first task at once.
+    let mut interpreters = Vec::new();
+    for _ in 0..worker.cfg.slots {
+        interpreters.push(match python::Interpreter::start(&worker.cfg.python, worker.cfg.worker_id).await {
+            Ok(i) => Some(i),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot start the Python interpreter yet; will retry per task");
+                None
+            }
+        });
+    }
     let reply = worker.register().await?;
     let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
     info!(
@@ -281,8 +321,8 @@ async fn main() -> Result<()> {
             .clone()
             .heartbeats(Duration::from_millis(reply.heartbeat_interval_ms)),
     );
-    for slot in 0..worker.cfg.slots {
-        tasks.spawn(worker.clone().slot(slot));
+    for (slot, interpreter) in interpreters.into_iter().enumerate() {
+        tasks.spawn(worker.clone().slot(slot as u32, interpreter));
     }
     match tasks.join_next().await {
         Some(Ok(Verdict::Superseded)) => {

@@ -14,6 +14,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+use crate::locks::LockProxy;
+
 const RUNNER: &str = include_str!("runner.py");
 
 pub struct Interpreter {
@@ -59,9 +61,14 @@ impl Interpreter {
         }
     }
 
-    /// Runs one task. `Err` means the interpreter is gone: the caller reports
-    /// the attempt as crashed (with the returned outcome) and starts a new one.
-    pub async fn run(&mut self, code: &str) -> std::result::Result<Outcome, Outcome> {
+    /// Runs one task, answering its lock calls through `locks`. `Err` means
+    /// the interpreter is gone: the caller reports the attempt as crashed
+    /// (with the returned outcome) and starts a new one.
+    pub async fn run(
+        &mut self,
+        code: &str,
+        locks: &LockProxy<'_>,
+    ) -> std::result::Result<Outcome, Outcome> {
         let request = json!({"op": "run", "code": code}).to_string() + "\n";
         if let Err(e) = self.stdin.write_all(request.as_bytes()).await {
             return Err(self
@@ -71,33 +78,48 @@ impl Interpreter {
                 )
                 .await);
         }
-        let msg = match self.next_message().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => {
-                return Err(self
-                    .crashed(
-                        "the Python interpreter died while running the task".into(),
-                        String::new(),
-                    )
-                    .await)
-            }
-            Err(e) => return Err(self.crashed(format!("{e:#}"), String::new()).await),
-        };
-        match msg["op"].as_str() {
-            Some("done") => Ok(done_outcome(msg)),
-            Some("exit") => {
-                let code = msg["code"].as_i64().unwrap_or(0);
-                let stdout = msg["stdout"].as_str().unwrap_or_default().to_string();
-                Err(self
-                    .crashed(
-                        format!("the task called exit({code}) and ended its Python interpreter"),
-                        stdout,
-                    )
-                    .await)
-            }
-            other => {
-                let text = format!("unexpected message from the Python interpreter: {other:?}");
-                Err(self.crashed(text, String::new()).await)
+        loop {
+            let msg = match self.next_message().await {
+                Ok(Some(msg)) => msg,
+                Ok(None) => {
+                    return Err(self
+                        .crashed(
+                            "the Python interpreter died while running the task".into(),
+                            String::new(),
+                        )
+                        .await)
+                }
+                Err(e) => return Err(self.crashed(format!("{e:#}"), String::new()).await),
+            };
+            match msg["op"].as_str() {
+                Some("done") => return Ok(done_outcome(msg)),
+                Some("lock") => {
+                    let reply = locks.call(msg).await.to_string() + "\n";
+                    if let Err(e) = self.stdin.write_all(reply.as_bytes()).await {
+                        return Err(self
+                            .crashed(
+                                format!("cannot answer the task's lock call: {e}"),
+                                String::new(),
+                            )
+                            .await);
+                    }
+                }
+                Some("exit") => {
+                    let code = msg["code"].as_i64().unwrap_or(0);
+                    let stdout = msg["stdout"].as_str().unwrap_or_default().to_string();
+                    return Err(self
+                        .crashed(
+                            format!(
+                                "the task called exit({code}) and ended its Python interpreter"
+                            ),
+                            stdout,
+                        )
+                        .await);
+                }
+                other => {
+                    let text = format!("unexpected message from the Python interpreter: {other:?}");
+                    return Err(self.crashed(text, String::new()).await);
+                }
             }
         }
     }

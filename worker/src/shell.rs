@@ -6,10 +6,14 @@ use flotilla_proto::{Outcome, TaskResult};
 use serde_json::Value;
 use tokio::process::Command;
 
-pub async fn run(command: &str) -> Outcome {
+/// `env` reaches the command's environment: the attempt's lease and the
+/// lock URL (so that `flotilla-worker lock ...` can take locks as this task
+/// attempt), its task ID and attempt number.
+pub async fn run(command: &str, env: &[(&str, String)]) -> Outcome {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(command)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

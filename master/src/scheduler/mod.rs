@@ -25,6 +25,9 @@ use tracing::{debug, info, warn};
 
 use policy::WorkerView;
 
+use crate::resources::locks::{LockError, LockTable, Owner, RequestId};
+use flotilla_proto::{LockGrant, LockMode};
+
 #[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskState {
@@ -173,6 +176,25 @@ pub struct Scheduler {
     completions: Vec<TaskId>,
     pub steals: u64,
     effects: Effects,
+    /// Shared resources and their locks: revoked in the same critical
+    /// section as a death, released when an attempt ends.
+    pub locks: LockTable,
+    /// Live attempts' leases (the secret their lock calls carry).
+    leases: HashMap<String, Owner>,
+    lease_of: HashMap<(TaskId, Attempt), String>,
+}
+
+/// Why a lock call was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LockCallError {
+    #[error("this task attempt's lease is not live: the attempt has ended or its worker was declared dead")]
+    StaleLease,
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+fn new_lease() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 pub fn unix_ms() -> u64 {
@@ -195,6 +217,9 @@ impl Scheduler {
             completions: Vec::new(),
             steals: 0,
             effects: Effects::default(),
+            locks: LockTable::default(),
+            leases: HashMap::new(),
+            lease_of: HashMap::new(),
         }
     }
 
@@ -321,12 +346,17 @@ impl Scheduler {
             reason,
             "Node {id} is not responding: {reason}"
         );
-        let running: Vec<TaskId> = std::mem::take(&mut w.running)
-            .into_values()
-            .map(|(t, _)| t)
-            .collect();
+        let running: Vec<(TaskId, Attempt)> =
+            std::mem::take(&mut w.running).into_values().collect();
         let waiting: Vec<TaskId> = std::mem::take(&mut w.waiting).into();
         w.idle.clear();
+        // Its grants are revoked in this same critical section: their
+        // tokens go stale and the waiters behind them proceed.
+        for &(tid, attempt) in &running {
+            self.forget_lease(tid, attempt);
+        }
+        self.locks.revoke_worker(id, inc);
+        let running: Vec<TaskId> = running.into_iter().map(|(t, _)| t).collect();
         info!(
             worker = id,
             running = running.len(),
@@ -452,6 +482,7 @@ impl Scheduler {
                 task = tid,
                 attempt, worker, slot, "assignment was lost in transit; requeueing"
             );
+            self.end_attempt(tid, attempt);
             let error = format!("assignment to node {worker} was lost in transit");
             if self.crashed(tid, None, error) {
                 self.requeue_front(tid);
@@ -487,6 +518,7 @@ impl Scheduler {
         if w.running.get(&slot) == Some(&(a.task_id, a.attempt)) {
             w.running.remove(&slot);
             w.waiting.push_front(a.task_id);
+            self.end_attempt(a.task_id, a.attempt);
             let task = self.tasks.get_mut(&a.task_id).expect("running task exists");
             task.attempts -= 1;
             task.state = TaskState::Assigned;
@@ -514,6 +546,7 @@ impl Scheduler {
         }
         w.running.remove(&slot);
         self.effects.room_freed = true;
+        self.end_attempt(report.task_id, report.attempt);
         let tid = report.task_id;
         match report.outcome {
             Outcome::Succeeded { result } => {
@@ -672,10 +705,12 @@ impl Scheduler {
                 task.attempts += 1;
                 task.state = TaskState::Running;
                 task.started_at = Some(unix_ms());
+                let lease = new_lease();
                 let assignment = Assignment {
                     task_id: tid,
                     attempt: task.attempts,
                     spec: task.spec.clone(),
+                    lease: lease.clone(),
                 };
                 match waiter.tx.send(assignment) {
                     Ok(()) => {
@@ -688,6 +723,14 @@ impl Scheduler {
                             w.id
                         );
                         w.running.insert(slot, (tid, task.attempts));
+                        let owner = Owner {
+                            worker: w.id,
+                            incarnation: w.incarnation,
+                            task: tid,
+                            attempt: task.attempts,
+                        };
+                        self.lease_of.insert((tid, task.attempts), lease.clone());
+                        self.leases.insert(lease, owner);
                         progressed = true;
                     }
                     Err(_) => {
@@ -731,6 +774,66 @@ impl Scheduler {
             return true;
         }
         false
+    }
+
+    // ----- locks ---------------------------------------------------------
+
+    fn forget_lease(&mut self, task: TaskId, attempt: Attempt) {
+        if let Some(lease) = self.lease_of.remove(&(task, attempt)) {
+            self.leases.remove(&lease);
+        }
+    }
+
+    /// An attempt is over: its lease dies and its locks are released.
+    fn end_attempt(&mut self, task: TaskId, attempt: Attempt) {
+        self.forget_lease(task, attempt);
+        self.locks.release_attempt(task, attempt);
+    }
+
+    fn owner_of(&self, lease: &str) -> Result<Owner, LockCallError> {
+        self.leases
+            .get(lease)
+            .copied()
+            .ok_or(LockCallError::StaleLease)
+    }
+
+    pub fn lock_acquire(
+        &mut self,
+        lease: &str,
+        name: &str,
+        mode: LockMode,
+        tx: oneshot::Sender<LockGrant>,
+    ) -> Result<RequestId, LockCallError> {
+        let owner = self.owner_of(lease)?;
+        Ok(self.locks.acquire(name, mode, owner, tx)?)
+    }
+
+    pub fn lock_release(
+        &mut self,
+        lease: &str,
+        name: &str,
+        mode: LockMode,
+        publish: Option<(serde_json::Value, u64)>,
+    ) -> Result<(u64, bool), LockCallError> {
+        // A revoked grant's write-back still reaches the fencing check, so
+        // the refusal names the stale token; other calls need a live lease.
+        let owner = match (self.owner_of(lease), &publish) {
+            (Ok(owner), _) => owner,
+            (Err(_), Some((_, token))) => {
+                let version = self.locks.view(name).map(|v| v.version);
+                return Err(match version {
+                    None => LockError::Unknown(name.to_string()).into(),
+                    Some(version) => LockError::Fenced {
+                        name: name.to_string(),
+                        token: *token,
+                        version,
+                    }
+                    .into(),
+                });
+            }
+            (Err(e), None) => return Err(e),
+        };
+        Ok(self.locks.release(name, mode, owner, publish)?)
     }
 
     // ----- views ---------------------------------------------------------

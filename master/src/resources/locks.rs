@@ -1,0 +1,564 @@
+//! Read/write locks on shared resources, with fencing. Pure state: the
+//! scheduler owns one `LockTable` and calls it on every transition that
+//! concerns a task attempt or a worker incarnation, so that a worker's death
+//! revokes its grants in the same critical section that requeues its tasks.
+//!
+//! Rules (after etcd's leases and ZooKeeper's lock recipe):
+//! - A grant belongs to an [`Owner`]: (worker, incarnation, task, attempt).
+//! - Grants are made in arrival order; readers at the head of the queue share;
+//!   a waiting writer blocks every request behind it (no writer starvation).
+//! - Every write grant bumps the resource's version; that version is the
+//!   grant's fencing token. A write is published only by a release carrying
+//!   the token of a grant that is still live. A revoked grant's token is
+//!   stale: its write-back is refused and the value stays the last committed.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use flotilla_proto::{Attempt, Incarnation, LockGrant, LockMode, TaskId, WorkerId};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::ResourceType;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Owner {
+    pub worker: WorkerId,
+    pub incarnation: Incarnation,
+    pub task: TaskId,
+    pub attempt: Attempt,
+}
+
+pub type RequestId = u64;
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
+    #[error("shared resource `{0}` does not exist")]
+    Unknown(String),
+    #[error("shared resource `{0}` already exists")]
+    Duplicate(String),
+    #[error("this task already holds a {mode} lock on `{name}`; release it before asking again")]
+    AlreadyHeld { name: String, mode: LockMode },
+    #[error("this task holds no {mode} lock on `{name}`")]
+    NotHeld { name: String, mode: LockMode },
+    #[error("stale write-back to `{name}` refused: fencing token {token} is not the live write grant (the resource is at version {version}; the grant was revoked or already released), so the value stays as last committed")]
+    Fenced {
+        name: String,
+        token: u64,
+        version: u64,
+    },
+    #[error("write to `{name}` refused: {reason}; the stored value is unchanged and the lock is still held")]
+    WrongType { name: String, reason: String },
+}
+
+struct Waiter {
+    id: RequestId,
+    mode: LockMode,
+    owner: Owner,
+    tx: oneshot::Sender<LockGrant>,
+}
+
+struct Resource {
+    kind: ResourceType,
+    value: Value,
+    version: u64,
+    readers: BTreeMap<RequestId, Owner>,
+    writer: Option<(RequestId, Owner, u64)>,
+    queue: VecDeque<Waiter>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct Holder {
+    pub mode: LockMode,
+    #[serde(flatten)]
+    pub owner: Owner,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct ResourceView {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub value: Value,
+    pub version: u64,
+    pub holders: Vec<Holder>,
+    pub waiting: Vec<Holder>,
+}
+
+#[derive(Default)]
+pub struct LockTable {
+    resources: BTreeMap<String, Resource>,
+    next_id: RequestId,
+    /// Fencing tokens of write grants revoked by a death, for the error message.
+    revoked: HashMap<(String, u64), Owner>,
+}
+
+impl LockTable {
+    pub fn create(&mut self, name: &str, kind: ResourceType, value: Value) -> Result<(), String> {
+        if self.resources.contains_key(name) {
+            return Err(LockError::Duplicate(name.to_string()).to_string());
+        }
+        if name.is_empty() {
+            return Err("a shared resource needs a non-empty name".into());
+        }
+        let value = if value.is_null() {
+            kind.zero()
+        } else {
+            kind.check(value)?
+        };
+        self.resources.insert(
+            name.to_string(),
+            Resource {
+                kind,
+                value,
+                version: 0,
+                readers: BTreeMap::new(),
+                writer: None,
+                queue: VecDeque::new(),
+            },
+        );
+        info!(
+            resource = name,
+            kind = kind.name(),
+            "shared resource created"
+        );
+        Ok(())
+    }
+
+    fn holds(r: &Resource, owner: &Owner) -> Option<LockMode> {
+        if r.writer.as_ref().is_some_and(|(_, o, _)| o == owner) {
+            return Some(LockMode::Write);
+        }
+        r.readers
+            .values()
+            .any(|o| o == owner)
+            .then_some(LockMode::Read)
+    }
+
+    /// Queues a request; `tx` receives the grant when it is made (maybe at
+    /// once). Returns the request's ID, for [`LockTable::cancel`].
+    pub fn acquire(
+        &mut self,
+        name: &str,
+        mode: LockMode,
+        owner: Owner,
+        tx: oneshot::Sender<LockGrant>,
+    ) -> Result<RequestId, LockError> {
+        let r = self
+            .resources
+            .get_mut(name)
+            .ok_or_else(|| LockError::Unknown(name.to_string()))?;
+        if let Some(held) = Self::holds(r, &owner) {
+            return Err(LockError::AlreadyHeld {
+                name: name.to_string(),
+                mode: held,
+            });
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        r.queue.push_back(Waiter {
+            id,
+            mode,
+            owner,
+            tx,
+        });
+        Self::pump(name, r);
+        Ok(id)
+    }
+
+    /// Grants from the head of the queue while the head is compatible.
+    fn pump(name: &str, r: &mut Resource) {
+        while let Some(head) = r.queue.front() {
+            let grantable = match head.mode {
+                LockMode::Write => r.writer.is_none() && r.readers.is_empty(),
+                LockMode::Read => r.writer.is_none(),
+            };
+            if !grantable {
+                break;
+            }
+            let w = r.queue.pop_front().expect("head exists");
+            let token = match w.mode {
+                LockMode::Write => {
+                    r.version += 1;
+                    r.version
+                }
+                LockMode::Read => r.version,
+            };
+            let grant = LockGrant {
+                name: name.to_string(),
+                kind: r.kind.name().to_string(),
+                mode: w.mode,
+                value: r.value.clone(),
+                token,
+            };
+            if w.tx.send(grant).is_err() {
+                continue; // the requester went away before the grant: skip it
+            }
+            match w.mode {
+                LockMode::Write => r.writer = Some((w.id, w.owner, token)),
+                LockMode::Read => {
+                    r.readers.insert(w.id, w.owner);
+                }
+            }
+            info!(resource = name, mode = %w.mode, worker = w.owner.worker, task = w.owner.task, token, "Node {} has acquired {} access to resource {name}", w.owner.worker, w.mode);
+        }
+    }
+
+    /// A request is going away (timed out, connection closed). If it was
+    /// still waiting it leaves the queue; if it had just been granted,
+    /// `granted` is that grant and it is released without writing.
+    pub fn cancel(&mut self, name: &str, id: RequestId, granted: Option<&LockGrant>) {
+        let Some(r) = self.resources.get_mut(name) else {
+            return;
+        };
+        r.queue.retain(|w| w.id != id);
+        if granted.is_some() {
+            r.readers.remove(&id);
+            if r.writer.as_ref().is_some_and(|(wid, _, _)| *wid == id) {
+                r.writer = None;
+            }
+        }
+        Self::pump(name, r);
+    }
+
+    /// Releases `owner`'s lock on `name`. A write release with `publish`
+    /// (new value, token) commits the value if the token is that of the
+    /// live grant and the value has the resource's type.
+    pub fn release(
+        &mut self,
+        name: &str,
+        mode: LockMode,
+        owner: Owner,
+        publish: Option<(Value, u64)>,
+    ) -> Result<(u64, bool), LockError> {
+        let r = self
+            .resources
+            .get_mut(name)
+            .ok_or_else(|| LockError::Unknown(name.to_string()))?;
+        let mut committed = false;
+        match mode {
+            LockMode::Read => {
+                let id = r
+                    .readers
+                    .iter()
+                    .find(|(_, o)| **o == owner)
+                    .map(|(id, _)| *id);
+                let Some(id) = id else {
+                    return Err(LockError::NotHeld {
+                        name: name.into(),
+                        mode,
+                    });
+                };
+                r.readers.remove(&id);
+            }
+            LockMode::Write => {
+                let live = r.writer.filter(|(_, o, _)| *o == owner);
+                if let Some((value, token)) = publish {
+                    match live {
+                        Some((_, _, live_token)) if live_token == token && token == r.version => {}
+                        _ => {
+                            if let Some(o) = self.revoked.get(&(name.to_string(), token)) {
+                                warn!(
+                                    resource = name,
+                                    token,
+                                    worker = o.worker,
+                                    "refusing the write-back of a revoked grant"
+                                );
+                            }
+                            return Err(LockError::Fenced {
+                                name: name.into(),
+                                token,
+                                version: r.version,
+                            });
+                        }
+                    }
+                    let value = r.kind.check(value).map_err(|reason| LockError::WrongType {
+                        name: name.into(),
+                        reason,
+                    })?;
+                    r.value = value;
+                    committed = true;
+                } else if live.is_none() {
+                    return Err(LockError::NotHeld {
+                        name: name.into(),
+                        mode,
+                    });
+                }
+                r.writer = None;
+            }
+        }
+        info!(resource = name, %mode, worker = owner.worker, task = owner.task, committed, "Node {} has released {mode} access to resource {name}", owner.worker);
+        let version = r.version;
+        Self::pump(name, r);
+        Ok((version, committed))
+    }
+
+    /// The task attempt ended: whatever it still holds is released without
+    /// writing (the seed released a finished task's locks too); its queued
+    /// requests are dropped.
+    pub fn release_attempt(&mut self, task: TaskId, attempt: Attempt) {
+        self.release_where(|o| o.task == task && o.attempt == attempt, false);
+    }
+
+    /// The worker incarnation was declared dead: its grants are revoked (their
+    /// tokens become stale), its queued requests dropped, waiters proceed.
+    pub fn revoke_worker(&mut self, worker: WorkerId, incarnation: Incarnation) {
+        self.release_where(|o| o.worker == worker && o.incarnation == incarnation, true);
+    }
+
+    fn release_where(&mut self, pred: impl Fn(&Owner) -> bool, revoke: bool) {
+        for (name, r) in self.resources.iter_mut() {
+            let before = r.readers.len() + r.writer.is_some() as usize + r.queue.len();
+            r.readers.retain(|_, o| !pred(o));
+            if let Some((_, o, token)) = r.writer {
+                if pred(&o) {
+                    r.writer = None;
+                    if revoke {
+                        self.revoked.insert((name.clone(), token), o);
+                    }
+                    warn!(resource = %name, token, worker = o.worker, task = o.task, revoke, "write lock on {name} released without writing (holder {})", if revoke { "declared dead" } else { "ended" });
+                }
+            }
+            r.queue.retain(|w| !pred(&w.owner));
+            let after = r.readers.len() + r.writer.is_some() as usize + r.queue.len();
+            if after != before {
+                info!(resource = %name, "Releasing resources held by a {} task", if revoke { "dead worker's" } else { "finished" });
+                Self::pump(name, r);
+            }
+        }
+    }
+
+    pub fn view(&self, name: &str) -> Option<ResourceView> {
+        let r = self.resources.get(name)?;
+        let mut holders: Vec<Holder> = r
+            .writer
+            .iter()
+            .map(|(_, o, _)| Holder {
+                mode: LockMode::Write,
+                owner: *o,
+            })
+            .collect();
+        holders.extend(r.readers.values().map(|o| Holder {
+            mode: LockMode::Read,
+            owner: *o,
+        }));
+        Some(ResourceView {
+            name: name.to_string(),
+            kind: r.kind.name(),
+            value: r.value.clone(),
+            version: r.version,
+            holders,
+            waiting: r
+                .queue
+                .iter()
+                .map(|w| Holder {
+                    mode: w.mode,
+                    owner: w.owner,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn views(&self) -> Vec<ResourceView> {
+        self.resources.keys().filter_map(|n| self.view(n)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn owner(worker: WorkerId, task: TaskId) -> Owner {
+        Owner {
+            worker,
+            incarnation: 1,
+            task,
+            attempt: 1,
+        }
+    }
+
+    fn table() -> LockTable {
+        let mut t = LockTable::default();
+        t.create("total", ResourceType::Integer, json!(0)).unwrap();
+        t
+    }
+
+    fn ask(t: &mut LockTable, mode: LockMode, o: Owner) -> oneshot::Receiver<LockGrant> {
+        let (tx, rx) = oneshot::channel();
+        t.acquire("total", mode, o, tx).unwrap();
+        rx
+    }
+
+    #[test]
+    fn readers_share_and_a_waiting_writer_blocks_later_readers() {
+        let mut t = table();
+        let mut r1 = ask(&mut t, LockMode::Read, owner(0, 1));
+        let mut r2 = ask(&mut t, LockMode::Read, owner(1, 2));
+        assert!(
+            r1.try_recv().is_ok() && r2.try_recv().is_ok(),
+            "two readers at once"
+        );
+        let mut w = ask(&mut t, LockMode::Write, owner(2, 3));
+        let mut r3 = ask(&mut t, LockMode::Read, owner(3, 4));
+        assert!(w.try_recv().is_err() && r3.try_recv().is_err());
+        t.release("total", LockMode::Read, owner(0, 1), None)
+            .unwrap();
+        t.release("total", LockMode::Read, owner(1, 2), None)
+            .unwrap();
+        let g = w
+            .try_recv()
+            .expect("the writer goes before the later reader");
+        assert!(r3.try_recv().is_err());
+        t.release(
+            "total",
+            LockMode::Write,
+            owner(2, 3),
+            Some((json!(5), g.token)),
+        )
+        .unwrap();
+        assert_eq!(r3.try_recv().unwrap().value, json!(5));
+    }
+
+    #[test]
+    fn a_revoked_write_grant_cannot_write_back() {
+        let mut t = table();
+        let zombie = owner(0, 1);
+        let g = ask(&mut t, LockMode::Write, zombie).try_recv().unwrap();
+        let mut next = ask(&mut t, LockMode::Write, owner(1, 1));
+        t.revoke_worker(0, 1);
+        let g2 = next.try_recv().expect("the waiter proceeds at once");
+        assert!(g2.token > g.token);
+        let err = t
+            .release("total", LockMode::Write, zombie, Some((json!(99), g.token)))
+            .unwrap_err();
+        assert!(matches!(err, LockError::Fenced { .. }), "{err}");
+        t.release(
+            "total",
+            LockMode::Write,
+            owner(1, 1),
+            Some((json!(1), g2.token)),
+        )
+        .unwrap();
+        assert_eq!(t.view("total").unwrap().value, json!(1));
+    }
+
+    #[test]
+    fn a_wrong_type_is_refused_and_the_lock_kept() {
+        let mut t = table();
+        let o = owner(0, 1);
+        let g = ask(&mut t, LockMode::Write, o).try_recv().unwrap();
+        let err = t
+            .release("total", LockMode::Write, o, Some((json!("five"), g.token)))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("Integer") && err.to_string().contains("unchanged"),
+            "{err}"
+        );
+        assert_eq!(t.view("total").unwrap().value, json!(0));
+        t.release("total", LockMode::Write, o, Some((json!(5), g.token)))
+            .unwrap();
+        assert_eq!(t.view("total").unwrap().value, json!(5));
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let mut t = table();
+        let (tx, _rx) = oneshot::channel();
+        assert_eq!(
+            t.acquire("nope", LockMode::Read, owner(0, 1), tx)
+                .unwrap_err(),
+            LockError::Unknown("nope".into())
+        );
+        let _g = ask(&mut t, LockMode::Read, owner(0, 1));
+        let (tx, _rx) = oneshot::channel();
+        assert!(matches!(
+            t.acquire("total", LockMode::Write, owner(0, 1), tx),
+            Err(LockError::AlreadyHeld { .. })
+        ));
+        assert!(matches!(
+            t.release("total", LockMode::Write, owner(0, 1), None),
+            Err(LockError::NotHeld { .. })
+        ));
+        assert!(t
+            .create("total", ResourceType::Integer, json!(1))
+            .unwrap_err()
+            .contains("already exists"));
+        assert!(t
+            .create("x", ResourceType::List, json!({}))
+            .unwrap_err()
+            .contains("List"));
+    }
+
+    #[test]
+    fn a_finished_task_s_locks_are_released_without_writing() {
+        let mut t = table();
+        let g = ask(&mut t, LockMode::Write, owner(0, 7))
+            .try_recv()
+            .unwrap();
+        let mut next = ask(&mut t, LockMode::Read, owner(1, 8));
+        t.release_attempt(7, 1);
+        assert_eq!(next.try_recv().unwrap().value, json!(0));
+        assert!(t
+            .release(
+                "total",
+                LockMode::Write,
+                owner(0, 7),
+                Some((json!(3), g.token))
+            )
+            .is_err());
+    }
+
+    proptest! {
+        /// Never a writer with anyone else; tokens strictly grow; the value
+        /// only changes through a live writer's release.
+        #[test]
+        fn mutual_exclusion_and_fencing_hold(ops in proptest::collection::vec((0u8..4, 0u32..5, any::<bool>()), 1..200)) {
+            let mut t = table();
+            let mut pending: Vec<(Owner, LockMode, oneshot::Receiver<LockGrant>)> = Vec::new();
+            let mut held: HashMap<Owner, LockGrant> = HashMap::new();
+            let mut last_token = 0;
+            let mut commits = 0i64;
+            for (op, who, flag) in ops {
+                let o = owner(who, who as u64);
+                match op {
+                    0 => {
+                        let mode = if flag { LockMode::Write } else { LockMode::Read };
+                        let (tx, rx) = oneshot::channel();
+                        if t.acquire("total", mode, o, tx).is_ok() { pending.push((o, mode, rx)); }
+                    }
+                    1 => if let Some(g) = held.remove(&o) {
+                        let publish = (g.mode == LockMode::Write && flag).then(|| (json!(commits + 1), g.token));
+                        let (_, committed) = t.release("total", g.mode, o, publish).unwrap();
+                        if committed { commits += 1; }
+                    },
+                    2 => { t.revoke_worker(who, 1); held.remove(&o); pending.retain(|(p, _, _)| *p != o); }
+                    _ => if let Some(g) = held.get(&o) {
+                        // A stale token never commits.
+                        if g.mode == LockMode::Write {
+                            prop_assert!(t.release("total", LockMode::Write, o, Some((json!(-1), g.token + 1))).is_err());
+                        }
+                    },
+                }
+                let mut still = Vec::new();
+                for (o, mode, mut rx) in pending.drain(..) {
+                    match rx.try_recv() {
+                        Ok(g) => {
+                            if g.mode == LockMode::Write { prop_assert!(g.token > last_token); last_token = g.token; }
+                            held.insert(o, g);
+                        }
+                        Err(oneshot::error::TryRecvError::Empty) => still.push((o, mode, rx)),
+                        Err(_) => {}
+                    }
+                }
+                pending = still;
+                let v = t.view("total").unwrap();
+                let writers = v.holders.iter().filter(|h| h.mode == LockMode::Write).count();
+                prop_assert!(writers == 0 || v.holders.len() == 1, "a writer shares with nobody: {:?}", v.holders);
+                prop_assert_eq!(v.value, json!(commits));
+            }
+        }
+    }
+}

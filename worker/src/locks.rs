@@ -1,0 +1,139 @@
+//! Lock calls on behalf of a task: the Python interpreter asks through its
+//! protocol pipe, shell tasks through `flotilla-worker lock ...`; either way
+//! the call reaches the master's `/internal/lock` carrying the attempt's
+//! lease, which the task's code never needs to know (Python) or can only use
+//! as itself (shell).
+
+use anyhow::{bail, Context, Result};
+use flotilla_proto::{routes, LockAction, LockMode, LockRequest};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// What the interpreter sends (the lease is added here).
+#[derive(Deserialize)]
+struct TaskLockCall {
+    action: LockAction,
+    name: String,
+    mode: LockMode,
+    #[serde(default)]
+    value: Option<Value>,
+    #[serde(default)]
+    token: Option<u64>,
+    #[serde(default)]
+    timeout_s: Option<f64>,
+}
+
+pub struct LockProxy<'a> {
+    pub http: &'a reqwest::Client,
+    pub master_url: &'a str,
+    pub lease: &'a str,
+}
+
+impl LockProxy<'_> {
+    /// Forwards one call; the reply is `{"ok": true, "body": ...}` or
+    /// `{"ok": false, "error": "..."}` for the interpreter.
+    pub async fn call(&self, msg: Value) -> Value {
+        let call: TaskLockCall = match serde_json::from_value(msg) {
+            Ok(c) => c,
+            Err(e) => return json!({"ok": false, "error": format!("bad lock call: {e}")}),
+        };
+        let req = LockRequest {
+            lease: self.lease.to_string(),
+            action: call.action,
+            name: call.name,
+            mode: call.mode,
+            value: call.value,
+            token: call.token,
+            timeout_s: call.timeout_s,
+        };
+        match send(self.http, self.master_url, &req).await {
+            Ok(body) => json!({"ok": true, "body": body}),
+            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+        }
+    }
+}
+
+async fn send(http: &reqwest::Client, master_url: &str, req: &LockRequest) -> Result<Value> {
+    let resp = http
+        .post(format!("{master_url}{}", routes::LOCK))
+        .json(req)
+        .send()
+        .await
+        .context("cannot reach the master for a lock call")?;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        let msg = body["error"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| body.to_string());
+        bail!("{msg}");
+    }
+    Ok(body)
+}
+
+const USAGE: &str = "usage: flotilla-worker lock (acquire|release) (read|write) NAME [--timeout SECONDS] [--value JSON --token N]
+  For shell tasks: uses FLOTILLA_LEASE and FLOTILLA_LOCK_URL from the task's environment.
+  acquire prints the grant as JSON ({\"name\",\"type\",\"mode\",\"value\",\"token\"});
+  release write with --value publishes it (the grant's --token is required).";
+
+/// `flotilla-worker lock ...`, the shell tasks' way to the locks.
+pub async fn cli(args: &[String]) -> Result<()> {
+    let (action, mode, name) = match args {
+        [a, m, n, ..] => (a.as_str(), m.as_str(), n.clone()),
+        _ => bail!("{USAGE}"),
+    };
+    let action = match action {
+        "acquire" => LockAction::Acquire,
+        "release" => LockAction::Release,
+        other => bail!("unknown lock action `{other}`\n{USAGE}"),
+    };
+    let mode = match mode {
+        "read" => LockMode::Read,
+        "write" => LockMode::Write,
+        other => bail!("unknown lock mode `{other}`\n{USAGE}"),
+    };
+    let mut req = LockRequest {
+        lease: std::env::var(flotilla_proto::env::LEASE).context(
+            "FLOTILLA_LEASE is not set: `flotilla-worker lock` runs inside a shell task",
+        )?,
+        action,
+        name,
+        mode,
+        value: None,
+        token: None,
+        timeout_s: None,
+    };
+    let mut rest = args[3..].iter();
+    while let Some(flag) = rest.next() {
+        let arg = rest
+            .next()
+            .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
+        match flag.as_str() {
+            "--timeout" => {
+                req.timeout_s = Some(
+                    arg.parse()
+                        .with_context(|| format!("--timeout {arg:?} is not a number"))?,
+                )
+            }
+            "--value" => {
+                req.value = Some(
+                    serde_json::from_str(arg)
+                        .with_context(|| format!("--value {arg:?} is not JSON"))?,
+                )
+            }
+            "--token" => {
+                req.token = Some(
+                    arg.parse()
+                        .with_context(|| format!("--token {arg:?} is not a number"))?,
+                )
+            }
+            other => bail!("unknown option `{other}`\n{USAGE}"),
+        }
+    }
+    let url =
+        std::env::var(flotilla_proto::env::LOCK_URL).context("FLOTILLA_LOCK_URL is not set")?;
+    let body = send(&reqwest::Client::new(), url.trim_end_matches('/'), &req).await?;
+    println!("{body}");
+    Ok(())
+}
