@@ -144,6 +144,10 @@ fn manifest(workers: usize, capacity: usize) -> String {
     )
 }
 
+fn with_total(manifest: String) -> String {
+    manifest + "  resources:\n    - { name: total, type: Integer, initialValue: 0 }\n"
+}
+
 fn python(code: String) -> Value {
     json!({"type": "python", "command": code})
 }
@@ -274,6 +278,49 @@ async fn cpu_workload(
     Ok(json!({"ratio": makespan / limit, "makespan_s": makespan, "single_task_s": single}))
 }
 
+/// W4: 1,000 tasks each take the write lock on `total`, add 1, release.
+async fn w4(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(&opts.flotilla, &with_total(manifest(4, 64))).await?;
+    let n = 1000;
+    let code = "t = request_write_resource('total')\nt.value += 1\nrelease_write_resource('total')\nresponse = {i}";
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| python(code.replace("{i}", &i.to_string())))
+        .collect();
+    let start = Instant::now();
+    let sent = t.post("/tasks", &json!({ "tasks": tasks })).await?;
+    let ids: Vec<u64> = sent["task_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_u64)
+        .collect();
+    let (done, end) = t.collect(&ids).await?;
+    check_unique_results(&done, n)?;
+    let secs = (end - start).as_secs_f64();
+    let total = t.get("/resources/total").await?;
+    if total["value"] != n as u64 {
+        bail!("W4 ended with total = {} instead of {n}", total["value"]);
+    }
+    Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs, "final_total": total["value"]}))
+}
+
+/// Uncontended lock round trip from task code: 1,000 acquire+release of a
+/// write lock, timed in the task with perf_counter.
+async fn lock_round_trip(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(&opts.flotilla, &with_total(manifest(1, 4))).await?;
+    let code = "import time\nxs = []\nfor _ in range(1000):\n    s = time.perf_counter()\n    v = request_write_resource('total')\n    release_write_resource('total')\n    xs.append(time.perf_counter() - s)\nxs.sort()\nresponse = [xs[500] * 1000, xs[990] * 1000]";
+    let sent = t.post("/send", &python(code.to_string())).await?;
+    let id = sent["task_id"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("no task_id"))?;
+    let done = t.get(&format!("/tasks/{id}?wait=120")).await?;
+    let r = &done["result"]["response"];
+    match (r[0].as_f64(), r[1].as_f64()) {
+        (Some(p50), Some(p99)) => Ok(json!({"p50_ms": p50, "p99_ms": p99})),
+        _ => bail!("lock round trip task answered {done}"),
+    }
+}
+
 /// CPU used by an idle cluster of 4 workers (master + workers), from
 /// /proc/<pid>/stat over a window.
 async fn idle(opts: &BenchOptions) -> Result<Value> {
@@ -323,8 +370,12 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "W2" => w2(opts).await?,
                 "W3" => cpu_workload(opts, 2, 32, 32, 30, "/send").await?,
                 "W6" => cpu_workload(opts, 4, 8, 8, 32, "/send/0").await?,
+                "W4" => w4(opts).await?,
+                "locks" => lock_round_trip(opts).await?,
                 "idle" => idle(opts).await?,
-                other => bail!("unknown workload `{other}`: expected W1, W2, W3, W6 or idle"),
+                other => {
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks or idle")
+                }
             };
             eprintln!("{w}: {r}");
             runs.push(r);
@@ -332,7 +383,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
         let med = |key: &str| median(runs.iter().filter_map(|r| r[key].as_f64()).collect());
         let summary = match w.as_str() {
             "W1" => json!({"tasks_per_s": med("tasks_per_s")}),
-            "W2" => json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")}),
+            "W2" | "locks" => json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")}),
+            "W4" => json!({"tasks_per_s": med("tasks_per_s"), "final_total": 1000}),
             "W3" => {
                 json!({"efficiency": med("ratio"), "makespan_s": med("makespan_s"), "single_task_s": med("single_task_s")})
             }

@@ -67,8 +67,12 @@ enum Command {
     Check { file: PathBuf },
     /// Run the BENCHMARKS.md workloads against fresh clusters (separate processes).
     Bench {
-        /// Comma-separated: W1, W2, W3, W6, idle.
-        #[arg(long, default_value = "W1,W2,W3,W6,idle", value_delimiter = ',')]
+        /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round trip), idle.
+        #[arg(
+            long,
+            default_value = "W1,W2,W3,W4,W6,locks,idle",
+            value_delimiter = ','
+        )]
         workloads: Vec<String>,
         /// Runs per workload; figures are medians.
         #[arg(long, default_value_t = 3)]
@@ -206,6 +210,20 @@ fn print_figures(f: &serde_json::Value) {
         println!(
             "W3 CPU efficiency: {:.3} (makespan / perfect; 1.00 is perfect)",
             x["efficiency"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("W4") {
+        println!(
+            "W4 lock throughput: {:.0} tasks/s, final total {}",
+            x["tasks_per_s"].as_f64().unwrap_or(0.0),
+            x["final_total"]
+        );
+    }
+    if let Some(x) = w.get("locks") {
+        println!(
+            "lock round trip from task code: p50 {:.3} ms, p99 {:.3} ms",
+            x["p50_ms"].as_f64().unwrap_or(0.0),
+            x["p99_ms"].as_f64().unwrap_or(0.0)
         );
     }
     if let Some(x) = w.get("W6") {

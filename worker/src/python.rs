@@ -17,6 +17,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use crate::locks::LockProxy;
 
 const RUNNER: &str = include_str!("runner.py");
+const BOOTSTRAP: &str =
+    "import sys, json; exec(compile(json.loads(sys.stdin.readline()), 'flotilla-runner', 'exec'))";
 
 pub struct Interpreter {
     child: Child,
@@ -27,9 +29,11 @@ pub struct Interpreter {
 impl Interpreter {
     pub async fn start(python: &str, worker_id: WorkerId) -> Result<Self> {
         let mut cmd = Command::new(python);
+        // The runner arrives as the first line on stdin (JSON-encoded), so
+        // `ps` shows a short command line rather than the whole script.
         cmd.arg("-u")
             .arg("-c")
-            .arg(RUNNER)
+            .arg(BOOTSTRAP)
             .env("FLOTILLA_WORKER_ID", worker_id.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -39,7 +43,12 @@ impl Interpreter {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start the Python interpreter `{python}`"))?;
-        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let runner = serde_json::to_string(RUNNER).expect("a string serialises") + "\n";
+        stdin
+            .write_all(runner.as_bytes())
+            .await
+            .context("cannot hand the runner to the Python interpreter")?;
         let stdout = child.stdout.take().expect("piped stdout");
         let mut interp = Interpreter {
             child,
