@@ -9,11 +9,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use flotilla_proto::telemetry::{adopt_parent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{
     routes, Assignment, ErrorBody, Heartbeat, LockAction, LockGrant, LockMode, LockReleased,
     LockRequest, Poll, Register, RegisterReply, TaskId, TaskSpec, WorkerId,
@@ -159,6 +160,7 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         .route("/tasks/finished", get(finished_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/nodes", get(nodes))
+        .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
             Arc::new(token),
             require_token,
@@ -375,8 +377,13 @@ impl Drop for LockWait {
 /// release. Authenticated by the task attempt's lease.
 async fn lock(
     State(cluster): State<Arc<Cluster>>,
+    headers: HeaderMap,
     Body(req): Body<LockRequest>,
 ) -> ApiResult<Json<Value>> {
+    let span = tracing::info_span!(target: TRACE_TARGET, "lock call", resource = %req.name,
+        lock.mode = %req.mode, lock.action = ?req.action);
+    adopt_parent(&span, header(&headers, TRACEPARENT));
+    let started = std::time::Instant::now();
     match req.action {
         LockAction::Acquire => {
             let wait = match req.timeout_s {
@@ -406,6 +413,8 @@ async fn lock(
             match outcome {
                 Some(Ok(grant)) => {
                     pending.rx = None;
+                    let waited = started.elapsed().as_secs_f64();
+                    cluster.with_state(|s| s.metrics.observe_lock_wait(&req.name, req.mode, waited));
                     Ok(Json(serde_json::to_value(grant).expect("serialisable")))
                 }
                 Some(Err(_)) => Err(ApiError::new(
@@ -583,6 +592,23 @@ async fn finished_tasks(
     Ok(Json(json!({"next": next, "tasks": tasks})))
 }
 
+/// `GET /metrics`: Prometheus (OpenMetrics) text.
+async fn metrics(State(cluster): State<Arc<Cluster>>) -> Response {
+    let text = cluster.with_state(|s| s.metrics.clone().render(s));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
 async fn nodes(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
     Json(serde_json::to_value(cluster.with_state(|s| s.nodes())).expect("serialisable"))
 }
@@ -673,7 +699,17 @@ impl Drop for PollGuard {
     }
 }
 
-async fn poll(State(cluster): State<Arc<Cluster>>, Body(p): Body<Poll>) -> ApiResult<Response> {
+async fn poll(
+    State(cluster): State<Arc<Cluster>>,
+    headers: HeaderMap,
+    Body(p): Body<Poll>,
+) -> ApiResult<Response> {
+    if let Some(report) = &p.report {
+        // The result's delivery joins the task's trace (the worker's span is its parent).
+        let span = tracing::info_span!(target: TRACE_TARGET, "result received", task.id = report.task_id,
+            task.attempt = report.attempt, worker.id = p.worker_id);
+        adopt_parent(&span, header(&headers, TRACEPARENT));
+    }
     let (tx, rx) = oneshot::channel();
     let poll_id = cluster
         .with_state(|s| s.poll(p.worker_id, p.incarnation, p.slot, p.report, tx))
@@ -687,9 +723,14 @@ async fn poll(State(cluster): State<Arc<Cluster>>, Body(p): Body<Poll>) -> ApiRe
     };
     let rx = guard.rx.as_mut().expect("set above");
     match tokio::time::timeout(cluster.cfg.poll_hold, rx).await {
-        Ok(Ok(assignment)) => {
+        Ok(Ok(mut assignment)) => {
             guard.rx = None;
-            Ok(Json(assignment).into_response())
+            let traceparent = assignment.traceparent.take();
+            let mut response = Json(assignment).into_response();
+            if let Some(value) = traceparent.and_then(|tp| tp.parse().ok()) {
+                response.headers_mut().insert(TRACEPARENT, value);
+            }
+            Ok(response)
         }
         // The waiter was dropped: the worker was declared dead meanwhile.
         Ok(Err(_)) => {

@@ -189,6 +189,7 @@ impl Cluster {
         let Some((inc, capacity)) = self.with_state(|s| s.begin_restart(id)) else {
             return;
         };
+        self.with_state(|s| s.metrics.restarts.inc());
         match self.runtime.start(self.launch(id, inc, capacity)).await {
             Ok(()) => info!(worker = id, incarnation = inc, "Node {id} restarted"),
             // The heartbeat monitor declares it dead again and we retry.
@@ -236,6 +237,7 @@ impl Cluster {
                 tokio::time::sleep_until(deadline.into()).await;
                 let overdue = me.with_state(|s| s.overdue(Instant::now(), timeout));
                 for (id, inc) in overdue {
+                    me.with_state(|s| s.metrics.missed_heartbeats.inc());
                     let reason = format!("no heartbeat for {:.1}s", timeout.as_secs_f64());
                     me.died(id, inc, &reason, false);
                 }

@@ -5,6 +5,7 @@ pub mod api;
 pub mod bench;
 pub mod cluster;
 pub mod manifest;
+pub mod metrics;
 pub mod resources;
 pub mod runner;
 pub mod runtime;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use flotilla::manifest::{self, RuntimeKind};
 use flotilla::runner::{self, RunOptions};
 use flotilla::ServeOptions;
+use flotilla_proto::telemetry::{self, LogFormat, Telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +21,9 @@ struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Log format: text (default) or json.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -83,19 +87,32 @@ enum Command {
     },
 }
 
-fn init_logs(level: Option<&str>, default: &str) {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(v) if !v.is_empty() => tracing_subscriber::EnvFilter::new(v),
-        _ => tracing_subscriber::EnvFilter::new(level.unwrap_or(default)),
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    // Workers inherit the level unless RUST_LOG says otherwise.
+/// Logs (and traces, when an OTLP endpoint is set) for this process; the
+/// workers inherit the level, format and endpoint through the environment.
+fn init_telemetry(
+    level: Option<&str>,
+    default: &str,
+    format: LogFormat,
+    otlp: Option<&str>,
+) -> Telemetry {
+    if let Some(endpoint) = otlp {
+        if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_err() {
+            std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
+    }
+    let telemetry = telemetry::init("flotilla-master", level.unwrap_or(default), format);
     if std::env::var("RUST_LOG").is_err() {
         std::env::set_var("RUST_LOG", level.unwrap_or(default));
     }
+    std::env::set_var(
+        "FLOTILLA_LOG_FORMAT",
+        if format == LogFormat::Json {
+            "json"
+        } else {
+            "text"
+        },
+    );
+    telemetry
 }
 
 fn serve_options(a: &ServeArgs) -> ServeOptions {
@@ -114,8 +131,13 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Up(args) => {
-            init_logs(cli.log_level.as_deref(), "info");
             let spec = manifest::load_file(&args.file)?;
+            let _telemetry = init_telemetry(
+                cli.log_level.as_deref(),
+                "info",
+                cli.log_format,
+                spec.otlp_endpoint.as_deref(),
+            );
             let opts = serve_options(&args);
             let master = flotilla::start(&spec, &opts).await?;
             println!(
@@ -132,8 +154,13 @@ async fn main() -> Result<()> {
             sleep_scale,
             timeout,
         } => {
-            init_logs(cli.log_level.as_deref(), "warn");
             let spec = manifest::load_file(&serve.file)?;
+            let _telemetry = init_telemetry(
+                cli.log_level.as_deref(),
+                "warn",
+                cli.log_format,
+                spec.otlp_endpoint.as_deref(),
+            );
             let opts = serve_options(&serve);
             let master = flotilla::start(&spec, &opts).await?;
             master.wait_ready(Duration::from_secs(30)).await?;
@@ -155,7 +182,8 @@ async fn main() -> Result<()> {
             runs,
             json,
         } => {
-            init_logs(cli.log_level.as_deref(), "error");
+            let _telemetry =
+                init_telemetry(cli.log_level.as_deref(), "error", cli.log_format, None);
             let opts = flotilla::bench::BenchOptions {
                 workloads,
                 runs: runs.max(1),

@@ -149,6 +149,10 @@ pub struct Assignment {
     pub spec: TaskSpec,
     /// A secret naming this attempt, for its lock calls.
     pub lease: String,
+    /// W3C trace context of the master's attempt span; travels in the
+    /// `traceparent` header of the poll's answer, not in the body.
+    #[serde(skip)]
+    pub traceparent: Option<String>,
 }
 
 /// Error body used by every endpoint: `{"error": "..."}` (the seed's shape).
@@ -256,3 +260,5 @@ pub struct LockReleased {
     /// Whether a new value was published.
     pub committed: bool,
 }
+
+pub mod telemetry;

@@ -5,9 +5,14 @@
 //! as itself (shell).
 
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use flotilla_proto::telemetry::{traceparent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{routes, LockAction, LockMode, LockRequest};
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tracing::info_span;
 
 /// What the interpreter sends (the lease is added here).
 #[derive(Deserialize)]
@@ -27,6 +32,10 @@ pub struct LockProxy<'a> {
     pub http: &'a reqwest::Client,
     pub master_url: &'a str,
     pub lease: &'a str,
+    /// The task's running span: lock spans are its children.
+    pub span: &'a tracing::Span,
+    /// "lock held" spans, from grant to release, by resource.
+    pub held: Mutex<HashMap<String, tracing::Span>>,
 }
 
 impl LockProxy<'_> {
@@ -46,17 +55,47 @@ impl LockProxy<'_> {
             token: call.token,
             timeout_s: call.timeout_s,
         };
-        match send(self.http, self.master_url, &req).await {
-            Ok(body) => json!({"ok": true, "body": body}),
+        let span = match req.action {
+            LockAction::Acquire => {
+                info_span!(target: TRACE_TARGET, parent: self.span, "lock wait", resource = %req.name, lock.mode = %req.mode)
+            }
+            LockAction::Release => {
+                // The release ends the "lock held" span; the call is its last child.
+                let held = self.held.lock().expect("lock spans").remove(&req.name);
+                let parent = held.as_ref().unwrap_or(self.span);
+                info_span!(target: TRACE_TARGET, parent: parent, "lock release", resource = %req.name, lock.mode = %req.mode)
+            }
+        };
+        let result = send(self.http, self.master_url, &req, traceparent(&span)).await;
+        drop(span);
+        match result {
+            Ok(body) => {
+                if req.action == LockAction::Acquire {
+                    let held = info_span!(target: TRACE_TARGET, parent: self.span, "lock held", resource = %req.name,
+                        lock.mode = %req.mode, lock.token = body["token"].as_u64().unwrap_or(0));
+                    self.held
+                        .lock()
+                        .expect("lock spans")
+                        .insert(req.name.clone(), held);
+                }
+                json!({"ok": true, "body": body})
+            }
             Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
         }
     }
 }
 
-async fn send(http: &reqwest::Client, master_url: &str, req: &LockRequest) -> Result<Value> {
-    let resp = http
-        .post(format!("{master_url}{}", routes::LOCK))
-        .json(req)
+async fn send(
+    http: &reqwest::Client,
+    master_url: &str,
+    req: &LockRequest,
+    traceparent: Option<String>,
+) -> Result<Value> {
+    let mut call = http.post(format!("{master_url}{}", routes::LOCK)).json(req);
+    if let Some(tp) = traceparent {
+        call = call.header(TRACEPARENT, tp);
+    }
+    let resp = call
         .send()
         .await
         .context("cannot reach the master for a lock call")?;
@@ -133,7 +172,13 @@ pub async fn cli(args: &[String]) -> Result<()> {
     }
     let url =
         std::env::var(flotilla_proto::env::LOCK_URL).context("FLOTILLA_LOCK_URL is not set")?;
-    let body = send(&reqwest::Client::new(), url.trim_end_matches('/'), &req).await?;
+    let body = send(
+        &reqwest::Client::new(),
+        url.trim_end_matches('/'),
+        &req,
+        None,
+    )
+    .await?;
     println!("{body}");
     Ok(())
 }

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flotilla_proto::telemetry::{self, adopt_parent, traceparent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{
     env, routes, Assignment, Heartbeat, Incarnation, Poll, Register, RegisterReply, TaskKind,
     TaskReport, WorkerId,
 };
 use reqwest::StatusCode;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, info_span, warn};
 
 struct Config {
     master_url: String,
@@ -157,6 +158,8 @@ impl Worker {
         mut interpreter: Option<python::Interpreter>,
     ) -> Verdict {
         let mut report: Option<TaskReport> = None;
+        // The finished task's span context, sent with its report.
+        let mut report_trace: Option<String> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
             let poll = Poll {
@@ -165,7 +168,15 @@ impl Worker {
                 slot,
                 report: report.clone(),
             };
-            let resp = match self.post(routes::POLL, &poll).await {
+            let mut call = self
+                .http
+                .post(self.url(routes::POLL))
+                .bearer_auth(&self.cfg.secret)
+                .json(&poll);
+            if let Some(tp) = &report_trace {
+                call = call.header(TRACEPARENT, tp);
+            }
+            let resp = match call.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
                     // Keep the report: it is delivered with the next poll.
@@ -179,6 +190,12 @@ impl Worker {
             match resp.status() {
                 StatusCode::OK => {
                     report = None;
+                    report_trace = None;
+                    let parent = resp
+                        .headers()
+                        .get(TRACEPARENT)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
                     let assignment: Assignment = match resp.json().await {
                         Ok(a) => a,
                         Err(e) => {
@@ -186,9 +203,16 @@ impl Worker {
                             continue;
                         }
                     };
-                    report = Some(self.execute(&mut interpreter, assignment).await);
+                    let span = info_span!(target: TRACE_TARGET, "running", task.id = assignment.task_id,
+                        task.attempt = assignment.attempt, task.kind = %assignment.spec.kind, worker.id = self.cfg.worker_id);
+                    adopt_parent(&span, parent.as_deref());
+                    report = Some(self.execute(&mut interpreter, assignment, &span).await);
+                    report_trace = traceparent(&span);
                 }
-                StatusCode::NO_CONTENT => report = None,
+                StatusCode::NO_CONTENT => {
+                    report = None;
+                    report_trace = None;
+                }
                 StatusCode::CONFLICT => return Verdict::Superseded,
                 status => {
                     // The report stays pending; a refusal here is a bug worth seeing.
@@ -204,12 +228,15 @@ impl Worker {
         &self,
         interpreter: &mut Option<python::Interpreter>,
         a: Assignment,
+        span: &tracing::Span,
     ) -> TaskReport {
         debug!(task = a.task_id, attempt = a.attempt, kind = %a.spec.kind, "running task");
         let proxy = locks::LockProxy {
             http: &self.http,
             master_url: &self.cfg.master_url,
             lease: &a.lease,
+            span,
+            held: Default::default(),
         };
         let outcome = match a.spec.kind {
             TaskKind::Shell => {
@@ -263,13 +290,11 @@ impl Worker {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let format = std::env::var("FLOTILLA_LOG_FORMAT")
+        .ok()
+        .and_then(|f| f.parse().ok())
+        .unwrap_or_default();
+    let _telemetry = telemetry::init("flotilla-worker", "info", format);
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lock") {
         return locks::cli(&args[1..]).await;

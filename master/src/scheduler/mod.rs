@@ -12,6 +12,7 @@
 //! exactly one final result.
 
 pub mod policy;
+mod trace;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use policy::WorkerView;
+use trace::TaskTrace;
 
 use crate::resources::locks::{LockError, LockTable, Owner, RequestId};
 use flotilla_proto::{LockGrant, LockMode};
@@ -70,6 +72,10 @@ pub struct Task {
     crashed_on: Vec<WorkerId>,
     crash_errors: Vec<String>,
     waiters: Vec<oneshot::Sender<()>>,
+    trace: TaskTrace,
+    /// Monotonic times for the latency histograms.
+    submitted_instant: Instant,
+    started_instant: Option<Instant>,
 }
 
 /// A long-poll held open by a worker slot, waiting for its next task.
@@ -182,6 +188,7 @@ pub struct Scheduler {
     /// Live attempts' leases (the secret their lock calls carry).
     leases: HashMap<String, Owner>,
     lease_of: HashMap<(TaskId, Attempt), String>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Why a lock call was refused.
@@ -220,6 +227,7 @@ impl Scheduler {
             locks: LockTable::default(),
             leases: HashMap::new(),
             lease_of: HashMap::new(),
+            metrics: Default::default(),
         }
     }
 
@@ -373,6 +381,9 @@ impl Scheduler {
         requeue.extend(waiting);
         for &tid in requeue.iter().rev() {
             let task = self.tasks.get_mut(&tid).expect("queued task exists");
+            if task.state != TaskState::Queued {
+                task.trace.queued(tid);
+            }
             task.state = TaskState::Queued;
             task.node = None;
             self.master_queue.push_front(tid);
@@ -402,6 +413,7 @@ impl Scheduler {
     // ----- tasks ---------------------------------------------------------
 
     fn new_task(&mut self, spec: TaskSpec) -> TaskId {
+        let spec_kind = spec.kind;
         let id = self.next_task;
         self.next_task += 1;
         self.tasks.insert(
@@ -420,8 +432,12 @@ impl Scheduler {
                 crashed_on: Vec::new(),
                 crash_errors: Vec::new(),
                 waiters: Vec::new(),
+                trace: TaskTrace::new(id, spec_kind),
+                submitted_instant: Instant::now(),
+                started_instant: None,
             },
         );
+        self.metrics.submitted.inc();
         id
     }
 
@@ -446,6 +462,7 @@ impl Scheduler {
         let task = self.tasks.get_mut(&id).expect("just inserted");
         task.state = TaskState::Assigned;
         task.node = Some(worker);
+        task.trace.assigned(id, worker, None);
         let w = &mut self.workers[worker as usize];
         w.waiting.push_back(id);
         info!(
@@ -522,6 +539,7 @@ impl Scheduler {
             let task = self.tasks.get_mut(&a.task_id).expect("running task exists");
             task.attempts -= 1;
             task.state = TaskState::Assigned;
+            task.trace.assigned(a.task_id, worker, None);
             debug!(
                 task = a.task_id,
                 worker, "assignment not delivered; back to the queue"
@@ -591,6 +609,10 @@ impl Scheduler {
             self.finish(tid, TaskState::Failed, None, Some(why));
             return false;
         }
+        let reason = task.crash_errors.last().cloned().unwrap_or_default();
+        task.trace.retried(tid, &reason);
+        task.state = TaskState::Queued;
+        self.metrics.retries.inc();
         true
     }
 
@@ -613,6 +635,12 @@ impl Scheduler {
         task.result = result;
         task.error = error;
         task.finished_at = Some(unix_ms());
+        if let Some(started) = task.started_instant {
+            self.metrics
+                .run_time
+                .observe(started.elapsed().as_secs_f64());
+        }
+        task.trace.finished(state, task.attempts, task.node);
         for w in task.waiters.drain(..) {
             let _ = w.send(());
         }
@@ -677,6 +705,7 @@ impl Scheduler {
             let task = self.tasks.get_mut(&tid).expect("queued task exists");
             task.state = TaskState::Assigned;
             task.node = Some(w.id);
+            task.trace.assigned(tid, w.id, None);
             info!(
                 task = tid,
                 worker = w.id,
@@ -705,12 +734,23 @@ impl Scheduler {
                 task.attempts += 1;
                 task.state = TaskState::Running;
                 task.started_at = Some(unix_ms());
+                let now = Instant::now();
+                if task.attempts == 1 {
+                    self.metrics
+                        .submit_to_start
+                        .observe(now.duration_since(task.submitted_instant).as_secs_f64());
+                }
+                task.started_instant = Some(now);
                 let lease = new_lease();
+                let traceparent = task
+                    .trace
+                    .dispatched(tid, task.attempts, w.id, w.incarnation);
                 let assignment = Assignment {
                     task_id: tid,
                     attempt: task.attempts,
                     spec: task.spec.clone(),
                     lease: lease.clone(),
+                    traceparent,
                 };
                 match waiter.tx.send(assignment) {
                     Ok(()) => {
@@ -737,6 +777,7 @@ impl Scheduler {
                         // The poll went away before we answered: not handed over.
                         task.attempts -= 1;
                         task.state = TaskState::Assigned;
+                        task.trace.assigned(tid, w.id, None);
                         w.waiting.push_front(tid);
                     }
                 }
@@ -761,8 +802,11 @@ impl Scheduler {
             }
             self.workers[victim].waiting.pop_back();
             self.workers[thief].waiting.push_back(tid);
-            self.tasks.get_mut(&tid).expect("stolen task exists").node = Some(thief_id);
+            let task = self.tasks.get_mut(&tid).expect("stolen task exists");
+            task.node = Some(thief_id);
+            task.trace.assigned(tid, thief_id, Some(views[victim].id));
             self.steals += 1;
+            self.metrics.steals.inc();
             self.effects.room_freed = true;
             info!(
                 task = tid,
@@ -892,6 +936,18 @@ impl Scheduler {
                     as u64,
                 pid: w.pid,
             })
+            .collect()
+    }
+
+    /// How many tasks are in each state, for the metrics.
+    pub fn tasks_by_state(&self) -> Vec<(&'static str, usize)> {
+        let mut counts = [0usize; 5];
+        for t in self.tasks.values() {
+            counts[t.state as usize] += 1;
+        }
+        ["queued", "assigned", "running", "succeeded", "failed"]
+            .into_iter()
+            .zip(counts)
             .collect()
     }
 

@@ -1,0 +1,143 @@
+//! Logs and traces, set up the same way in the master and the workers.
+//!
+//! Logs go to stderr, human-readable or JSON. Traces are exported with OTLP
+//! over HTTP (what Jaeger ingests) only when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! is set; otherwise no OpenTelemetry layer exists and the task spans (all
+//! under the [`TRACE_TARGET`] target, which the log output never shows) are
+//! disabled at their call sites, which costs next to nothing.
+//!
+//! W3C trace context crosses processes in the `traceparent` HTTP header:
+//! [`traceparent`] reads it off a span, [`adopt_parent`] puts it on one.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// The `tracing` target of every span meant for traces (not for logs).
+pub const TRACE_TARGET: &str = "flotilla_trace";
+/// The HTTP header carrying W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format `{other}`: expected text or json"
+            )),
+        }
+    }
+}
+
+/// Keeps the trace exporter alive; flushes it when dropped.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn tracing_enabled(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber. `filter` is an `EnvFilter` directive
+/// string (`info`, `flotilla=debug`, ...); `RUST_LOG` wins when set.
+pub fn init(service: &'static str, filter: &str, format: LogFormat) -> Telemetry {
+    let directives = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => v,
+        _ => filter.to_string(),
+    };
+    let log_filter = EnvFilter::new(format!("{directives},{TRACE_TARGET}=off"));
+    let logs = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let provider = otlp_provider(service);
+    let traces = provider.as_ref().map(|p| {
+        let targets = tracing_subscriber::filter::Targets::new()
+            .with_target(TRACE_TARGET, tracing::Level::TRACE);
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(service))
+            .with_filter(targets)
+    });
+    let _ = tracing_subscriber::registry()
+        .with(logs.with_filter(log_filter))
+        .with(traces)
+        .try_init();
+    Telemetry { provider }
+}
+
+fn otlp_provider(service: &'static str) -> Option<SdkTracerProvider> {
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty())?;
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("{service}: cannot export traces to {endpoint}: {e}; tracing stays off");
+            return None;
+        }
+    };
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
+    Some(
+        SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    )
+}
+
+/// The span's W3C `traceparent`, when it is being traced.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    let cx = span.context();
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove(TRACEPARENT)
+}
+
+/// Makes `span` a child of the remote span named by `traceparent`.
+pub fn adopt_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    let Some(tp) = traceparent else { return };
+    if span.is_disabled() {
+        return;
+    }
+    let carrier: HashMap<String, String> =
+        HashMap::from([(TRACEPARENT.to_string(), tp.to_string())]);
+    let cx = TraceContextPropagator::new().extract(&carrier);
+    let _ = span.set_parent(cx);
+}
