@@ -15,6 +15,35 @@ pub struct BenchOptions {
     pub workloads: Vec<String>,
     pub runs: usize,
     pub flotilla: PathBuf,
+    /// Export traces (OTLP/HTTP) from the cluster under test to this
+    /// endpoint; `None`: tracing off.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// A stand-in trace collector for measuring the cost of tracing: accepts
+/// OTLP/HTTP exports and counts them, as a collector's front door would.
+pub async fn start_trace_sink() -> Result<(String, std::sync::Arc<std::sync::atomic::AtomicU64>)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let bytes = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = bytes.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            counter.fetch_add(body.len() as u64, Ordering::Relaxed);
+            async {
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, bytes))
 }
 
 /// A cluster under test: a child `flotilla up`.
@@ -25,7 +54,8 @@ struct Target {
 }
 
 impl Target {
-    async fn start(flotilla: &PathBuf, manifest: &str) -> Result<Target> {
+    async fn start(opts: &BenchOptions, manifest: &str) -> Result<Target> {
+        let flotilla = &opts.flotilla;
         let dir = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("cluster.yaml");
@@ -35,6 +65,12 @@ impl Target {
             .arg(&path)
             .args(["--port", "0"])
             .env_remove("RUST_LOG")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(
+                opts.otlp_endpoint
+                    .iter()
+                    .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e.as_str())),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -210,7 +246,7 @@ fn check_unique_results(tasks: &[Value], n: usize) -> Result<()> {
 }
 
 async fn w1(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(&opts.flotilla, &manifest(4, 64)).await?;
+    let t = Target::start(opts, &manifest(4, 64)).await?;
     let n = 2000;
     let tasks: Vec<Value> = (0..n).map(|i| python(format!("response = {i}"))).collect();
     let start = Instant::now();
@@ -228,7 +264,7 @@ async fn w1(opts: &BenchOptions) -> Result<Value> {
 }
 
 async fn w2(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(&opts.flotilla, &manifest(4, 8)).await?;
+    let t = Target::start(opts, &manifest(4, 8)).await?;
     let mut lat = Vec::new();
     for i in 0..300u64 {
         let start = Instant::now();
@@ -257,7 +293,7 @@ async fn cpu_workload(
     path: &str,
 ) -> Result<Value> {
     let single = single_fib_seconds(n)?;
-    let t = Target::start(&opts.flotilla, &manifest(workers, capacity)).await?;
+    let t = Target::start(opts, &manifest(workers, capacity)).await?;
     let code = format!("{FIB}fib({n})\nresponse = {{i}}");
     let start = Instant::now();
     let mut ids = Vec::new();
@@ -280,7 +316,7 @@ async fn cpu_workload(
 
 /// W4: 1,000 tasks each take the write lock on `total`, add 1, release.
 async fn w4(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(&opts.flotilla, &with_total(manifest(4, 64))).await?;
+    let t = Target::start(opts, &with_total(manifest(4, 64))).await?;
     let n = 1000;
     let code = "t = request_write_resource('total')\nt.value += 1\nrelease_write_resource('total')\nresponse = {i}";
     let tasks: Vec<Value> = (0..n)
@@ -307,7 +343,7 @@ async fn w4(opts: &BenchOptions) -> Result<Value> {
 /// Uncontended lock round trip from task code: 1,000 acquire+release of a
 /// write lock, timed in the task with perf_counter.
 async fn lock_round_trip(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(&opts.flotilla, &with_total(manifest(1, 4))).await?;
+    let t = Target::start(opts, &with_total(manifest(1, 4))).await?;
     let code = "import time\nxs = []\nfor _ in range(1000):\n    s = time.perf_counter()\n    v = request_write_resource('total')\n    release_write_resource('total')\n    xs.append(time.perf_counter() - s)\nxs.sort()\nresponse = [xs[500] * 1000, xs[990] * 1000]";
     let sent = t.post("/send", &python(code.to_string())).await?;
     let id = sent["task_id"]
@@ -324,33 +360,20 @@ async fn lock_round_trip(opts: &BenchOptions) -> Result<Value> {
 /// CPU used by an idle cluster of 4 workers (master + workers), from
 /// /proc/<pid>/stat over a window.
 async fn idle(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(&opts.flotilla, &manifest(4, 8)).await?;
-    let nodes = t.get("/nodes").await?;
-    let mut pids = vec![t.child.id()];
-    pids.extend(
-        nodes
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|n| n["pid"].as_u64().map(|p| p as u32)),
-    );
+    let t = Target::start(opts, &manifest(4, 8)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The master and every process under it: workers and their interpreters.
+    let pids = descendants(t.child.id())?;
     let ticks = || -> Result<u64> {
         let mut total = 0;
         for pid in &pids {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            let fields: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            // utime and stime are fields 14 and 15; after the ')' they are 12 and 13 (0-based 11, 12).
-            total += fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+            if let Some((_, utime, stime)) = proc_stat(*pid) {
+                total += utime + stime;
+            }
         }
         Ok(total)
     };
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let window = 10.0;
     let before = ticks()?;
     tokio::time::sleep(Duration::from_secs_f64(window)).await;
@@ -358,6 +381,38 @@ async fn idle(opts: &BenchOptions) -> Result<Value> {
     Ok(
         json!({"cpu_percent_of_one_core": 100.0 * used / window, "window_s": window, "processes": pids.len()}),
     )
+}
+
+/// (ppid, utime, stime) of a process, from /proc/<pid>/stat.
+fn proc_stat(pid: u32) -> Option<(u32, u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the ")" closing the command name: state is field 0, ppid 1, utime 11, stime 12.
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    Some((
+        fields.get(1)?.parse().ok()?,
+        fields.get(11)?.parse().ok()?,
+        fields.get(12)?.parse().ok()?,
+    ))
+}
+
+fn descendants(root: u32) -> Result<Vec<u32>> {
+    let mut parent = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Ok(pid) = entry?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Some((ppid, _, _)) = proc_stat(pid) {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        out.extend(parent.iter().filter(|(_, pp)| **pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    Ok(out)
 }
 
 pub async fn run(opts: &BenchOptions) -> Result<Value> {

@@ -84,6 +84,10 @@ enum Command {
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
+        /// Export the cluster's traces to a local stand-in collector (to
+        /// measure what tracing costs).
+        #[arg(long)]
+        trace: bool,
     },
 }
 
@@ -181,15 +185,26 @@ async fn main() -> Result<()> {
             workloads,
             runs,
             json,
+            trace,
         } => {
             let _telemetry =
                 init_telemetry(cli.log_level.as_deref(), "error", cli.log_format, None);
+            let sink = if trace {
+                Some(flotilla::bench::start_trace_sink().await?)
+            } else {
+                None
+            };
             let opts = flotilla::bench::BenchOptions {
                 workloads,
                 runs: runs.max(1),
                 flotilla: std::env::current_exe()?,
+                otlp_endpoint: sink.as_ref().map(|(url, _)| url.clone()),
             };
-            let figures = flotilla::bench::run(&opts).await?;
+            let mut figures = flotilla::bench::run(&opts).await?;
+            if let Some((_, bytes)) = &sink {
+                figures["trace_bytes_exported"] =
+                    bytes.load(std::sync::atomic::Ordering::Relaxed).into();
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
