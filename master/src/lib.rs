@@ -113,8 +113,15 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime: Arc<dyn Runtime> = match runtime_kind {
         RuntimeKind::Process => Arc::new(ProcessRuntime::new(find_worker_binary(), events_tx)),
+        RuntimeKind::Kubernetes => Arc::new(
+            runtime::kubernetes::KubernetesRuntime::connect(
+                runtime::kubernetes::KubernetesSettings::from_spec(spec)?,
+                events_tx,
+            )
+            .await?,
+        ),
         other => bail!(
-            "runtime `{}` is not available in this build yet; use `process`",
+            "runtime `{}` is not available in this build yet; use `process` or `kubernetes`",
             serde_json::to_value(other)?.as_str().unwrap_or("?")
         ),
     };

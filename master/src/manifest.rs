@@ -10,6 +10,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 pub const API_VERSION: &str = "flotilla.dev/v1";
+/// What Kubernetes accepts as a container's `imagePullPolicy`.
+pub const IMAGE_PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
 /// The seed's default capacity for a node (`/add` without a body).
 pub const DEFAULT_CAPACITY: usize = 10;
 
@@ -123,6 +125,9 @@ pub struct ClusterSpec {
     pub name: String,
     pub runtime: RuntimeKind,
     pub image: Option<String>,
+    /// `spec.imagePullPolicy` of worker pods (Kubernetes runtime):
+    /// `Always`, `IfNotPresent` or `Never`; unset: the cluster's default.
+    pub image_pull_policy: Option<String>,
     pub network: Option<String>,
     pub worker_resources: WorkerResources,
     /// One entry per worker, in ID order: its capacity.
@@ -141,6 +146,7 @@ impl ClusterSpec {
             name,
             runtime: RuntimeKind::Process,
             image: None,
+            image_pull_policy: None,
             network: None,
             worker_resources: WorkerResources::default(),
             capacities: Vec::new(),
@@ -223,7 +229,6 @@ struct NativeSpec {
     #[serde(default)]
     image: Option<String>,
     #[serde(default)]
-    #[allow(dead_code)]
     image_pull_policy: Option<String>,
     #[serde(default)]
     network: Option<String>,
@@ -405,6 +410,7 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
         spec.runtime = r;
     }
     spec.image = s.image;
+    spec.image_pull_policy = s.image_pull_policy;
     spec.network = s.network;
     if let Some(wr) = s.worker_resources {
         if let Some(c) = wr.cpu_per_capacity {
@@ -475,6 +481,14 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
     let cpu = spec.worker_resources.cpu_per_capacity;
     if !cpu.is_finite() || cpu <= 0.0 {
         return Err("spec.workerResources.cpuPerCapacity must be greater than 0".into());
+    }
+    if let Some(p) = &spec.image_pull_policy {
+        if !IMAGE_PULL_POLICIES.contains(&p.as_str()) {
+            return Err(format!(
+                "spec.imagePullPolicy `{p}` is not one of {}",
+                IMAGE_PULL_POLICIES.join(", ")
+            ));
+        }
     }
     let mut names = std::collections::HashSet::new();
     for r in &spec.resources {
@@ -615,6 +629,29 @@ spec:
             .unwrap_err()
             .to_string();
         assert!(err.contains("maxAttempt") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn the_image_pull_policy_is_kept_and_checked() {
+        let text = r#"
+apiVersion: flotilla.dev/v1
+kind: Cluster
+metadata: { name: k }
+spec:
+  runtime: kubernetes
+  imagePullPolicy: Never
+  workers: [{ capacity: 2 }]
+"#;
+        let spec = parse(text, "k").unwrap();
+        assert_eq!(spec.runtime, RuntimeKind::Kubernetes);
+        assert_eq!(spec.image_pull_policy.as_deref(), Some("Never"));
+        let err = parse(&text.replace("Never", "Sometimes"), "k")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`Sometimes`") && err.contains("IfNotPresent"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! workers. The scheduler never knows which one it drives.
 
 pub mod process;
+// Worker pods through the Kubernetes API server.
+pub mod kubernetes;
 
 use async_trait::async_trait;
 use flotilla_proto::{Incarnation, WorkerId};

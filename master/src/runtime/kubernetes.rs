@@ -1,0 +1,943 @@
+//! The Kubernetes runtime: each worker is a pod `<release>-worker-<id>`,
+//! created through the API server (kube-rs) in the master's namespace, with
+//! a CPU request and limit proportional to its queue capacity (the Docker
+//! runtime's rule) and a memory limit. `restartPolicy: Never`: the master,
+//! not the kubelet, restarts workers, because each start is a new
+//! incarnation with its own environment. A restart deletes the pod, waits
+//! until the name is free, and creates it again under the same name.
+//!
+//! Deaths are seen at once through a watch on the release's worker pods: a
+//! pod deleted (`kubectl delete pod`, a drain), being deleted (an eviction
+//! through the API), finished or failed (a crash, an OOM kill, a kubelet
+//! eviction), or unable to start (an image that cannot be pulled). The
+//! heartbeat stays the backstop for a pod that hangs.
+//!
+//! Adoption. Pods left by an earlier master of the same release (it crashed,
+//! or was killed before it could clean up) are deleted at start and the
+//! workers are created again under the same names; they are not reused. A
+//! surviving pod carries the old master's worker secret and an incarnation
+//! the new master never issued, and whatever it was running belonged to a
+//! queue that lived only in the old master's memory: the new master could
+//! neither authenticate it nor account for its work. Deleting it costs one
+//! pod start and guarantees that no name is duplicated and nothing runs
+//! twice. Pods of worker IDs the new manifest does not have (added with
+//! `/add` before) are deleted too.
+//!
+//! Pods this master created carry an annotation with a random session ID,
+//! so that events about an earlier master's pods (same names, same
+//! incarnation numbers) are never taken for deaths of this master's workers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flotilla_proto::{env, Incarnation, WorkerId};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EnvVar, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
+    SeccompProfile, SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Config};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+
+/// The worker image when the manifest names none.
+pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+/// Always `worker` on worker pods. Never `master`: the chart's Deployment
+/// and Service select `component=master`, and would take in a worker pod
+/// that carried it.
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_WORKER: &str = "flotilla.dev/worker";
+pub const LABEL_INCARNATION: &str = "flotilla.dev/incarnation";
+/// Which start of a master created the pod (see the module comment).
+pub const ANNOTATION_SESSION: &str = "flotilla.dev/master-session";
+
+/// The environment the chart gives the master.
+pub const ENV_RELEASE: &str = "FLOTILLA_RELEASE";
+pub const ENV_NAMESPACE: &str = "FLOTILLA_NAMESPACE";
+
+/// What the manifest and the master's environment say about worker pods.
+#[derive(Clone, Debug)]
+pub struct KubernetesSettings {
+    /// `FLOTILLA_RELEASE`, else `metadata.name`: pod names and labels.
+    pub release: String,
+    /// `FLOTILLA_NAMESPACE`, else the configuration's default namespace.
+    pub namespace: Option<String>,
+    pub image: String,
+    /// `spec.imagePullPolicy`; unset: Kubernetes' default for the tag.
+    pub image_pull_policy: Option<String>,
+    /// CPU cores per unit of queue capacity (request = limit = capacity x this).
+    pub cpu_per_capacity: f64,
+    pub memory_bytes: u64,
+    /// `FLOTILLA_MASTER_URL`: where worker pods reach the master (the
+    /// chart's Service). Unset: the address the master gives every runtime.
+    pub master_url: Option<String>,
+    /// The longest wait for a deleted pod to be gone before its name is used
+    /// again.
+    pub delete_timeout: Duration,
+}
+
+/// Why the runtime could not be set up; each names the bad value or what
+/// to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesSetupError {
+    #[error("spec.image is empty (\"{0}\"): name the worker image, e.g. {DEFAULT_IMAGE}")]
+    EmptyImage(String),
+    #[error("release name `{0}` (FLOTILLA_RELEASE, else metadata.name) cannot name Kubernetes pods: use at most 45 lowercase letters, digits and '-', starting and ending with a letter or digit")]
+    BadRelease(String),
+    #[error("FLOTILLA_NAMESPACE `{0}` is not a Kubernetes namespace name (lowercase letters, digits and '-')")]
+    BadNamespace(String),
+    #[error("FLOTILLA_MASTER_URL `{0}` is not an http:// or https:// URL")]
+    BadMasterUrl(String),
+    #[error("no Kubernetes configuration: {0}. Inside a cluster the master uses its ServiceAccount (KUBERNETES_SERVICE_HOST is set there); outside, a kubeconfig (KUBECONFIG or ~/.kube/config)")]
+    Config(String),
+    #[error("cannot list the worker pods of release `{release}` in namespace `{namespace}` at {url}: {source}. The master's ServiceAccount needs get, list, watch, create and delete on pods (the chart's Role)")]
+    Api {
+        release: String,
+        namespace: String,
+        url: String,
+        source: Box<kube::Error>,
+    },
+    #[error(
+        "cannot delete the worker pods left by an earlier master of release `{release}`: {reason}"
+    )]
+    Leftovers { release: String, reason: String },
+}
+
+impl KubernetesSettings {
+    /// The settings of `spec` and the master's environment.
+    pub fn from_spec(spec: &crate::manifest::ClusterSpec) -> Result<Self, KubernetesSetupError> {
+        Self::from_spec_with(spec, |key| std::env::var(key).ok())
+    }
+
+    /// As [`from_spec`](Self::from_spec), reading the environment through
+    /// `lookup`. Empty variables count as unset.
+    pub fn from_spec_with(
+        spec: &crate::manifest::ClusterSpec,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, KubernetesSetupError> {
+        let var = |key: &str| {
+            lookup(key)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let image = spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into());
+        if image.trim().is_empty() {
+            return Err(KubernetesSetupError::EmptyImage(image));
+        }
+        let release = var(ENV_RELEASE).unwrap_or_else(|| spec.name.clone());
+        // `-worker-` and a worker ID must still fit a 63-character name.
+        if release.len() > 45 || !is_dns_label(&release) {
+            return Err(KubernetesSetupError::BadRelease(release));
+        }
+        let namespace = var(ENV_NAMESPACE);
+        if let Some(ns) = &namespace {
+            if !is_dns_label(ns) {
+                return Err(KubernetesSetupError::BadNamespace(ns.clone()));
+            }
+        }
+        let master_url = var(env::MASTER_URL).map(|u| u.trim_end_matches('/').to_string());
+        if let Some(url) = &master_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(KubernetesSetupError::BadMasterUrl(url.clone()));
+            }
+        }
+        Ok(KubernetesSettings {
+            release,
+            namespace,
+            image,
+            image_pull_policy: spec.image_pull_policy.clone(),
+            cpu_per_capacity: spec.worker_resources.cpu_per_capacity,
+            memory_bytes: spec.worker_resources.memory_bytes,
+            master_url,
+            delete_timeout: Duration::from_secs(60),
+        })
+    }
+
+    pub fn pod_name(&self, worker: WorkerId) -> String {
+        format!("{}-worker-{worker}", self.release)
+    }
+
+    /// Selects this release's worker pods, and nothing else.
+    pub fn selector(&self) -> String {
+        format!(
+            "{LABEL_NAME}=flotilla,{LABEL_INSTANCE}={},{LABEL_COMPONENT}=worker",
+            self.release
+        )
+    }
+
+    /// The CPU request and limit of a worker of this capacity, in millicores:
+    /// capacity x cpuPerCapacity cores, as the Docker runtime's quota.
+    pub fn cpu_millis(&self, capacity: usize) -> u64 {
+        ((capacity as f64 * self.cpu_per_capacity * 1000.0).round() as u64).max(1)
+    }
+
+    /// The pod that runs one incarnation of a worker.
+    pub fn pod(&self, launch: &WorkerLaunch, session: &str) -> Pod {
+        let labels = BTreeMap::from([
+            (LABEL_NAME.to_string(), "flotilla".to_string()),
+            (LABEL_INSTANCE.to_string(), self.release.clone()),
+            (LABEL_COMPONENT.to_string(), "worker".to_string()),
+            (LABEL_WORKER.to_string(), launch.worker_id.to_string()),
+            (
+                LABEL_INCARNATION.to_string(),
+                launch.incarnation.to_string(),
+            ),
+        ]);
+        let master_url = self
+            .master_url
+            .clone()
+            .unwrap_or_else(|| launch.master_url.clone());
+        let var = |name: &str, value: String| EnvVar {
+            name: name.into(),
+            value: Some(value),
+            ..Default::default()
+        };
+        let cpu = Quantity(format!("{}m", self.cpu_millis(launch.capacity)));
+        let memory = Quantity(memory_quantity(self.memory_bytes));
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(self.pod_name(launch.worker_id)),
+                labels: Some(labels),
+                annotations: Some(BTreeMap::from([(
+                    ANNOTATION_SESSION.to_string(),
+                    session.to_string(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                // The master restarts workers, each time as a new incarnation.
+                restart_policy: Some("Never".into()),
+                // Workers talk to the master, never to the Kubernetes API.
+                automount_service_account_token: Some(false),
+                security_context: Some(PodSecurityContext {
+                    run_as_non_root: Some(true),
+                    seccomp_profile: Some(SeccompProfile {
+                        type_: "RuntimeDefault".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                containers: vec![Container {
+                    name: "worker".into(),
+                    image: Some(self.image.clone()),
+                    image_pull_policy: self.image_pull_policy.clone(),
+                    env: Some(vec![
+                        var(env::MASTER_URL, master_url),
+                        var(env::WORKER_ID, launch.worker_id.to_string()),
+                        var(env::INCARNATION, launch.incarnation.to_string()),
+                        var(env::WORKER_SECRET, launch.secret.clone()),
+                        var(env::SLOTS, launch.slots.to_string()),
+                    ]),
+                    resources: Some(ResourceRequirements {
+                        requests: Some(BTreeMap::from([("cpu".to_string(), cpu.clone())])),
+                        limits: Some(BTreeMap::from([
+                            ("cpu".to_string(), cpu),
+                            ("memory".to_string(), memory),
+                        ])),
+                        ..Default::default()
+                    }),
+                    security_context: Some(SecurityContext {
+                        allow_privilege_escalation: Some(false),
+                        capabilities: Some(Capabilities {
+                            drop: Some(vec!["ALL".into()]),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// RFC 1123 label: what Kubernetes accepts as a namespace, a label value and
+/// (with `-worker-<id>`) a pod name.
+fn is_dns_label(s: &str) -> bool {
+    let ok_end = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= 63
+        && ok_end(s.chars().next())
+        && ok_end(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// `536870912` -> `512Mi`: what `kubectl describe` shows the user.
+fn memory_quantity(bytes: u64) -> String {
+    for (unit, size) in [("Gi", 1u64 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)] {
+        if bytes > 0 && bytes.is_multiple_of(size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Containers waiting for one of these reasons will not start by themselves.
+const CANNOT_START: [&str; 6] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "ErrImageNeverPull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Why a pod's worker is gone or will never run; `None` while it may run.
+fn pod_gone(pod: &Pod, deleted: bool) -> Option<String> {
+    let name = pod.metadata.name.as_deref().unwrap_or("?");
+    if deleted {
+        return Some(format!("pod {name} was deleted"));
+    }
+    let status = pod.status.as_ref();
+    let container = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref());
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("");
+    if phase == "Failed" || phase == "Succeeded" {
+        let mut detail = format!("pod {name} {}", phase.to_lowercase());
+        if let Some(why) = status.and_then(|s| s.reason.as_deref().or(s.message.as_deref())) {
+            detail.push_str(&format!(": {why}"));
+        }
+        if let Some(t) = container.and_then(|s| s.terminated.as_ref()) {
+            let reason = t.reason.as_deref().map(|r| format!(", {r}"));
+            detail.push_str(&format!(
+                " (worker exited with code {}{})",
+                t.exit_code,
+                reason.unwrap_or_default()
+            ));
+        }
+        return Some(detail);
+    }
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Some(format!("pod {name} is being deleted (evicted or drained)"));
+    }
+    // A container that cannot start keeps its pod Pending for ever.
+    let waiting = container.and_then(|s| s.waiting.as_ref())?;
+    let reason = waiting.reason.as_deref()?;
+    CANNOT_START.contains(&reason).then(|| {
+        let message = waiting.message.as_deref().map(|m| format!(": {m}"));
+        format!(
+            "pod {name} cannot start: {reason}{}",
+            message.unwrap_or_default()
+        )
+    })
+}
+
+/// A (re-)list of the watch in progress: the pods this runtime had created
+/// when it began, and the UIDs listed so far.
+struct Relist {
+    before: Vec<(WorkerId, Incarnation, String)>,
+    listed: HashSet<String>,
+}
+
+/// The pod that runs a worker's current incarnation.
+#[derive(Clone, Debug)]
+struct Tracked {
+    incarnation: Incarnation,
+    /// Known once the API server has created it.
+    uid: Option<String>,
+    /// Its death was reported; once is enough.
+    reported: bool,
+}
+
+struct Inner {
+    pods: Api<Pod>,
+    settings: KubernetesSettings,
+    namespace: String,
+    session: String,
+    tracked: Mutex<HashMap<WorkerId, Tracked>>,
+    events: UnboundedSender<RuntimeEvent>,
+    /// Set on shutdown: deaths are then expected, and not reported.
+    stopping: AtomicBool,
+}
+
+pub struct KubernetesRuntime {
+    inner: Arc<Inner>,
+    watch: JoinHandle<()>,
+}
+
+impl KubernetesRuntime {
+    /// Connects with the in-cluster configuration when the master runs in a
+    /// pod (`KUBERNETES_SERVICE_HOST` is set), else with the kubeconfig.
+    pub async fn connect(
+        settings: KubernetesSettings,
+        events: UnboundedSender<RuntimeEvent>,
+    ) -> Result<Self, KubernetesSetupError> {
+        let config = if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            Config::incluster().map_err(|e| KubernetesSetupError::Config(e.to_string()))?
+        } else {
+            Config::infer()
+                .await
+                .map_err(|e| KubernetesSetupError::Config(e.to_string()))?
+        };
+        Self::connect_with(config, settings, events).await
+    }
+
+    /// Connects with `config`, deletes the pods an earlier master left, and
+    /// starts watching the release's worker pods.
+    pub async fn connect_with(
+        config: Config,
+        settings: KubernetesSettings,
+        events: UnboundedSender<RuntimeEvent>,
+    ) -> Result<Self, KubernetesSetupError> {
+        let url = config.cluster_url.to_string();
+        let namespace = settings
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client =
+            Client::try_from(config).map_err(|e| KubernetesSetupError::Config(e.to_string()))?;
+        if settings.master_url.is_none() {
+            warn!("FLOTILLA_MASTER_URL is not set: worker pods are told the master's own listening address, which they reach only if the master runs where they can see it (the Helm chart sets it to its Service)");
+        }
+        let inner = Arc::new(Inner {
+            pods: Api::namespaced(client, &namespace),
+            settings,
+            namespace,
+            session: random_session(),
+            tracked: Mutex::new(HashMap::new()),
+            events,
+            stopping: AtomicBool::new(false),
+        });
+        inner.remove_leftovers(&url).await?;
+        let watch = tokio::spawn(inner.clone().watch());
+        Ok(KubernetesRuntime { inner, watch })
+    }
+
+    pub fn settings(&self) -> &KubernetesSettings {
+        &self.inner.settings
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+}
+
+impl Drop for KubernetesRuntime {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
+}
+
+fn random_session() -> String {
+    use rand::Rng;
+    let bytes: [u8; 8] = rand::thread_rng().gen();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn is_api(e: &kube::Error, check: impl Fn(&kube::core::Status) -> bool) -> bool {
+    matches!(e, kube::Error::Api(status) if check(status))
+}
+
+impl Inner {
+    /// Deletes every worker pod of the release that exists before this
+    /// master starts any (see the module comment), and waits until they are
+    /// gone so that their names are free.
+    async fn remove_leftovers(&self, url: &str) -> Result<(), KubernetesSetupError> {
+        let list = self
+            .pods
+            .list(&ListParams::default().labels(&self.settings.selector()))
+            .await
+            .map_err(|source| KubernetesSetupError::Api {
+                release: self.settings.release.clone(),
+                namespace: self.namespace.clone(),
+                url: url.to_string(),
+                source: Box::new(source),
+            })?;
+        if list.items.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = list
+            .items
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+            .collect();
+        info!(
+            release = %self.settings.release,
+            pods = ?names,
+            "deleting the worker pods an earlier master left; they are created again under the same names"
+        );
+        let deletions = list.items.iter().map(|pod| async move {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            self.delete_and_wait(&name, &uid)
+                .await
+                .map_err(|reason| format!("{name}: {reason}"))
+        });
+        let failures: Vec<String> = futures::future::join_all(deletions)
+            .await
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(KubernetesSetupError::Leftovers {
+                release: self.settings.release.clone(),
+                reason: failures.join("; "),
+            })
+        }
+    }
+
+    /// Deletes pod `name` at once, only if it is still the one with `uid`,
+    /// and waits until no pod with that UID is left. Already gone is fine.
+    async fn delete_and_wait(&self, name: &str, uid: &str) -> Result<(), String> {
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match self.pods.delete(name, &params).await {
+            Ok(_) => {}
+            // Gone, or the name already belongs to another pod: ours is gone.
+            Err(e) if is_api(&e, |s| s.is_not_found() || s.is_conflict()) => return Ok(()),
+            Err(e) => return Err(format!("delete failed: {e}")),
+        }
+        let timeout = self.settings.delete_timeout;
+        let gone = await_condition(self.pods.clone(), name, conditions::is_deleted(uid));
+        match tokio::time::timeout(timeout, gone).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("could not watch it go: {e}")),
+            Err(_) => Err(format!(
+                "still there {}s after it was deleted",
+                timeout.as_secs()
+            )),
+        }
+    }
+
+    /// Creates the pod; if one of that name is still there (a leftover, or
+    /// a delete that did not finish), deletes it and tries once more.
+    async fn create(&self, pod: &Pod) -> Result<Pod, String> {
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        match self.pods.create(&PostParams::default(), pod).await {
+            Ok(created) => return Ok(created),
+            Err(e) if is_api(&e, |s| s.is_already_exists()) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        warn!(pod = %name, "a pod of that name is still there; deleting it first");
+        let old = self
+            .pods
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("cannot read the pod in the way: {e}"))?;
+        if let Some(uid) = old.and_then(|p| p.metadata.uid) {
+            self.delete_and_wait(&name, &uid).await?;
+        }
+        self.pods
+            .create(&PostParams::default(), pod)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Follows the release's worker pods until the runtime is dropped.
+    async fn watch(self: Arc<Self>) {
+        let config = watcher::Config::default().labels(&self.settings.selector());
+        let mut stream = watcher::watcher(self.pods.clone(), config)
+            .default_backoff()
+            .boxed();
+        let mut relist: Option<Relist> = None;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(Event::Apply(pod)) => self.on_pod(&pod, false),
+                Ok(Event::Delete(pod)) => self.on_pod(&pod, true),
+                Ok(Event::Init) => {
+                    relist = Some(Relist {
+                        before: self.created_pods(),
+                        listed: HashSet::new(),
+                    })
+                }
+                Ok(Event::InitApply(pod)) => {
+                    if let (Some(relist), Some(uid)) = (&mut relist, &pod.metadata.uid) {
+                        relist.listed.insert(uid.clone());
+                    }
+                    self.on_pod(&pod, false);
+                }
+                Ok(Event::InitDone) => {
+                    // A pod deleted while the watch was down shows up only as
+                    // missing from the new list.
+                    if let Some(Relist { before, listed }) = relist.take() {
+                        for (worker, incarnation, uid) in before {
+                            if listed.contains(&uid) {
+                                continue;
+                            }
+                            let name = self.settings.pod_name(worker);
+                            let detail =
+                                format!("pod {name} was deleted while the watch was reconnecting");
+                            self.report(worker, incarnation, detail);
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "watching the worker pods failed; retrying (the heartbeat stays the backstop)")
+                }
+            }
+        }
+    }
+
+    /// The pods this runtime has created and not yet killed.
+    fn created_pods(&self) -> Vec<(WorkerId, Incarnation, String)> {
+        let tracked = self.tracked.lock().expect("tracked lock");
+        tracked
+            .iter()
+            .filter_map(|(&w, t)| t.uid.clone().map(|uid| (w, t.incarnation, uid)))
+            .collect()
+    }
+
+    fn on_pod(&self, pod: &Pod, deleted: bool) {
+        let meta = &pod.metadata;
+        let ours = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_SESSION))
+            .is_some_and(|s| *s == self.session);
+        if !ours {
+            return;
+        }
+        let label = |key: &str| meta.labels.as_ref().and_then(|l| l.get(key));
+        let worker = label(LABEL_WORKER).and_then(|v| v.parse::<WorkerId>().ok());
+        let incarnation = label(LABEL_INCARNATION).and_then(|v| v.parse::<Incarnation>().ok());
+        let (Some(worker), Some(incarnation)) = (worker, incarnation) else {
+            return;
+        };
+        if let Some(detail) = pod_gone(pod, deleted) {
+            self.report(worker, incarnation, detail);
+        }
+    }
+
+    /// Reports the death of `incarnation` of `worker`, once, if it is the
+    /// incarnation this runtime runs.
+    fn report(&self, worker: WorkerId, incarnation: Incarnation, detail: String) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        {
+            let mut tracked = self.tracked.lock().expect("tracked lock");
+            match tracked.get_mut(&worker) {
+                Some(t) if t.incarnation == incarnation && !t.reported => t.reported = true,
+                _ => return,
+            }
+        }
+        info!(worker, incarnation, %detail, "worker pod lost");
+        let _ = self.events.send(RuntimeEvent::Exited {
+            worker_id: worker,
+            incarnation,
+            detail,
+        });
+    }
+}
+
+#[async_trait]
+impl Runtime for KubernetesRuntime {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        let pod = inner.settings.pod(&launch, &inner.session);
+        let name = inner.settings.pod_name(launch.worker_id);
+        // Tracked before it exists, so that a pod failing at once is reported.
+        inner.tracked.lock().expect("tracked lock").insert(
+            launch.worker_id,
+            Tracked {
+                incarnation: launch.incarnation,
+                uid: None,
+                reported: false,
+            },
+        );
+        let created = inner.create(&pod).await;
+        let mut tracked = inner.tracked.lock().expect("tracked lock");
+        let entry = tracked
+            .get_mut(&launch.worker_id)
+            .filter(|t| t.incarnation == launch.incarnation);
+        match (created, entry) {
+            (Ok(created), Some(t)) => t.uid = created.metadata.uid,
+            // Killed while it was being created: the kill found no UID.
+            (Ok(_), None) => {}
+            (Err(reason), entry) => {
+                if entry.is_some() {
+                    tracked.remove(&launch.worker_id);
+                }
+                return Err(RuntimeError::Start {
+                    worker: launch.worker_id,
+                    reason: format!("pod {}/{name}: {reason}", inner.namespace),
+                });
+            }
+        }
+        drop(tracked);
+        info!(
+            worker = launch.worker_id,
+            incarnation = launch.incarnation,
+            pod = %name,
+            namespace = %inner.namespace,
+            cpu_millis = inner.settings.cpu_millis(launch.capacity),
+            "created worker pod"
+        );
+        Ok(())
+    }
+
+    async fn kill(&self, worker: WorkerId) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        // Untracked first: the deletion this causes is not a death to report.
+        let tracked = inner.tracked.lock().expect("tracked lock").remove(&worker);
+        let Some(uid) = tracked.and_then(|t| t.uid) else {
+            return Ok(());
+        };
+        let name = inner.settings.pod_name(worker);
+        inner
+            .delete_and_wait(&name, &uid)
+            .await
+            .map_err(|reason| RuntimeError::Kill {
+                worker,
+                reason: format!("pod {}/{name}: {reason}", inner.namespace),
+            })?;
+        debug!(worker, pod = %name, "deleted worker pod");
+        Ok(())
+    }
+
+    async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle> {
+        let inner = &self.inner;
+        let tracked = inner.tracked.lock().expect("tracked lock");
+        tracked.get(&worker).map(|t| WorkerHandle {
+            incarnation: t.incarnation,
+            locator: format!(
+                "pod {}/{}",
+                inner.namespace,
+                inner.settings.pod_name(worker)
+            ),
+        })
+    }
+
+    async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        self.watch.abort();
+        let all: Vec<(WorkerId, Tracked)> = inner
+            .tracked
+            .lock()
+            .expect("tracked lock")
+            .drain()
+            .collect();
+        let deletions = all.into_iter().map(|(worker, t)| {
+            let name = inner.settings.pod_name(worker);
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: t.uid.map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            async move {
+                match inner.pods.delete(&name, &params).await {
+                    Ok(_) => debug!(pod = %name, "deleted worker pod"),
+                    Err(e) if is_api(&e, |s| s.is_not_found() || s.is_conflict()) => {}
+                    Err(e) => warn!(pod = %name, error = %e, "could not delete worker pod"),
+                }
+            }
+        });
+        let all_done = futures::future::join_all(deletions);
+        if tokio::time::timeout(Duration::from_secs(20), all_done)
+            .await
+            .is_err()
+        {
+            warn!("gave up deleting the worker pods after 20s");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest;
+    use serde_json::json;
+
+    fn spec(extra: &str) -> manifest::ClusterSpec {
+        let text = format!(
+            "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: {{ name: demo }}\nspec:\n  runtime: kubernetes\n  workers: [{{ capacity: 4 }}]\n{extra}"
+        );
+        manifest::parse(&text, "test").unwrap()
+    }
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn launch() -> WorkerLaunch {
+        WorkerLaunch {
+            worker_id: 3,
+            incarnation: 7,
+            capacity: 4,
+            slots: 2,
+            master_url: "http://127.0.0.1:5000".into(),
+            secret: "s3cret".into(),
+        }
+    }
+
+    #[test]
+    fn settings_come_from_the_manifest_with_defaults() {
+        let s = KubernetesSettings::from_spec_with(&spec(""), no_env).unwrap();
+        assert_eq!(s.release, "demo");
+        assert_eq!(s.image, DEFAULT_IMAGE);
+        assert_eq!(s.image_pull_policy, None);
+        assert_eq!(s.namespace, None);
+        assert_eq!(s.pod_name(2), "demo-worker-2");
+        assert_eq!(
+            s.selector(),
+            "app.kubernetes.io/name=flotilla,app.kubernetes.io/instance=demo,app.kubernetes.io/component=worker"
+        );
+    }
+
+    #[test]
+    fn the_environment_names_release_namespace_and_master() {
+        let s = KubernetesSettings::from_spec_with(&spec(""), |k| match k {
+            "FLOTILLA_RELEASE" => Some("prod".into()),
+            "FLOTILLA_NAMESPACE" => Some("jobs".into()),
+            "FLOTILLA_MASTER_URL" => Some("http://prod:5000/".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.pod_name(0), "prod-worker-0");
+        assert_eq!(s.namespace.as_deref(), Some("jobs"));
+        assert_eq!(s.master_url.as_deref(), Some("http://prod:5000"));
+    }
+
+    #[test]
+    fn bad_values_are_refused_naming_them() {
+        let err = KubernetesSettings::from_spec_with(&spec("  image: \"\"\n"), no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spec.image is empty"), "{err}");
+        let err = KubernetesSettings::from_spec_with(&spec(""), |k| {
+            (k == "FLOTILLA_RELEASE").then(|| "My_Release".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`My_Release`"), "{err}");
+        let err = KubernetesSettings::from_spec_with(&spec(""), |k| {
+            (k == "FLOTILLA_MASTER_URL").then(|| "flotilla:5000".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`flotilla:5000`"), "{err}");
+    }
+
+    #[test]
+    fn the_cpu_request_is_proportional_to_capacity() {
+        let s = KubernetesSettings::from_spec_with(
+            &spec("  workerResources: { cpuPerCapacity: 0.3, memory: 256Mi }\n"),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(s.cpu_millis(1), 300);
+        assert_eq!(s.cpu_millis(10), 3000);
+        assert_eq!(memory_quantity(256 << 20), "256Mi");
+        assert_eq!(memory_quantity(1 << 30), "1Gi");
+        assert_eq!(memory_quantity(1_000_000), "1000000");
+    }
+
+    #[test]
+    fn the_pod_carries_identity_resources_and_environment() {
+        let s = KubernetesSettings::from_spec_with(
+            &spec("  image: registry.local/w:1\n  imagePullPolicy: Never\n"),
+            no_env,
+        )
+        .unwrap();
+        let pod = serde_json::to_value(s.pod(&launch(), "abc")).unwrap();
+        assert_eq!(pod["metadata"]["name"], "demo-worker-3");
+        let labels = &pod["metadata"]["labels"];
+        assert_eq!(labels["app.kubernetes.io/name"], "flotilla");
+        assert_eq!(labels["app.kubernetes.io/component"], "worker");
+        assert_eq!(labels["app.kubernetes.io/instance"], "demo");
+        assert_eq!(labels["flotilla.dev/worker"], "3");
+        assert_eq!(labels["flotilla.dev/incarnation"], "7");
+        assert_eq!(
+            pod["metadata"]["annotations"]["flotilla.dev/master-session"],
+            "abc"
+        );
+        assert_eq!(pod["spec"]["restartPolicy"], "Never");
+        let c = &pod["spec"]["containers"][0];
+        assert_eq!(c["image"], "registry.local/w:1");
+        assert_eq!(c["imagePullPolicy"], "Never");
+        assert_eq!(c["resources"]["requests"]["cpu"], "1000m");
+        assert_eq!(c["resources"]["limits"]["cpu"], "1000m");
+        assert_eq!(c["resources"]["limits"]["memory"], "512Mi");
+        let env: HashMap<&str, &str> = c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+            .collect();
+        assert_eq!(env["FLOTILLA_MASTER_URL"], "http://127.0.0.1:5000");
+        assert_eq!(env["FLOTILLA_WORKER_ID"], "3");
+        assert_eq!(env["FLOTILLA_INCARNATION"], "7");
+        assert_eq!(env["FLOTILLA_WORKER_SECRET"], "s3cret");
+        assert_eq!(env["FLOTILLA_SLOTS"], "2");
+    }
+
+    #[test]
+    fn pods_that_will_not_run_are_told_apart_from_live_ones() {
+        let pod = |status: serde_json::Value| -> Pod {
+            serde_json::from_value(json!({
+                "metadata": {"name": "demo-worker-0"},
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let container = |state: serde_json::Value| {
+            json!([{"name": "worker", "image": "x", "imageID": "", "ready": false,
+                    "restartCount": 0, "state": state}])
+        };
+        assert_eq!(pod_gone(&pod(json!({"phase": "Running"})), false), None);
+        assert_eq!(pod_gone(&pod(json!({"phase": "Pending"})), false), None);
+        let evicted = pod(json!({"phase": "Failed", "reason": "Evicted"}));
+        assert!(pod_gone(&evicted, false).unwrap().contains("Evicted"));
+        let oom = pod(json!({"phase": "Failed", "containerStatuses": container(
+            json!({"terminated": {"exitCode": 137, "reason": "OOMKilled"}}))}));
+        let detail = pod_gone(&oom, false).unwrap();
+        assert!(
+            detail.contains("137") && detail.contains("OOMKilled"),
+            "{detail}"
+        );
+        let never_pulled = pod(json!({"phase": "Pending", "containerStatuses": container(
+            json!({"waiting": {"reason": "ErrImageNeverPull", "message": "not present"}}))}));
+        assert!(pod_gone(&never_pulled, false)
+            .unwrap()
+            .contains("ErrImageNeverPull"));
+        let creating = pod(json!({"phase": "Pending", "containerStatuses": container(
+            json!({"waiting": {"reason": "ContainerCreating"}}))}));
+        assert_eq!(pod_gone(&creating, false), None);
+        assert!(pod_gone(&pod(json!({})), true).unwrap().contains("deleted"));
+    }
+
+    #[test]
+    fn release_names_must_fit_pod_names_and_labels() {
+        assert!(is_dns_label("flotilla"));
+        assert!(is_dns_label("a-1"));
+        assert!(!is_dns_label("-a"));
+        assert!(!is_dns_label("A"));
+        assert!(!is_dns_label(""));
+        assert!(!is_dns_label("a.b"));
+    }
+}
