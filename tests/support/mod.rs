@@ -1,6 +1,8 @@
 //! Support for the end-to-end tests: start the real `flotilla` binary (which
 //! starts real `flotilla-worker` processes), talk HTTP to it like a user.
 
+pub mod kube_standin;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

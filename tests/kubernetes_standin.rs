@@ -1,0 +1,546 @@
+//! The Kubernetes runtime against a STAND-IN for the API server, not a
+//! cluster: no real cluster can run on the machine these tests run on (no
+//! kind or minikube, no registry). The stand-in (`support/kube_standin.rs`)
+//! speaks the real REST paths and watch protocol for pods, and nothing more;
+//! pods never run, so the tests play `kubectl` and the kubelet themselves.
+//!
+//! Most tests drive `KubernetesRuntime` through the `Runtime` trait, as the
+//! cluster does; the last two run the real `flotilla up --runtime
+//! kubernetes` binary against the stand-in through a kubeconfig file.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::runtime::kubernetes::{KubernetesRuntime, KubernetesSettings};
+use flotilla::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
+use flotilla_e2e::kube_standin::{describe, KubeApiStandin};
+use flotilla_e2e::{bin, temp_file};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+const NS: &str = "flotilla-test";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn settings(release: &str) -> KubernetesSettings {
+    KubernetesSettings {
+        release: release.into(),
+        namespace: None,
+        image: "flotilla-worker:0.1.0".into(),
+        image_pull_policy: Some("IfNotPresent".into()),
+        cpu_per_capacity: 0.25,
+        memory_bytes: 512 << 20,
+        master_url: Some("http://flotilla:5000".into()),
+        delete_timeout: WAIT,
+    }
+}
+
+async fn connect(
+    standin: &KubeApiStandin,
+    release: &str,
+) -> (KubernetesRuntime, UnboundedReceiver<RuntimeEvent>) {
+    let mut config = kube::Config::new(standin.url().parse().unwrap());
+    config.default_namespace = NS.into();
+    let (tx, rx) = unbounded_channel();
+    let runtime = KubernetesRuntime::connect_with(config, settings(release), tx)
+        .await
+        .expect("connect to the stand-in");
+    (runtime, rx)
+}
+
+fn launch(worker_id: u32, incarnation: u64, capacity: usize) -> WorkerLaunch {
+    WorkerLaunch {
+        worker_id,
+        incarnation,
+        capacity,
+        slots: 1,
+        master_url: "http://127.0.0.1:5000".into(),
+        secret: "worker-secret".into(),
+    }
+}
+
+/// Waits until the runtime's pod watch is established (a watch request with
+/// the release's selector has arrived), so that what follows is seen by the
+/// watch itself and not by its initial list.
+async fn watching(standin: &KubeApiStandin, release: &str) {
+    let selector = format!("app.kubernetes.io%2Finstance%3D{release}");
+    let deadline = Instant::now() + WAIT;
+    while !standin
+        .requests()
+        .iter()
+        .any(|r| r.contains("watch=true") && r.contains(&selector))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the runtime never watched its pods"
+        );
+        // The stand-in has no notification for requests; this is test set-up.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next_event(rx: &mut UnboundedReceiver<RuntimeEvent>) -> (u32, u64, String) {
+    match tokio::time::timeout(WAIT, rx.recv()).await {
+        Ok(Some(RuntimeEvent::Exited {
+            worker_id,
+            incarnation,
+            detail,
+        })) => (worker_id, incarnation, detail),
+        Ok(None) => panic!("the runtime's event channel closed"),
+        Err(_) => panic!("no event from the runtime within {WAIT:?}"),
+    }
+}
+
+fn names(pods: &[Value]) -> Vec<&str> {
+    pods.iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap())
+        .collect()
+}
+
+fn uid(pod: &Value) -> String {
+    pod["metadata"]["uid"].as_str().unwrap().to_string()
+}
+
+fn incarnation(pod: &Value) -> &str {
+    pod["metadata"]["labels"]["flotilla.dev/incarnation"]
+        .as_str()
+        .unwrap()
+}
+
+fn env_of(pod: &Value) -> HashMap<String, String> {
+    pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["value"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn standin_api_server_one_pod_per_worker_with_name_labels_cpu_and_env() {
+    let standin = KubeApiStandin::start().await;
+    let (rt, mut events) = connect(&standin, "demo").await;
+    rt.start(launch(0, 1, 4)).await.unwrap();
+    rt.start(launch(1, 1, 2)).await.unwrap();
+
+    let pods = standin.pods(NS);
+    assert_eq!(names(&pods), ["demo-worker-0", "demo-worker-1"]);
+    let pod = &pods[0];
+    let labels = &pod["metadata"]["labels"];
+    assert_eq!(labels["app.kubernetes.io/name"], "flotilla");
+    assert_eq!(labels["app.kubernetes.io/instance"], "demo");
+    assert_eq!(labels["app.kubernetes.io/component"], "worker");
+    assert_eq!(labels["flotilla.dev/worker"], "0");
+    assert_eq!(labels["flotilla.dev/incarnation"], "1");
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    let container = &pod["spec"]["containers"][0];
+    assert_eq!(container["image"], "flotilla-worker:0.1.0");
+    assert_eq!(container["imagePullPolicy"], "IfNotPresent");
+    // capacity 4 x 0.25 cores; capacity 2 x 0.25 cores.
+    assert_eq!(container["resources"]["requests"]["cpu"], "1000m");
+    assert_eq!(container["resources"]["limits"]["cpu"], "1000m");
+    assert_eq!(container["resources"]["limits"]["memory"], "512Mi");
+    let small = &pods[1]["spec"]["containers"][0]["resources"];
+    assert_eq!(small["requests"]["cpu"], "500m");
+    assert_eq!(small["limits"]["cpu"], "500m");
+    let env = env_of(pod);
+    assert_eq!(env["FLOTILLA_MASTER_URL"], "http://flotilla:5000");
+    assert_eq!(env["FLOTILLA_WORKER_ID"], "0");
+    assert_eq!(env["FLOTILLA_INCARNATION"], "1");
+    assert_eq!(env["FLOTILLA_WORKER_SECRET"], "worker-secret");
+    assert_eq!(env["FLOTILLA_SLOTS"], "1");
+
+    let handle = rt.inspect(0).await.unwrap();
+    assert_eq!(handle.incarnation, 1);
+    assert_eq!(handle.locator, "pod flotilla-test/demo-worker-0");
+    assert!(rt.inspect(5).await.is_none());
+    watching(&standin, "demo").await;
+    assert!(events.try_recv().is_err(), "a pending pod is not a death");
+}
+
+#[tokio::test]
+async fn standin_api_server_pod_deleted_under_the_runtime_is_reported_at_once_and_recreated_under_the_same_name(
+) {
+    let standin = KubeApiStandin::start().await;
+    let (rt, mut events) = connect(&standin, "demo").await;
+    rt.start(launch(0, 1, 4)).await.unwrap();
+    watching(&standin, "demo").await;
+    let first = standin.pod(NS, "demo-worker-0").unwrap();
+
+    // `kubectl delete pod demo-worker-0`
+    let deleted_at = Instant::now();
+    assert!(standin.delete_pod(NS, "demo-worker-0"));
+    let (worker, inc, detail) = next_event(&mut events).await;
+    let noticed = deleted_at.elapsed();
+    assert_eq!((worker, inc), (0, 1), "{detail}");
+    assert!(detail.contains("demo-worker-0 was deleted"), "{detail}");
+    assert!(
+        noticed < Duration::from_secs(2),
+        "noticed after {noticed:?}"
+    );
+
+    // What the cluster does next: restart = kill + start, next incarnation.
+    rt.kill(0).await.unwrap();
+    rt.start(launch(0, 2, 4)).await.unwrap();
+    let pods = standin.pods(NS);
+    assert_eq!(names(&pods), ["demo-worker-0"]);
+    assert_eq!(incarnation(&pods[0]), "2");
+    assert_eq!(env_of(&pods[0])["FLOTILLA_WORKER_ID"], "0");
+    assert_eq!(env_of(&pods[0])["FLOTILLA_INCARNATION"], "2");
+    assert_ne!(uid(&pods[0]), uid(&first), "a new pod, same name");
+    assert_eq!(rt.inspect(0).await.unwrap().incarnation, 2);
+
+    // The new incarnation's pod is watched like the first.
+    assert!(standin.delete_pod(NS, "demo-worker-0"));
+    assert_eq!(next_event(&mut events).await.1, 2);
+    assert!(events.try_recv().is_err(), "each death is reported once");
+}
+
+#[tokio::test]
+async fn standin_api_server_failed_evicted_or_unpullable_pods_are_reported_and_replaced() {
+    let standin = KubeApiStandin::start().await;
+    let (rt, mut events) = connect(&standin, "demo").await;
+    rt.start(launch(0, 1, 4)).await.unwrap();
+    rt.start(launch(1, 1, 4)).await.unwrap();
+    watching(&standin, "demo").await;
+
+    // The kubelet evicts worker 0 (node pressure): phase Failed, reason Evicted.
+    standin.set_pod_status(
+        NS,
+        "demo-worker-0",
+        json!({"phase": "Failed", "reason": "Evicted",
+               "message": "The node was low on resource: memory."}),
+    );
+    let (worker, inc, detail) = next_event(&mut events).await;
+    assert_eq!((worker, inc), (0, 1));
+    assert!(detail.contains("failed: Evicted"), "{detail}");
+    // A failed pod stays until deleted: the restart deletes it, then creates.
+    assert!(standin.pod(NS, "demo-worker-0").is_some());
+    rt.kill(0).await.unwrap();
+    assert!(standin.pod(NS, "demo-worker-0").is_none());
+    rt.start(launch(0, 2, 4)).await.unwrap();
+    assert_eq!(incarnation(&standin.pod(NS, "demo-worker-0").unwrap()), "2");
+
+    // Worker 1's image is not on the node (`kind load` forgotten).
+    standin.set_pod_status(
+        NS,
+        "demo-worker-1",
+        json!({"phase": "Pending", "containerStatuses": [{
+            "name": "worker", "image": "flotilla-worker:0.1.0", "imageID": "",
+            "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ErrImageNeverPull",
+                                  "message": "image is not present with pull policy of Never"}}}]}),
+    );
+    let (worker, _, detail) = next_event(&mut events).await;
+    assert_eq!(worker, 1);
+    assert!(
+        detail.contains("cannot start: ErrImageNeverPull"),
+        "{detail}"
+    );
+
+    // A pod that runs is no news.
+    standin.set_pod_status(NS, "demo-worker-0", json!({"phase": "Running"}));
+    rt.kill(1).await.unwrap();
+    assert_eq!(names(&standin.pods(NS)), ["demo-worker-0"]);
+    assert!(events.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn standin_api_server_second_master_adopts_existing_pods_without_duplicates() {
+    let standin = KubeApiStandin::start().await;
+    let (first, _first_events) = connect(&standin, "demo").await;
+    for id in 0..3 {
+        first.start(launch(id, 1, 4)).await.unwrap();
+    }
+    let before: Vec<String> = standin.pods(NS).iter().map(uid).collect();
+    // A pod of another release is none of its business.
+    standin.put_pod(
+        NS,
+        json!({"metadata": {"name": "other-worker-0", "labels": {
+                   "app.kubernetes.io/name": "flotilla",
+                   "app.kubernetes.io/instance": "other",
+                   "app.kubernetes.io/component": "worker"}},
+               "spec": {"containers": [{"name": "worker", "image": "x"}]}}),
+    );
+    // The first master dies without cleaning up (OOM-killed, node lost).
+    drop(first);
+
+    // The next master of the same release, whose manifest has two workers.
+    let (second, mut events) = connect(&standin, "demo").await;
+    assert_eq!(
+        names(&standin.pods(NS)),
+        ["other-worker-0"],
+        "the leftovers are deleted before any worker starts"
+    );
+    second.start(launch(0, 1, 4)).await.unwrap();
+    second.start(launch(1, 1, 4)).await.unwrap();
+    let pods = standin.pods(NS);
+    assert_eq!(
+        names(&pods),
+        ["demo-worker-0", "demo-worker-1", "other-worker-0"],
+        "same names, no duplicates, worker 2 of the old manifest gone"
+    );
+    for pod in &pods[..2] {
+        assert!(!before.contains(&uid(pod)), "{} was reused", describe(pod));
+        assert_eq!(incarnation(pod), "1");
+    }
+
+    // A pod of the old master labelled like the new master's worker 0,
+    // incarnation 1, going away is not taken for a death of the new one.
+    watching(&standin, "demo").await;
+    standin.put_pod(
+        NS,
+        json!({"metadata": {"name": "demo-worker-old", "labels": {
+                   "app.kubernetes.io/name": "flotilla",
+                   "app.kubernetes.io/instance": "demo",
+                   "app.kubernetes.io/component": "worker",
+                   "flotilla.dev/worker": "0", "flotilla.dev/incarnation": "1"},
+                   "annotations": {"flotilla.dev/master-session": "an-earlier-master"}},
+               "spec": {"containers": [{"name": "worker", "image": "x"}]}}),
+    );
+    standin.delete_pod(NS, "demo-worker-old");
+    // ...while the new master's own worker 0 is.
+    standin.delete_pod(NS, "demo-worker-0");
+    let (worker, inc, detail) = next_event(&mut events).await;
+    assert_eq!((worker, inc), (0, 1));
+    assert!(detail.contains("demo-worker-0"), "{detail}");
+    assert!(events.try_recv().is_err());
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn standin_api_server_kill_deletes_the_pod_and_shutdown_deletes_them_all() {
+    let standin = KubeApiStandin::start().await;
+    let (rt, mut events) = connect(&standin, "demo").await;
+    for id in 0..3 {
+        rt.start(launch(id, 1, 2)).await.unwrap();
+    }
+    watching(&standin, "demo").await;
+
+    // `/stop/1` kills the worker: its pod is gone when kill returns.
+    rt.kill(1).await.unwrap();
+    assert_eq!(names(&standin.pods(NS)), ["demo-worker-0", "demo-worker-2"]);
+    assert!(rt.inspect(1).await.is_none());
+    rt.kill(1).await.expect("killing a dead worker is no error");
+    let deletes: Vec<String> = standin
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("DELETE"))
+        .map(|r| r.trim_end_matches('?').to_string())
+        .collect();
+    assert_eq!(
+        deletes,
+        ["DELETE /api/v1/namespaces/flotilla-test/pods/demo-worker-1"]
+    );
+
+    rt.shutdown().await;
+    assert!(standin.pods(NS).is_empty(), "{:?}", standin.pods(NS));
+    assert!(
+        events.try_recv().is_err(),
+        "deletions the runtime made itself are not deaths"
+    );
+}
+
+/// `flotilla up` as a child process, with its stderr passed through.
+struct Master {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Master {
+    fn start(manifest: &str, kubeconfig: &str, envs: &[(&str, &str)]) -> Master {
+        let n = std::process::id();
+        let manifest = temp_file(&format!("k8s-cluster-{n}.yaml"), manifest);
+        let kubeconfig = temp_file(&format!("k8s-kubeconfig-{n}.yaml"), kubeconfig);
+        let mut cmd = Command::new(bin("flotilla"));
+        cmd.arg("up")
+            .arg(&manifest)
+            .args(["--port", "0", "--runtime", "kubernetes"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start flotilla up");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http://"))
+            .unwrap_or_else(|| panic!("flotilla up printed {line:?}"))
+            .to_string();
+        Master { child, url }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = reqwest::Client::new()
+            .post(format!("{}{path}", self.url))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    }
+
+    /// Ctrl-C, as a user would; waits for the master to exit.
+    fn interrupt(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Master {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const E2E_MANIFEST: &str = r#"
+apiVersion: flotilla.dev/v1
+kind: Cluster
+metadata: { name: e2e }
+spec:
+  image: flotilla-worker:0.1.0
+  imagePullPolicy: Never
+  workerResources: { cpuPerCapacity: 0.25, memory: 256Mi }
+  # Pods never run here, so workers never register: keep the heartbeat
+  # timeout out of the way of what is tested.
+  heartbeat: { intervalSeconds: 60, timeoutSeconds: 300 }
+  workers:
+    - capacity: 4
+    - capacity: 2
+"#;
+
+// The master is a child process this test waits for; the stand-in keeps
+// serving it on the other thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_flotilla_up_runtime_kubernetes_stop_deletes_and_recreates_the_pod() {
+    let standin = KubeApiStandin::start().await;
+    let master = Master::start(
+        E2E_MANIFEST,
+        &standin.kubeconfig(NS),
+        &[("FLOTILLA_MASTER_URL", "http://e2e:5000")],
+    );
+    let pods = standin
+        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
+        .await
+        .unwrap();
+    assert_eq!(names(&pods), ["e2e-worker-0", "e2e-worker-1"]);
+    assert_eq!(env_of(&pods[0])["FLOTILLA_MASTER_URL"], "http://e2e:5000");
+    assert_eq!(
+        pods[1]["spec"]["containers"][0]["resources"]["limits"]["cpu"],
+        "500m"
+    );
+    assert_eq!(pods[1]["spec"]["containers"][0]["imagePullPolicy"], "Never");
+    let (pod0, pod1) = (uid(&pods[0]), uid(&pods[1]));
+
+    // `/stop/0` deletes pod 0; the master creates it again, same name.
+    let (status, body) = master.post("/stop/0", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let pods = standin
+        .wait_for_pods(NS, WAIT, "e2e-worker-0 recreated", |p| {
+            p.iter()
+                .any(|p| p["metadata"]["name"] == "e2e-worker-0" && uid(p) != pod0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(&pods), ["e2e-worker-0", "e2e-worker-1"]);
+    assert_eq!(incarnation(&pods[0]), "2");
+    assert_eq!(uid(&pods[1]), pod1, "worker 1 untouched");
+
+    // `kubectl delete pod e2e-worker-1`: noticed by the watch, recreated.
+    standin.delete_pod(NS, "e2e-worker-1");
+    let pods = standin
+        .wait_for_pods(NS, WAIT, "e2e-worker-1 recreated", |p| {
+            p.iter()
+                .any(|p| p["metadata"]["name"] == "e2e-worker-1" && uid(p) != pod1)
+        })
+        .await
+        .unwrap();
+    assert_eq!(names(&pods), ["e2e-worker-0", "e2e-worker-1"]);
+
+    // `/add` creates a third pod, CPU from its capacity.
+    let (status, body) = master.post("/add", json!({"max_capacity": 8})).await;
+    assert_eq!(status, 200, "{body}");
+    let pods = standin
+        .wait_for_pods(NS, WAIT, "e2e-worker-2 created", |p| p.len() == 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        pods[2]["spec"]["containers"][0]["resources"]["requests"]["cpu"],
+        "2000m"
+    );
+
+    // Ctrl-C: the master deletes its pods on the way out.
+    assert!(master.interrupt().success());
+    assert!(
+        standin.pods(NS).is_empty(),
+        "{:?}",
+        names(&standin.pods(NS))
+    );
+}
+
+// The master is a child process this test waits for; the stand-in keeps
+// serving it on the other thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_bad_values_fail_at_start_naming_them() {
+    let standin = KubeApiStandin::start().await;
+    let kubeconfig = temp_file("k8s-bad-kubeconfig.yaml", &standin.kubeconfig(NS));
+    let run = |manifest: &str, args: &[&str], envs: &[(&str, &str)]| {
+        let path = temp_file("k8s-bad.yaml", manifest);
+        let mut cmd = Command::new(bin("flotilla"));
+        cmd.arg("up")
+            .arg(&path)
+            .args(["--port", "0"])
+            .args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            !out.status.success(),
+            "{manifest} {args:?} {envs:?} started"
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let k8s = "--runtime=kubernetes";
+
+    let err = run(
+        &E2E_MANIFEST.replace("image: flotilla-worker:0.1.0", "image: \"\""),
+        &[k8s],
+        &[],
+    );
+    assert!(err.contains("spec.image is empty"), "{err}");
+    let err = run(
+        &E2E_MANIFEST.replace("capacity: 2", "capacity: 0"),
+        &[k8s],
+        &[],
+    );
+    assert!(err.contains("capacity 0"), "{err}");
+    let err = run(E2E_MANIFEST, &["--runtime=nomad"], &[]);
+    assert!(err.contains("nomad"), "{err}");
+    let err = run(E2E_MANIFEST, &[k8s], &[("FLOTILLA_RELEASE", "Not_A_Name")]);
+    assert!(err.contains("`Not_A_Name`"), "{err}");
+    let err = run(
+        &E2E_MANIFEST.replace("imagePullPolicy: Never", "imagePullPolicy: Sometimes"),
+        &[k8s],
+        &[],
+    );
+    assert!(err.contains("`Sometimes`"), "{err}");
+    assert!(standin.pods(NS).is_empty());
+}

@@ -1,0 +1,642 @@
+//! A stand-in for the Kubernetes API server, for pods only. It is NOT a
+//! cluster: no real cluster can run on the machine these tests run on (no
+//! kind or minikube, no registry), so the Kubernetes runtime is tested
+//! against this instead. It speaks the real REST paths and watch protocol of
+//! `/api/v1/namespaces/{ns}/pods`, as much as the runtime (kube-rs' `Api`,
+//! `watcher` and `await_condition`) uses:
+//!
+//! - `POST` creates a pod (`409 AlreadyExists` on a duplicate name), giving
+//!   it a UID, a resourceVersion and `status.phase: Pending`;
+//! - `GET` lists (label and field selectors with `=`, `==`, `!=`; a
+//!   `PodList` carrying the list's resourceVersion; one page: a real server
+//!   also ignores `limit` for `resourceVersion=0`);
+//! - `GET ?watch=true` streams newline-delimited `WatchEvent`s (`ADDED`,
+//!   `MODIFIED`, `DELETED`) after the given resourceVersion (or the current
+//!   pods as `ADDED` for none or `0`), a `BOOKMARK` with the current
+//!   resourceVersion when `allowWatchBookmarks=true`, and ends after
+//!   `timeoutSeconds`, as the real one does;
+//! - `GET {name}` reads one pod; `DELETE {name}` removes it at once (honouring
+//!   `preconditions.uid` with `409 Conflict`) and sends `DELETED`. A real API
+//!   server also deletes at once a pod that was never bound to a node, which
+//!   is every pod here.
+//!
+//! Errors are `Status` objects with the real reasons. Nothing else exists:
+//! no scheduler, no kubelet (pods never run: the test plays the kubelet with
+//! [`KubeApiStandin::set_pod_status`]), no graceful deletion, no
+//! authentication, no history compaction (so never `410 Gone`), no other
+//! resources or verbs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+
+/// The stand-in server, listening on 127.0.0.1; stopped on drop.
+pub struct KubeApiStandin {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: JoinHandle<()>,
+}
+
+struct Shared {
+    state: Mutex<ApiState>,
+    /// Fires on every change to the pods.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct ApiState {
+    resource_version: u64,
+    next_uid: u64,
+    /// (namespace, name) -> the pod as a GET returns it.
+    pods: BTreeMap<(String, String), Value>,
+    /// Every event so far, for watches that resume from a resourceVersion.
+    history: Vec<Recorded>,
+    watches: Vec<Watch>,
+    /// `METHOD path?query` of every request, in order.
+    requests: Vec<String>,
+}
+
+struct Recorded {
+    resource_version: u64,
+    namespace: String,
+    kind: &'static str,
+    object: Value,
+}
+
+struct Watch {
+    namespace: String,
+    labels: Selector,
+    fields: Selector,
+    lines: mpsc::UnboundedSender<Bytes>,
+}
+
+/// `key=value`, `key==value` and `key!=value` terms, all of which must hold.
+#[derive(Clone, Default)]
+struct Selector(Vec<(String, bool, String)>);
+
+impl Selector {
+    fn parse(raw: Option<&String>) -> Result<Selector, String> {
+        let mut terms = Vec::new();
+        for term in raw.map(String::as_str).unwrap_or("").split(',') {
+            let term = term.trim();
+            if term.is_empty() {
+                continue;
+            }
+            let (key, equal, value) = if let Some((k, v)) = term.split_once("!=") {
+                (k, false, v)
+            } else if let Some((k, v)) = term.split_once("==") {
+                (k, true, v)
+            } else if let Some((k, v)) = term.split_once('=') {
+                (k, true, v)
+            } else {
+                return Err(format!(
+                    "stand-in: only =, == and != selectors are supported, not `{term}`"
+                ));
+            };
+            terms.push((key.trim().to_string(), equal, value.trim().to_string()));
+        }
+        Ok(Selector(terms))
+    }
+
+    fn matches(&self, get: impl Fn(&str) -> Option<String>) -> bool {
+        self.0
+            .iter()
+            .all(|(key, equal, value)| (get(key).as_deref() == Some(value.as_str())) == *equal)
+    }
+}
+
+fn label_of(pod: &Value, key: &str) -> Option<String> {
+    pod["metadata"]["labels"][key].as_str().map(String::from)
+}
+
+fn field_of(pod: &Value, field: &str) -> Option<String> {
+    match field {
+        "metadata.name" => pod["metadata"]["name"].as_str().map(String::from),
+        "metadata.namespace" => pod["metadata"]["namespace"].as_str().map(String::from),
+        "status.phase" => pod["status"]["phase"].as_str().map(String::from),
+        _ => None,
+    }
+}
+
+const SUPPORTED_FIELDS: [&str; 3] = ["metadata.name", "metadata.namespace", "status.phase"];
+
+impl Watch {
+    fn wants(&self, namespace: &str, pod: &Value) -> bool {
+        self.namespace == namespace
+            && self.labels.matches(|k| label_of(pod, k))
+            && self.fields.matches(|f| field_of(pod, f))
+    }
+}
+
+/// A `Status` error as the API server sends it.
+fn status_error(code: StatusCode, reason: &str, message: String) -> Response {
+    let body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": {"kind": "pods"},
+        "code": code.as_u16(),
+    });
+    (code, Json(body)).into_response()
+}
+
+fn event_line(kind: &str, object: &Value) -> Bytes {
+    let mut line = serde_json::to_vec(&json!({"type": kind, "object": object})).unwrap();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// RFC 3339 in UTC, as `metav1.Time` is written.
+fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+impl ApiState {
+    /// Records an event and sends it to every watch that selects the pod.
+    fn emit(&mut self, namespace: &str, kind: &'static str, object: Value) {
+        let line = event_line(kind, &object);
+        self.watches
+            .retain(|w| !w.wants(namespace, &object) || w.lines.send(line.clone()).is_ok());
+        self.history.push(Recorded {
+            resource_version: self.resource_version,
+            namespace: namespace.to_string(),
+            kind,
+            object,
+        });
+    }
+
+    fn bump(&mut self) -> String {
+        self.resource_version += 1;
+        self.resource_version.to_string()
+    }
+
+    /// Removes a pod at once and sends `DELETED`.
+    fn remove(&mut self, namespace: &str, name: &str) -> Option<Value> {
+        let mut pod = self
+            .pods
+            .remove(&(namespace.to_string(), name.to_string()))?;
+        pod["metadata"]["resourceVersion"] = json!(self.bump());
+        self.emit(namespace, "DELETED", pod.clone());
+        Some(pod)
+    }
+}
+
+impl KubeApiStandin {
+    pub async fn start() -> KubeApiStandin {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ApiState::default()),
+            changed: Notify::new(),
+        });
+        let app = Router::new()
+            .route(
+                "/api/v1/namespaces/{ns}/pods",
+                get(list_or_watch).post(create),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}",
+                get(read).delete(delete),
+            )
+            .fallback(|method: Method, uri: Uri| async move {
+                status_error(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("stand-in: {method} {uri} is not served (pods only)"),
+                )
+            })
+            .layer(axum::middleware::from_fn_with_state(
+                shared.clone(),
+                record_request,
+            ))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        KubeApiStandin {
+            addr,
+            shared,
+            server,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A kubeconfig that points at the stand-in, with `namespace` as the
+    /// context's default.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: standin\n  cluster:\n    server: {}\ncontexts:\n- name: standin\n  context:\n    cluster: standin\n    user: standin\n    namespace: {namespace}\ncurrent-context: standin\nusers:\n- name: standin\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
+    /// The pods of `namespace`, by name.
+    pub fn pods(&self, namespace: &str) -> Vec<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .pods
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .map(|(_, pod)| pod.clone())
+            .collect()
+    }
+
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// What `kubectl delete pod NAME` does to a pod no node runs.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> bool {
+        let removed = self
+            .shared
+            .state
+            .lock()
+            .unwrap()
+            .remove(namespace, name)
+            .is_some();
+        self.shared.changed.notify_waiters();
+        removed
+    }
+
+    /// Plays the kubelet: replaces a pod's status (e.g. `phase: Failed`).
+    pub fn set_pod_status(&self, namespace: &str, name: &str, status: Value) {
+        let mut state = self.shared.state.lock().unwrap();
+        let rv = state.bump();
+        let key = (namespace.to_string(), name.to_string());
+        let pod = state.pods.get_mut(&key).expect("no such pod");
+        pod["status"] = status;
+        pod["metadata"]["resourceVersion"] = json!(rv);
+        let pod = pod.clone();
+        state.emit(namespace, "MODIFIED", pod);
+        drop(state);
+        self.shared.changed.notify_waiters();
+    }
+
+    /// Plays `kubectl create`: a pod made by someone else than the runtime.
+    pub fn put_pod(&self, namespace: &str, pod: Value) -> Value {
+        let mut state = self.shared.state.lock().unwrap();
+        let created = admit(&mut state, namespace, pod)
+            .unwrap_or_else(|(_, _, message)| panic!("the stand-in refused the pod: {message}"));
+        drop(state);
+        self.shared.changed.notify_waiters();
+        created
+    }
+
+    /// `METHOD path?query` of every request so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.state.lock().unwrap().requests.clone()
+    }
+
+    /// Waits (without polling) until `ready` holds for the pods of
+    /// `namespace`; returns them.
+    pub async fn wait_for_pods(
+        &self,
+        namespace: &str,
+        timeout: Duration,
+        what: &str,
+        ready: impl Fn(&[Value]) -> bool,
+    ) -> Result<Vec<Value>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = self.shared.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let pods = self.pods(namespace);
+            if ready(&pods) {
+                return Ok(pods);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let names: Vec<String> = pods.iter().map(describe).collect();
+                bail!("stand-in: {what}: not so after {timeout:?}; pods: {names:?}");
+            }
+        }
+    }
+}
+
+/// `name (incarnation N, uid U)`, for failure messages.
+pub fn describe(pod: &Value) -> String {
+    format!(
+        "{} (incarnation {}, uid {})",
+        pod["metadata"]["name"].as_str().unwrap_or("?"),
+        pod["metadata"]["labels"]["flotilla.dev/incarnation"]
+            .as_str()
+            .unwrap_or("?"),
+        pod["metadata"]["uid"].as_str().unwrap_or("?")
+    )
+}
+
+impl Drop for KubeApiStandin {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn record_request(
+    State(shared): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let line = format!("{} {}", req.method(), req.uri());
+    shared.state.lock().unwrap().requests.push(line);
+    next.run(req).await
+}
+
+/// Why the API server refuses something: code, reason, message.
+type Refusal = (StatusCode, &'static str, String);
+
+/// Validates and stores a new pod; sends `ADDED`.
+fn admit(state: &mut ApiState, namespace: &str, mut pod: Value) -> Result<Value, Refusal> {
+    if !pod.is_object() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not a Pod object".into(),
+        ));
+    }
+    if let Some(kind) = pod["kind"].as_str() {
+        if kind != "Pod" {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                format!("kind {kind} posted to pods"),
+            ));
+        }
+    }
+    let Some(name) = pod["metadata"]["name"].as_str().map(String::from) else {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "Pod \"\" is invalid: metadata.name: Required value (generateName is not supported by the stand-in)".into(),
+        ));
+    };
+    if let Some(ns) = pod["metadata"]["namespace"].as_str() {
+        if ns != namespace {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request".into(),
+            ));
+        }
+    }
+    if !matches!(pod["spec"]["containers"].as_array(), Some(c) if !c.is_empty()) {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("Pod \"{name}\" is invalid: spec.containers: Required value"),
+        ));
+    }
+    let key = (namespace.to_string(), name.clone());
+    if state.pods.contains_key(&key) {
+        return Err((
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("pods \"{name}\" already exists"),
+        ));
+    }
+    state.next_uid += 1;
+    let rv = state.bump();
+    pod["kind"] = json!("Pod");
+    pod["apiVersion"] = json!("v1");
+    let meta = &mut pod["metadata"];
+    meta["namespace"] = json!(namespace);
+    meta["uid"] = json!(format!("00000000-0000-4000-8000-{:012x}", state.next_uid));
+    meta["resourceVersion"] = json!(rv);
+    meta["creationTimestamp"] = json!(now_rfc3339());
+    pod["status"] = json!({"phase": "Pending"});
+    state.pods.insert(key, pod.clone());
+    state.emit(namespace, "ADDED", pod.clone());
+    Ok(pod)
+}
+
+async fn create(
+    State(shared): State<Arc<Shared>>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Ok(pod) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON".into(),
+        );
+    };
+    let created = admit(&mut shared.state.lock().unwrap(), &ns, pod);
+    shared.changed.notify_waiters();
+    match created {
+        Ok(pod) => (StatusCode::CREATED, Json(pod)).into_response(),
+        Err((code, reason, message)) => status_error(code, reason, message),
+    }
+}
+
+async fn read(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let state = shared.state.lock().unwrap();
+    match state.pods.get(&(ns, name.clone())) {
+        Some(pod) => Json(pod.clone()).into_response(),
+        None => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods \"{name}\" not found"),
+        ),
+    }
+}
+
+async fn delete(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let options: Value = if body.is_empty() {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(_) => {
+                return status_error(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "DeleteOptions is not JSON".into(),
+                )
+            }
+        }
+    };
+    let mut state = shared.state.lock().unwrap();
+    let Some(pod) = state.pods.get(&(ns.clone(), name.clone())) else {
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("pods \"{name}\" not found"),
+        );
+    };
+    if let Some(want) = options["preconditions"]["uid"].as_str() {
+        let has = pod["metadata"]["uid"].as_str().unwrap_or("");
+        if want != has {
+            return status_error(
+                StatusCode::CONFLICT,
+                "Conflict",
+                format!("Operation cannot be fulfilled on Pod \"{name}\": Precondition failed: UID in precondition: {want}, UID in object meta: {has}"),
+            );
+        }
+    }
+    let removed = state.remove(&ns, &name).expect("present");
+    drop(state);
+    shared.changed.notify_waiters();
+    Json(removed).into_response()
+}
+
+async fn list_or_watch(
+    State(shared): State<Arc<Shared>>,
+    Path(ns): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let labels = Selector::parse(q.get("labelSelector"));
+    let fields = Selector::parse(q.get("fieldSelector"));
+    let (labels, fields) = match (labels, fields) {
+        (Ok(l), Ok(f)) => (l, f),
+        (Err(e), _) | (_, Err(e)) => return status_error(StatusCode::BAD_REQUEST, "BadRequest", e),
+    };
+    if let Some((field, _, _)) = fields
+        .0
+        .iter()
+        .find(|(f, _, _)| !SUPPORTED_FIELDS.contains(&f.as_str()))
+    {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("field label not supported: {field}"),
+        );
+    }
+    let watch = Watch {
+        namespace: ns,
+        labels,
+        fields,
+        lines: mpsc::unbounded_channel().0,
+    };
+    let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    if !is_watch {
+        let state = shared.state.lock().unwrap();
+        let items: Vec<Value> = state
+            .pods
+            .iter()
+            .filter(|((pod_ns, _), pod)| watch.wants(pod_ns, pod))
+            .map(|(_, pod)| {
+                // Items of a list carry no kind or apiVersion of their own.
+                let mut item = pod.clone();
+                let obj = item.as_object_mut().unwrap();
+                obj.remove("kind");
+                obj.remove("apiVersion");
+                item
+            })
+            .collect();
+        return Json(json!({
+            "kind": "PodList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": state.resource_version.to_string()},
+            "items": items,
+        }))
+        .into_response();
+    }
+    let since: Option<u64> = match q.get("resourceVersion").map(String::as_str) {
+        None | Some("") | Some("0") => None,
+        Some(rv) => match rv.parse() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return status_error(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    format!("resourceVersion `{rv}` is not a number"),
+                )
+            }
+        },
+    };
+    let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(Duration::from_secs(1800));
+    let (tx, rx) = mpsc::unbounded_channel();
+    {
+        // Replay and subscribe under one lock: no event falls in between.
+        let mut state = shared.state.lock().unwrap();
+        match since {
+            None => {
+                for ((pod_ns, _), pod) in &state.pods {
+                    if watch.wants(pod_ns, pod) {
+                        let _ = tx.send(event_line("ADDED", pod));
+                    }
+                }
+            }
+            Some(rv) => {
+                for e in state.history.iter().filter(|e| e.resource_version > rv) {
+                    if watch.wants(&e.namespace, &e.object) {
+                        let _ = tx.send(event_line(e.kind, &e.object));
+                    }
+                }
+            }
+        }
+        if bookmarks {
+            let mark = json!({"kind": "Pod", "apiVersion": "v1",
+                "metadata": {"resourceVersion": state.resource_version.to_string()}});
+            let _ = tx.send(event_line("BOOKMARK", &mark));
+        }
+        state.watches.push(Watch { lines: tx, ..watch });
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let lines = futures::stream::unfold(rx, move |mut rx| async move {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(line)) => Some((Ok::<_, std::convert::Infallible>(line), rx)),
+            // Timed out (the watch ends, as timeoutSeconds says) or dropped.
+            _ => None,
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(Body::from_stream(lines))
+        .unwrap()
+}
