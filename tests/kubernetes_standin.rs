@@ -33,6 +33,7 @@ fn settings(release: &str) -> KubernetesSettings {
         memory_bytes: 512 << 20,
         master_url: Some("http://flotilla:5000".into()),
         delete_timeout: WAIT,
+        owner: None,
     }
 }
 
@@ -432,7 +433,12 @@ async fn standin_api_server_flotilla_up_runtime_kubernetes_stop_deletes_and_recr
     let master = Master::start(
         E2E_MANIFEST,
         &standin.kubeconfig(NS),
-        &[("FLOTILLA_MASTER_URL", "http://e2e:5000")],
+        &[
+            ("FLOTILLA_MASTER_URL", "http://e2e:5000"),
+            // As the chart passes them from the downward API.
+            ("FLOTILLA_POD_NAME", "e2e-master-0"),
+            ("FLOTILLA_POD_UID", "uid-of-the-master-pod"),
+        ],
     );
     let pods = standin
         .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
@@ -440,6 +446,12 @@ async fn standin_api_server_flotilla_up_runtime_kubernetes_stop_deletes_and_recr
         .unwrap();
     assert_eq!(names(&pods), ["e2e-worker-0", "e2e-worker-1"]);
     assert_eq!(env_of(&pods[0])["FLOTILLA_MASTER_URL"], "http://e2e:5000");
+    assert_eq!(
+        pods[0]["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "v1", "kind": "Pod",
+                "name": "e2e-master-0", "uid": "uid-of-the-master-pod"}]),
+        "garbage-collected with the master's pod"
+    );
     assert_eq!(
         pods[1]["spec"]["containers"][0]["resources"]["limits"]["cpu"],
         "500m"

@@ -141,6 +141,8 @@ def test_master_deployment(case):
     assert env["FLOTILLA_TOKEN"] == {"secretKeyRef": {"name": objects["Secret"]["metadata"]["name"], "key": "token"}}
     assert env["FLOTILLA_RELEASE"] == "demo"
     assert env["FLOTILLA_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["FLOTILLA_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["FLOTILLA_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
     port = 5000 if values is None else values["service"]["port"]
     assert env["FLOTILLA_MASTER_URL"] == f"http://demo:{port}"
     if name == "custom":

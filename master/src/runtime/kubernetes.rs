@@ -40,7 +40,7 @@ use k8s_openapi::api::core::v1::{
     SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::watcher::{self, Event};
@@ -69,6 +69,9 @@ pub const ANNOTATION_SESSION: &str = "flotilla.dev/master-session";
 /// The environment the chart gives the master.
 pub const ENV_RELEASE: &str = "FLOTILLA_RELEASE";
 pub const ENV_NAMESPACE: &str = "FLOTILLA_NAMESPACE";
+/// The master's own pod, from the downward API (see `KubernetesSettings::owner`).
+pub const ENV_POD_NAME: &str = "FLOTILLA_POD_NAME";
+pub const ENV_POD_UID: &str = "FLOTILLA_POD_UID";
 
 /// What the manifest and the master's environment say about worker pods.
 #[derive(Clone, Debug)]
@@ -89,6 +92,11 @@ pub struct KubernetesSettings {
     /// The longest wait for a deleted pod to be gone before its name is used
     /// again.
     pub delete_timeout: Duration,
+    /// The master's own pod (name, UID), when it runs in one
+    /// (`FLOTILLA_POD_NAME`, `FLOTILLA_POD_UID`). Worker pods name it as their
+    /// owner, so Kubernetes' garbage collector deletes them with it (`helm
+    /// uninstall`, a deleted master pod) even when the master could not.
+    pub owner: Option<(String, String)>,
 }
 
 /// Why the runtime could not be set up; each names the bad value or what
@@ -165,6 +173,7 @@ impl KubernetesSettings {
             memory_bytes: spec.worker_resources.memory_bytes,
             master_url,
             delete_timeout: Duration::from_secs(60),
+            owner: var(ENV_POD_NAME).zip(var(ENV_POD_UID)),
         })
     }
 
@@ -217,6 +226,15 @@ impl KubernetesSettings {
                     ANNOTATION_SESSION.to_string(),
                     session.to_string(),
                 )])),
+                owner_references: self.owner.as_ref().map(|(name, uid)| {
+                    vec![OwnerReference {
+                        api_version: "v1".into(),
+                        kind: "Pod".into(),
+                        name: name.clone(),
+                        uid: uid.clone(),
+                        ..Default::default()
+                    }]
+                }),
                 ..Default::default()
             },
             spec: Some(PodSpec {
@@ -821,6 +839,25 @@ mod tests {
         assert_eq!(s.pod_name(0), "prod-worker-0");
         assert_eq!(s.namespace.as_deref(), Some("jobs"));
         assert_eq!(s.master_url.as_deref(), Some("http://prod:5000"));
+        assert_eq!(s.owner, None);
+    }
+
+    #[test]
+    fn worker_pods_are_owned_by_the_master_pod_when_it_runs_in_one() {
+        let s = KubernetesSettings::from_spec_with(&spec(""), |k| match k {
+            "FLOTILLA_POD_NAME" => Some("flotilla-abc".into()),
+            "FLOTILLA_POD_UID" => Some("u-1".into()),
+            _ => None,
+        })
+        .unwrap();
+        let pod = serde_json::to_value(s.pod(&launch(), "abc")).unwrap();
+        assert_eq!(
+            pod["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "v1", "kind": "Pod", "name": "flotilla-abc", "uid": "u-1"}])
+        );
+        let s = KubernetesSettings::from_spec_with(&spec(""), no_env).unwrap();
+        let pod = serde_json::to_value(s.pod(&launch(), "abc")).unwrap();
+        assert!(pod["metadata"].get("ownerReferences").is_none());
     }
 
     #[test]
