@@ -162,6 +162,13 @@ async fn standin_api_server_one_pod_per_worker_with_name_labels_cpu_and_env() {
     assert_eq!(handle.locator, "pod flotilla-test/demo-worker-0");
     assert!(rt.inspect(5).await.is_none());
     watching(&standin, "demo").await;
+    // kube's watcher: a list, then a watch from its resourceVersion, with bookmarks.
+    let requests = standin.requests();
+    let watch = requests.iter().find(|r| r.contains("watch=true")).unwrap();
+    assert!(
+        watch.contains("allowWatchBookmarks=true") && watch.contains("resourceVersion="),
+        "{watch}"
+    );
     assert!(events.try_recv().is_err(), "a pending pod is not a death");
 }
 
@@ -201,6 +208,38 @@ async fn standin_api_server_pod_deleted_under_the_runtime_is_reported_at_once_an
     assert!(standin.delete_pod(NS, "demo-worker-0"));
     assert_eq!(next_event(&mut events).await.1, 2);
     assert!(events.try_recv().is_err(), "each death is reported once");
+}
+
+#[tokio::test]
+async fn standin_api_server_pod_deleted_while_the_watch_was_down_is_found_by_the_re_list() {
+    let standin = KubeApiStandin::start().await;
+    let (rt, mut events) = connect(&standin, "demo").await;
+    rt.start(launch(0, 1, 4)).await.unwrap();
+    rt.start(launch(1, 1, 4)).await.unwrap();
+    watching(&standin, "demo").await;
+
+    // The watch drops, worker 1's pod goes meanwhile, and the server no
+    // longer has the events since the runtime's resourceVersion (410).
+    standin.lose_watches_and_compact(NS, "demo-worker-1");
+    let (worker, inc, detail) = next_event(&mut events).await;
+    assert_eq!((worker, inc), (1, 1));
+    assert!(
+        detail.contains("demo-worker-1 was deleted while the watch was reconnecting"),
+        "{detail}"
+    );
+    let relisted = standin
+        .requests()
+        .iter()
+        .filter(|r| {
+            r.starts_with("GET") && !r.contains("watch=true") && r.contains("labelSelector")
+        })
+        .count();
+    assert!(relisted >= 2, "the runtime listed its pods again");
+
+    // Worker 0, listed again, is alive and still watched.
+    standin.delete_pod(NS, "demo-worker-0");
+    assert_eq!(next_event(&mut events).await.0, 0);
+    assert!(events.try_recv().is_err());
 }
 
 #[tokio::test]
@@ -365,7 +404,10 @@ impl Master {
             .args(["--port", "0", "--runtime", "kubernetes"])
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in envs {

@@ -14,7 +14,10 @@
 //!   `MODIFIED`, `DELETED`) after the given resourceVersion (or the current
 //!   pods as `ADDED` for none or `0`), a `BOOKMARK` with the current
 //!   resourceVersion when `allowWatchBookmarks=true`, and ends after
-//!   `timeoutSeconds`, as the real one does;
+//!   `timeoutSeconds`, as the real one does; a resourceVersion older than the
+//!   kept history gets an `ERROR` event with `410 Expired`, as from a real
+//!   server whose history was compacted (see
+//!   [`KubeApiStandin::lose_watches_and_compact`]);
 //! - `GET {name}` reads one pod; `DELETE {name}` removes it at once (honouring
 //!   `preconditions.uid` with `409 Conflict`) and sends `DELETED`. A real API
 //!   server also deletes at once a pod that was never bound to a node, which
@@ -23,8 +26,8 @@
 //! Errors are `Status` objects with the real reasons. Nothing else exists:
 //! no scheduler, no kubelet (pods never run: the test plays the kubelet with
 //! [`KubeApiStandin::set_pod_status`]), no graceful deletion, no
-//! authentication, no history compaction (so never `410 Gone`), no other
-//! resources or verbs.
+//! authentication, no periodic bookmarks or compaction, no other resources or
+//! verbs.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -61,8 +64,11 @@ struct ApiState {
     next_uid: u64,
     /// (namespace, name) -> the pod as a GET returns it.
     pods: BTreeMap<(String, String), Value>,
-    /// Every event so far, for watches that resume from a resourceVersion.
+    /// The events since `compacted`, for watches that resume from a
+    /// resourceVersion.
     history: Vec<Recorded>,
+    /// Watches from before this resourceVersion get `410 Expired`.
+    compacted: u64,
     watches: Vec<Watch>,
     /// `METHOD path?query` of every request, in order.
     requests: Vec<String>,
@@ -322,6 +328,20 @@ impl KubeApiStandin {
         drop(state);
         self.shared.changed.notify_waiters();
         created
+    }
+
+    /// A watch outage that outlasts the server's event history: every open
+    /// watch is closed, pod `name` is deleted meanwhile, and the history is
+    /// compacted, all at once; a watcher resuming from its resourceVersion
+    /// then gets `410 Expired` and must list again to learn what it missed.
+    pub fn lose_watches_and_compact(&self, namespace: &str, name: &str) {
+        let mut state = self.shared.state.lock().unwrap();
+        state.watches.clear();
+        state.remove(namespace, name).expect("no such pod");
+        state.history.clear();
+        state.compacted = state.resource_version + 1;
+        drop(state);
+        self.shared.changed.notify_waiters();
     }
 
     /// `METHOD path?query` of every request so far.
@@ -604,6 +624,15 @@ async fn list_or_watch(
         // Replay and subscribe under one lock: no event falls in between.
         let mut state = shared.state.lock().unwrap();
         match since {
+            Some(rv) if rv < state.compacted => {
+                let expired = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Failure", "reason": "Expired", "code": 410,
+                    "message": format!("too old resource version: {rv} ({})", state.compacted)});
+                let _ = tx.send(event_line("ERROR", &expired));
+                // Not subscribed: the stream ends after the error.
+                drop(tx);
+                return watch_response(rx, timeout);
+            }
             None => {
                 for ((pod_ns, _), pod) in &state.pods {
                     if watch.wants(pod_ns, pod) {
@@ -626,6 +655,11 @@ async fn list_or_watch(
         }
         state.watches.push(Watch { lines: tx, ..watch });
     }
+    watch_response(rx, timeout)
+}
+
+/// A streaming response of the watch's lines, ended after `timeout`.
+fn watch_response(rx: mpsc::UnboundedReceiver<Bytes>, timeout: Duration) -> Response {
     let deadline = tokio::time::Instant::now() + timeout;
     let lines = futures::stream::unfold(rx, move |mut rx| async move {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
