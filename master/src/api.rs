@@ -165,7 +165,26 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
             Arc::new(token),
             require_token,
         ));
-    let internal = Router::new()
+    serve(
+        Router::new()
+            .route("/health", get(health))
+            .merge(public)
+            .merge(worker_routes(&cluster)),
+        cluster,
+    )
+}
+
+/// The worker-facing routes alone, for the listener a runtime's network
+/// reaches (the Docker network's gateway): no public API there.
+pub fn internal_router(cluster: Arc<Cluster>) -> Router {
+    serve(worker_routes(&cluster), cluster)
+}
+
+/// What workers call: register, heartbeat and poll (with the cluster's
+/// worker secret), and lock calls (authenticated by the attempt's lease in
+/// the body).
+fn worker_routes(cluster: &Arc<Cluster>) -> Router<Arc<Cluster>> {
+    let authenticated = Router::new()
         .route(routes::REGISTER, post(register))
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::POLL, post(poll))
@@ -174,11 +193,13 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
             require_worker_secret,
         ));
     Router::new()
-        .route("/health", get(health))
-        // Authenticated by the attempt's lease in the body.
         .route(routes::LOCK, post(lock))
-        .merge(public)
-        .merge(internal)
+        .merge(authenticated)
+}
+
+/// The fallback and body limit every listener has.
+fn serve(routes: Router<Arc<Cluster>>, cluster: Arc<Cluster>) -> Router {
+    routes
         .fallback(|req: Request| async move {
             ApiError::not_found(format!(
                 "no such endpoint: {} {}",

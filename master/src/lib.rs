@@ -22,6 +22,7 @@ use tracing::info;
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::manifest::{ClusterSpec, RuntimeKind};
+use crate::runtime::docker::{DockerRuntime, DockerSettings};
 use crate::runtime::process::{find_worker_binary, ProcessRuntime};
 use crate::runtime::Runtime;
 
@@ -59,6 +60,9 @@ pub struct Master {
     pub cluster: Arc<Cluster>,
     pub addr: SocketAddr,
     server: JoinHandle<()>,
+    /// Docker runtime with the master on the host: the worker routes on the
+    /// network's gateway.
+    worker_server: Option<JoinHandle<()>>,
 }
 
 impl Master {
@@ -98,6 +102,9 @@ impl Master {
     pub async fn shutdown(self) {
         self.cluster.shutdown().await;
         self.server.abort();
+        if let Some(s) = self.worker_server {
+            s.abort();
+        }
     }
 }
 
@@ -111,18 +118,21 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     }
     let runtime_kind = opts.runtime.unwrap_or(spec.runtime);
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Where workers reach the master when it is not the API's own address.
+    let mut worker_endpoint = None;
     let runtime: Arc<dyn Runtime> = match runtime_kind {
         RuntimeKind::Process => Arc::new(ProcessRuntime::new(find_worker_binary(), events_tx)),
+        RuntimeKind::Docker => {
+            let docker = DockerRuntime::connect(DockerSettings::from_spec(spec), events_tx).await?;
+            worker_endpoint = Some(docker_worker_endpoint(&docker).await?);
+            Arc::new(docker)
+        }
         RuntimeKind::Kubernetes => Arc::new(
             runtime::kubernetes::KubernetesRuntime::connect(
                 runtime::kubernetes::KubernetesSettings::from_spec(spec)?,
                 events_tx,
             )
             .await?,
-        ),
-        other => bail!(
-            "runtime `{}` is not available in this build yet; use `process` or `kubernetes`",
-            serde_json::to_value(other)?.as_str().unwrap_or("?")
         ),
     };
     let cfg = ClusterConfig {
@@ -154,31 +164,86 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     } else {
         opts.bind
     };
-    cluster.set_master_url(format!(
-        "http://{}",
-        SocketAddr::new(worker_host, addr.port())
-    ));
-    let app = api::router(cluster.clone(), opts.token.clone());
-    let server = tokio::spawn(async move {
-        use axum::serve::ListenerExt;
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "HTTP server failed");
+    let worker_server = match worker_endpoint {
+        None => {
+            cluster.set_master_url(format!(
+                "http://{}",
+                SocketAddr::new(worker_host, addr.port())
+            ));
+            None
         }
-    });
+        Some(WorkerEndpoint::Advertised(url)) => {
+            cluster.set_master_url(url);
+            None
+        }
+        Some(WorkerEndpoint::Listener(listener)) => {
+            let at = listener.local_addr()?;
+            cluster.set_master_url(format!("http://{at}"));
+            info!(%at, "worker routes listening on the docker network's gateway");
+            Some(tokio::spawn(serve(
+                listener,
+                api::internal_router(cluster.clone()),
+            )))
+        }
+    };
+    let app = api::router(cluster.clone(), opts.token.clone());
+    let server = tokio::spawn(serve(listener, app));
     cluster.spawn_runtime_events(events_rx);
     cluster.spawn_health_monitor();
     info!(%addr, runtime = runtime_kind_name(runtime_kind), workers = spec.capacities.len(), "master listening");
     for &capacity in &spec.capacities {
-        cluster.add_worker(capacity).await?;
+        if let Err(e) = cluster.add_worker(capacity).await {
+            // Leave no half-started cluster behind (containers outlive us).
+            cluster.shutdown().await;
+            return Err(e.into());
+        }
     }
     Ok(Master {
         cluster,
         addr,
         server,
+        worker_server,
     })
+}
+
+/// How worker containers reach the master.
+enum WorkerEndpoint {
+    /// `FLOTILLA_ADVERTISE_URL`: the master runs in a container on the
+    /// workers' network (compose: `http://master:5000`).
+    Advertised(String),
+    /// The master runs on the host: a listener of its own on the network's
+    /// gateway, serving only the worker routes (the API stays on its bind
+    /// address, loopback by default).
+    Listener(TcpListener),
+}
+
+async fn docker_worker_endpoint(docker: &DockerRuntime) -> Result<WorkerEndpoint> {
+    if let Some(url) = std::env::var("FLOTILLA_ADVERTISE_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    {
+        return Ok(WorkerEndpoint::Advertised(
+            url.trim().trim_end_matches('/').to_string(),
+        ));
+    }
+    let network = &docker.settings().network;
+    let gateway = docker.gateway().with_context(|| {
+        format!("docker network `{network}` has no gateway address for the workers to reach the master at; set FLOTILLA_ADVERTISE_URL to a URL they can reach")
+    })?;
+    let listener = TcpListener::bind((gateway, 0)).await.with_context(|| {
+        format!("cannot listen on {gateway}, the gateway of docker network `{network}`, for the workers. If the master runs in a container, set FLOTILLA_ADVERTISE_URL to the URL workers reach it at (e.g. http://master:5000)")
+    })?;
+    Ok(WorkerEndpoint::Listener(listener))
+}
+
+async fn serve(listener: TcpListener, app: axum::Router) {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
 }
 
 fn runtime_kind_name(k: RuntimeKind) -> &'static str {

@@ -149,7 +149,7 @@ async fn main() -> Result<()> {
                 master.url(),
                 spec.capacities.len()
             );
-            tokio::signal::ctrl_c().await?;
+            stop_signal().await?;
             master.shutdown().await;
         }
         Command::Run {
@@ -176,7 +176,7 @@ async fn main() -> Result<()> {
             };
             let outcome = tokio::select! {
                 r = runner::run(&master, &spec, &run_opts) => r.map(|_| ()),
-                _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                _ = stop_signal() => Err(anyhow::anyhow!("interrupted")),
             };
             master.shutdown().await;
             outcome?;
@@ -226,6 +226,17 @@ async fn main() -> Result<()> {
                 spec.requests.len()
             );
         }
+    }
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (`docker stop`, `docker-compose down`): either way
+/// the master removes its workers before it exits.
+async fn stop_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
     }
     Ok(())
 }

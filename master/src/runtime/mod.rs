@@ -1,7 +1,10 @@
 //! Runtimes: how a worker is started, killed and inspected. One small
 //! interface (after Nomad's task drivers) and one module per way of running
-//! workers. The scheduler never knows which one it drives.
+//! workers: `process` (child processes, the default), `docker` (containers
+//! through the engine's API) and `kubernetes` (pods). The scheduler never
+//! knows which one it drives.
 
+pub mod docker;
 pub mod process;
 // Worker pods through the Kubernetes API server.
 pub mod kubernetes;

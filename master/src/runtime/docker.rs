@@ -1,0 +1,691 @@
+//! The Docker runtime: each worker is a container `<cluster>-worker-<id>`,
+//! started through the engine's API (bollard) on a user-defined bridge
+//! network, with a CPU quota proportional to its queue capacity and a memory
+//! limit. A restart removes the container and creates it again under the same
+//! name, for the next incarnation.
+//!
+//! Deaths are seen at once through the engine's event stream (`die`, `oom`,
+//! a `kill` with SIGKILL), filtered by the cluster's label; the heartbeat
+//! stays the backstop for a container that hangs (`docker pause`).
+//!
+//! Containers left by an earlier master of the same cluster are removed at
+//! start, not adopted: they carry the old master's secret and address, and an
+//! incarnation the new master never issued, while the tasks they held lived
+//! only in the old master's memory. Removing them is the one way to be sure
+//! nothing runs twice.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, EventMessage, HostConfig, NetworkCreateRequest, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use bollard::Docker;
+use flotilla_proto::{env, Incarnation, WorkerId};
+use futures::StreamExt;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+
+/// The worker image when the manifest names none.
+pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
+/// Labels on every worker container (and on a network this runtime creates).
+pub const LABEL_CLUSTER: &str = "dev.flotilla.cluster";
+pub const LABEL_WORKER: &str = "dev.flotilla.worker";
+pub const LABEL_INCARNATION: &str = "dev.flotilla.incarnation";
+
+/// Longest wait for one engine call (the event stream is not bounded by it).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the manifest says about the worker containers.
+#[derive(Clone, Debug)]
+pub struct DockerSettings {
+    /// `metadata.name`: container names, labels, default network.
+    pub cluster: String,
+    pub image: String,
+    pub network: String,
+    /// CPU cores per unit of queue capacity (`NanoCpus` = capacity x this x 1e9).
+    pub cpu_per_capacity: f64,
+    pub memory_bytes: u64,
+}
+
+impl DockerSettings {
+    /// The settings of `spec`, with the documented defaults.
+    pub fn from_spec(spec: &crate::manifest::ClusterSpec) -> Self {
+        DockerSettings {
+            cluster: spec.name.clone(),
+            image: spec.image.clone().unwrap_or_else(|| DEFAULT_IMAGE.into()),
+            network: spec.network.clone().unwrap_or_else(|| spec.name.clone()),
+            cpu_per_capacity: spec.worker_resources.cpu_per_capacity,
+            memory_bytes: spec.worker_resources.memory_bytes,
+        }
+    }
+
+    pub fn container_name(&self, worker: WorkerId) -> String {
+        format!("{}-worker-{worker}", self.cluster)
+    }
+
+    /// The CPU quota of a worker of this capacity, in units of 1e-9 CPUs:
+    /// capacity x cpuPerCapacity, capped at the engine's CPU count (Docker
+    /// refuses a quota above it).
+    pub fn nano_cpus(&self, capacity: usize, engine_cpus: u32) -> i64 {
+        let wanted = (capacity as f64 * self.cpu_per_capacity * 1e9).round() as i64;
+        wanted.min(i64::from(engine_cpus.max(1)) * 1_000_000_000)
+    }
+}
+
+/// Why the runtime could not be set up; each names what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum DockerSetupError {
+    #[error("cannot reach the Docker engine ({host}): {source}. Is dockerd running, and is DOCKER_HOST right? (`runtime: docker` needs it; `--runtime process` does not)")]
+    Unreachable { host: String, source: BollardError },
+    #[error("the worker image `{image}` is not on this machine: build it with `cargo build --release && docker/build-images.sh` (offline, no registry needed), or name another in spec.image")]
+    ImageMissing { image: String },
+    #[error("docker network `{network}`: {reason}")]
+    Network { network: String, reason: String },
+    #[error(
+        "cannot remove the containers left by an earlier run of cluster `{cluster}`: {source}"
+    )]
+    Leftovers {
+        cluster: String,
+        source: BollardError,
+    },
+}
+
+/// The container that runs a worker's current incarnation.
+#[derive(Clone, Debug)]
+struct Tracked {
+    incarnation: Incarnation,
+    container_id: String,
+}
+
+struct Inner {
+    docker: Docker,
+    settings: DockerSettings,
+    /// CPUs the engine has: the most a quota can be.
+    engine_cpus: u32,
+    containers: Mutex<HashMap<WorkerId, Tracked>>,
+    events: UnboundedSender<RuntimeEvent>,
+    /// Set on shutdown: deaths are then expected, and not reported.
+    stopping: AtomicBool,
+}
+
+pub struct DockerRuntime {
+    inner: Arc<Inner>,
+    gateway: Option<IpAddr>,
+    /// Removed again on shutdown if this runtime created it.
+    created_network: bool,
+    watcher: JoinHandle<()>,
+}
+
+fn status_of(e: &BollardError) -> Option<u16> {
+    match e {
+        BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+fn docker_host() -> String {
+    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+}
+
+fn now_unix() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+impl DockerRuntime {
+    /// Connects to the engine (DOCKER_HOST or the local socket), checks the
+    /// image, creates the network if it is missing, removes containers left
+    /// by an earlier run of this cluster, and starts following its events.
+    pub async fn connect(
+        settings: DockerSettings,
+        events: UnboundedSender<RuntimeEvent>,
+    ) -> Result<DockerRuntime, DockerSetupError> {
+        let host = docker_host();
+        let unreachable = |source| DockerSetupError::Unreachable {
+            host: host.clone(),
+            source,
+        };
+        let docker = Docker::connect_with_defaults()
+            .map_err(unreachable)?
+            .with_timeout(CALL_TIMEOUT)
+            // The engine may be older than bollard (20.10 speaks API 1.41).
+            .negotiate_version()
+            .await
+            .map_err(unreachable)?;
+        // Events from here on are replayed to the watcher, however late it
+        // subscribes: no death between now and then is missed.
+        let since = now_unix();
+
+        let engine_cpus = docker
+            .info()
+            .await
+            .map_err(unreachable)?
+            .ncpu
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(1);
+        match docker.inspect_image(&settings.image).await {
+            Ok(_) => {}
+            Err(e) if status_of(&e) == Some(404) => {
+                return Err(DockerSetupError::ImageMissing {
+                    image: settings.image.clone(),
+                })
+            }
+            Err(e) => return Err(unreachable(e)),
+        }
+
+        let (gateway, created_network) = ensure_network(&docker, &settings).await?;
+
+        let inner = Arc::new(Inner {
+            docker,
+            settings,
+            engine_cpus,
+            containers: Mutex::new(HashMap::new()),
+            events,
+            stopping: AtomicBool::new(false),
+        });
+        let removed =
+            inner
+                .remove_labelled()
+                .await
+                .map_err(|source| DockerSetupError::Leftovers {
+                    cluster: inner.settings.cluster.clone(),
+                    source,
+                })?;
+        if removed > 0 {
+            info!(
+                cluster = %inner.settings.cluster,
+                removed, "removed worker containers left by an earlier run of this cluster"
+            );
+        }
+        let watcher = tokio::spawn(inner.clone().watch_events(since));
+        Ok(DockerRuntime {
+            inner,
+            gateway,
+            created_network,
+            watcher,
+        })
+    }
+
+    /// The network's gateway: the host's address on it, where a master
+    /// running on the host can serve the workers.
+    pub fn gateway(&self) -> Option<IpAddr> {
+        self.gateway
+    }
+
+    pub fn settings(&self) -> &DockerSettings {
+        &self.inner.settings
+    }
+}
+
+/// Inspects the network, creating it (a bridge, labelled with the cluster)
+/// if missing. Returns its gateway and whether it was created here.
+async fn ensure_network(
+    docker: &Docker,
+    settings: &DockerSettings,
+) -> Result<(Option<IpAddr>, bool), DockerSetupError> {
+    let network = settings.network.clone();
+    let fail = |reason: String| DockerSetupError::Network {
+        network: network.clone(),
+        reason,
+    };
+    let mut created = false;
+    let inspected = match docker.inspect_network(&network, None).await {
+        Ok(n) => n,
+        Err(e) if status_of(&e) == Some(404) => {
+            let request = NetworkCreateRequest {
+                name: network.clone(),
+                driver: Some("bridge".into()),
+                labels: Some(HashMap::from([(
+                    LABEL_CLUSTER.to_string(),
+                    settings.cluster.clone(),
+                )])),
+                ..Default::default()
+            };
+            match docker.create_network(request).await {
+                Ok(_) => {
+                    created = true;
+                    info!(%network, "created docker network");
+                }
+                // Another master (or compose) made it meanwhile: use it.
+                Err(e) if status_of(&e) == Some(409) => {}
+                Err(e) => return Err(fail(format!("cannot create it: {e}"))),
+            }
+            docker
+                .inspect_network(&network, None)
+                .await
+                .map_err(|e| fail(format!("cannot inspect it after creating it: {e}")))?
+        }
+        Err(e) => return Err(fail(format!("cannot inspect it: {e}"))),
+    };
+    let gateway = inspected
+        .ipam
+        .and_then(|ipam| ipam.config)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|c| c.gateway)
+        .filter_map(|g| g.parse::<IpAddr>().ok())
+        // An IPv4 gateway when there is one: every container has IPv4.
+        .min_by_key(|ip| ip.is_ipv6());
+    Ok((gateway, created))
+}
+
+impl Inner {
+    fn cluster_filter(&self) -> String {
+        format!("{LABEL_CLUSTER}={}", self.settings.cluster)
+    }
+
+    /// Removes every container labelled with this cluster; returns how many.
+    async fn remove_labelled(&self) -> Result<usize, BollardError> {
+        let filters = HashMap::from([("label", vec![self.cluster_filter()])]);
+        let list = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await?;
+        let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
+        let removals = ids.iter().map(|id| self.remove(id));
+        for result in futures::future::join_all(removals).await {
+            result?;
+        }
+        Ok(ids.len())
+    }
+
+    /// `docker rm -f`: SIGKILL if running (paused too), then remove.
+    /// A container that is already gone is not an error.
+    async fn remove(&self, container: &str) -> Result<(), BollardError> {
+        let options = RemoveContainerOptionsBuilder::default()
+            .force(true)
+            .v(true)
+            .build();
+        match self.docker.remove_container(container, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if status_of(&e) == Some(404) => Ok(()),
+            // "removal already in progress": someone else is removing it.
+            Err(e) if status_of(&e) == Some(409) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn create_body(&self, launch: &WorkerLaunch) -> ContainerCreateBody {
+        let s = &self.settings;
+        let mut envs = vec![
+            format!("{}={}", env::MASTER_URL, launch.master_url),
+            format!("{}={}", env::WORKER_ID, launch.worker_id),
+            format!("{}={}", env::INCARNATION, launch.incarnation),
+            format!("{}={}", env::WORKER_SECRET, launch.secret),
+            format!("{}={}", env::SLOTS, launch.slots),
+        ];
+        // The worker logs at the master's level, as process workers do.
+        if let Ok(level) = std::env::var("RUST_LOG") {
+            envs.push(format!("RUST_LOG={level}"));
+        }
+        let labels = HashMap::from([
+            (LABEL_CLUSTER.to_string(), s.cluster.clone()),
+            (LABEL_WORKER.to_string(), launch.worker_id.to_string()),
+            (
+                LABEL_INCARNATION.to_string(),
+                launch.incarnation.to_string(),
+            ),
+        ]);
+        let memory = i64::try_from(s.memory_bytes).unwrap_or(i64::MAX);
+        ContainerCreateBody {
+            image: Some(s.image.clone()),
+            env: Some(envs),
+            labels: Some(labels),
+            host_config: Some(HostConfig {
+                network_mode: Some(s.network.clone()),
+                nano_cpus: Some(s.nano_cpus(launch.capacity, self.engine_cpus)),
+                memory: Some(memory),
+                // No swap beyond the limit: the limit is the limit.
+                memory_swap: Some(memory),
+                // The master restarts workers (next incarnation), not Docker.
+                restart_policy: Some(RestartPolicy {
+                    name: Some(RestartPolicyNameEnum::NO),
+                    maximum_retry_count: None,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Makes the name free for a new container: removes what holds it if it
+    /// is one of this cluster's; refuses to touch anyone else's.
+    async fn free_name(&self, name: &str) -> Result<(), String> {
+        let holder = match self.docker.inspect_container(name, None).await {
+            Ok(c) => c,
+            Err(e) if status_of(&e) == Some(404) => return Ok(()),
+            Err(e) => return Err(format!("cannot inspect the container named {name}: {e}")),
+        };
+        let ours = holder
+            .config
+            .and_then(|c| c.labels)
+            .and_then(|l| l.get(LABEL_CLUSTER).cloned())
+            .is_some_and(|c| c == self.settings.cluster);
+        if !ours {
+            return Err(format!(
+                "a container named {name} exists and is not a worker of cluster `{}`: remove or rename it (docker rm -f {name}), or give the cluster another metadata.name",
+                self.settings.cluster
+            ));
+        }
+        self.remove(name)
+            .await
+            .map_err(|e| format!("cannot remove the old container {name}: {e}"))
+    }
+
+    /// Follows the engine's events for this cluster's containers, and
+    /// reports the death of a container that runs a current incarnation.
+    /// Reconnects (replaying what it missed) if the stream breaks.
+    async fn watch_events(self: Arc<Self>, mut since: Duration) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let filters = HashMap::from([
+                ("type", vec!["container".to_string()]),
+                ("label", vec![self.cluster_filter()]),
+                (
+                    "event",
+                    vec!["die".to_string(), "oom".to_string(), "kill".to_string()],
+                ),
+            ]);
+            let options = EventsOptionsBuilder::default()
+                .since(&format!("{}.{:09}", since.as_secs(), since.subsec_nanos()))
+                .filters(&filters)
+                .build();
+            let mut stream = self.docker.events(Some(options));
+            let outcome = loop {
+                match stream.next().await {
+                    Some(Ok(event)) => {
+                        backoff = Duration::from_millis(100);
+                        if let Some(t) = event.time_nano {
+                            since = Duration::from_nanos(t.max(0) as u64);
+                        }
+                        self.on_event(event);
+                    }
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the engine closed the stream".to_string(),
+                }
+            };
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            warn!(reason = %outcome, ?backoff, "docker event stream broken; reconnecting");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn on_event(&self, event: EventMessage) {
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let action = event.action.unwrap_or_default();
+        let Some(actor) = event.actor else { return };
+        let container_id = actor.id.unwrap_or_default();
+        let attrs = actor.attributes.unwrap_or_default();
+        let label = |k: &str| attrs.get(k).and_then(|v| v.parse::<u64>().ok());
+        let (Some(worker), Some(incarnation)) = (label(LABEL_WORKER), label(LABEL_INCARNATION))
+        else {
+            return;
+        };
+        let worker = worker as WorkerId;
+        let name = attrs.get("name").cloned().unwrap_or_default();
+        let detail = match action.as_str() {
+            "die" => format!(
+                "container {name} died (exit code {})",
+                attrs.get("exitCode").map(String::as_str).unwrap_or("?")
+            ),
+            "oom" => format!("container {name} ran out of memory (OOM-killed)"),
+            // SIGKILL cannot be caught: the `die` that follows is certain.
+            "kill" if attrs.get("signal").map(String::as_str) == Some("9") => {
+                format!("container {name} was sent SIGKILL")
+            }
+            _ => return,
+        };
+        // Only a container that runs a current incarnation: the ones this
+        // runtime removed itself (restart, /stop) were forgotten first.
+        let current = self
+            .containers
+            .lock()
+            .expect("containers lock")
+            .get(&worker)
+            .is_some_and(|t| t.container_id == container_id && t.incarnation == incarnation);
+        if !current {
+            debug!(worker, incarnation, %action, "event for a container no longer tracked");
+            return;
+        }
+        info!(worker, incarnation, %detail, "worker container event");
+        let _ = self.events.send(RuntimeEvent::Exited {
+            worker_id: worker,
+            incarnation,
+            detail,
+        });
+    }
+}
+
+#[async_trait]
+impl Runtime for DockerRuntime {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {
+        let inner = &self.inner;
+        let name = inner.settings.container_name(launch.worker_id);
+        let fail = |reason: String| RuntimeError::Start {
+            worker: launch.worker_id,
+            reason,
+        };
+        let body = inner.create_body(&launch);
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = match inner
+            .docker
+            .create_container(Some(options.clone()), body.clone())
+            .await
+        {
+            // The name is taken (an old incarnation not yet removed).
+            Err(e) if status_of(&e) == Some(409) => {
+                inner.free_name(&name).await.map_err(&fail)?;
+                inner.docker.create_container(Some(options), body).await
+            }
+            other => other,
+        };
+        let created = match created {
+            Ok(c) => c,
+            Err(e) if status_of(&e) == Some(404) => {
+                return Err(fail(format!(
+                    "image `{}` not found: build it with docker/build-images.sh",
+                    inner.settings.image
+                )))
+            }
+            Err(e) => return Err(fail(format!("cannot create container {name}: {e}"))),
+        };
+        // Tracked before it starts, so that a death right after start is
+        // recognised as this incarnation's.
+        inner.containers.lock().expect("containers lock").insert(
+            launch.worker_id,
+            Tracked {
+                incarnation: launch.incarnation,
+                container_id: created.id.clone(),
+            },
+        );
+        if let Err(e) = inner.docker.start_container(&created.id, None).await {
+            inner
+                .containers
+                .lock()
+                .expect("containers lock")
+                .remove(&launch.worker_id);
+            let _ = inner.remove(&created.id).await;
+            return Err(fail(format!("cannot start container {name}: {e}")));
+        }
+        info!(
+            worker = launch.worker_id,
+            incarnation = launch.incarnation,
+            container = %name,
+            id = %&created.id[..12.min(created.id.len())],
+            nano_cpus = inner.settings.nano_cpus(launch.capacity, inner.engine_cpus),
+            "started worker container"
+        );
+        Ok(())
+    }
+
+    async fn kill(&self, worker: WorkerId) -> Result<(), RuntimeError> {
+        let tracked = self
+            .inner
+            .containers
+            .lock()
+            .expect("containers lock")
+            .remove(&worker);
+        if let Some(t) = tracked {
+            self.inner
+                .remove(&t.container_id)
+                .await
+                .map_err(|e| RuntimeError::Kill {
+                    worker,
+                    reason: format!(
+                        "docker rm -f {}: {e}",
+                        self.inner.settings.container_name(worker)
+                    ),
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle> {
+        let containers = self.inner.containers.lock().expect("containers lock");
+        containers.get(&worker).map(|t| WorkerHandle {
+            incarnation: t.incarnation,
+            locator: format!(
+                "container {} ({})",
+                self.inner.settings.container_name(worker),
+                &t.container_id[..12.min(t.container_id.len())]
+            ),
+        })
+    }
+
+    async fn shutdown(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        self.watcher.abort();
+        inner.containers.lock().expect("containers lock").clear();
+        // Every container with the label, tracked or not (a start that
+        // failed half-way leaves one).
+        match inner.remove_labelled().await {
+            Ok(n) => info!(removed = n, "removed the worker containers"),
+            Err(e) => warn!(error = %e, "could not remove every worker container"),
+        }
+        if self.created_network {
+            match inner.docker.remove_network(&inner.settings.network).await {
+                Ok(()) => debug!(network = %inner.settings.network, "removed docker network"),
+                Err(e) => {
+                    debug!(network = %inner.settings.network, error = %e, "docker network kept")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> DockerSettings {
+        DockerSettings {
+            cluster: "demo".into(),
+            image: DEFAULT_IMAGE.into(),
+            network: "demo".into(),
+            cpu_per_capacity: 0.25,
+            memory_bytes: 512 << 20,
+        }
+    }
+
+    #[test]
+    fn the_cpu_quota_is_proportional_to_capacity() {
+        let s = settings();
+        assert_eq!(s.nano_cpus(4, 2), 1_000_000_000);
+        assert_eq!(s.nano_cpus(3, 2), 750_000_000);
+        assert_eq!(s.nano_cpus(1, 2), 250_000_000);
+        // Never above what the engine has (it would refuse the container).
+        assert_eq!(s.nano_cpus(16, 2), 2_000_000_000);
+        assert_eq!(s.nano_cpus(16, 8), 4_000_000_000);
+        assert_eq!(s.container_name(7), "demo-worker-7");
+    }
+
+    #[test]
+    fn defaults_come_from_the_manifest() {
+        let spec = crate::manifest::parse(
+            "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: { name: blue }\nspec:\n  runtime: docker\n  workers: [{ capacity: 2 }]\n",
+            "m",
+        )
+        .unwrap();
+        let s = DockerSettings::from_spec(&spec);
+        assert_eq!(
+            (s.image.as_str(), s.network.as_str()),
+            (DEFAULT_IMAGE, "blue")
+        );
+        assert_eq!(s.nano_cpus(2, 4), 500_000_000);
+        assert_eq!(s.memory_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn a_container_create_carries_identity_labels_and_limits() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let inner = Inner {
+            docker: Docker::connect_with_http(
+                "http://127.0.0.1:1",
+                1,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .unwrap(),
+            settings: settings(),
+            engine_cpus: 4,
+            containers: Mutex::new(HashMap::new()),
+            events: tx,
+            stopping: AtomicBool::new(false),
+        };
+        let body = inner.create_body(&WorkerLaunch {
+            worker_id: 2,
+            incarnation: 3,
+            capacity: 8,
+            slots: 1,
+            master_url: "http://172.18.0.1:4321".into(),
+            secret: "s3cret".into(),
+        });
+        let env = body.env.unwrap();
+        for expected in [
+            "FLOTILLA_MASTER_URL=http://172.18.0.1:4321",
+            "FLOTILLA_WORKER_ID=2",
+            "FLOTILLA_INCARNATION=3",
+            "FLOTILLA_WORKER_SECRET=s3cret",
+            "FLOTILLA_SLOTS=1",
+        ] {
+            assert!(env.iter().any(|e| e == expected), "{expected} in {env:?}");
+        }
+        let labels = body.labels.unwrap();
+        assert_eq!(labels[LABEL_CLUSTER], "demo");
+        assert_eq!(labels[LABEL_WORKER], "2");
+        assert_eq!(labels[LABEL_INCARNATION], "3");
+        let host = body.host_config.unwrap();
+        assert_eq!(host.nano_cpus, Some(2_000_000_000));
+        assert_eq!(host.memory, Some(512 << 20));
+        assert_eq!(host.network_mode.as_deref(), Some("demo"));
+    }
+}
