@@ -1,0 +1,726 @@
+//! The Docker runtime end to end: a real `flotilla up --runtime docker` (or
+//! the compose file) starting real worker containers, driven over HTTP like
+//! a user, with faults made by the `docker` CLI (kill, pause, network
+//! disconnect). The seed situations, W5 of BENCHMARKS.md, the CPU quota, the
+//! cleanup of an earlier run's containers, and the bad states.
+//!
+//! They need Docker and the images (built once by docker/build-images.sh if
+//! missing). In CI, or with FLOTILLA_REQUIRE_DOCKER set, no Docker is a
+//! failure; elsewhere the tests skip with the reason printed.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use flotilla_e2e::docker::*;
+use flotilla_e2e::*;
+use serde_json::{json, Value};
+
+const LONG: &str = "import time\ntime.sleep(30)\nresponse = 'done'";
+
+fn held(nodes: &[Value]) -> Vec<u64> {
+    nodes
+        .iter()
+        .map(|n| n["queued"].as_u64().unwrap() + n["running"].as_u64().unwrap())
+        .collect()
+}
+
+/// Starts a Docker cluster after removing anything an earlier, interrupted
+/// run of the same test left.
+async fn start(cluster: &str, capacities: &[usize], interval: f64, timeout: f64) -> Cluster {
+    remove_cluster(cluster);
+    Cluster::start(&docker_manifest(cluster, capacities, interval, timeout))
+        .await
+        .unwrap()
+}
+
+fn node(nodes: &[Value], id: usize) -> &Value {
+    &nodes[id]
+}
+
+/// Seed test 1 on containers: capacities 3, 4, 5 and 11 long tasks end as
+/// 3, 4, 4. Each worker is a container named `<cluster>-worker-<id>` with
+/// its identity in labels and environment, and `docker inspect` shows a CPU
+/// quota of capacity x cpuPerCapacity and the memory limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn round_robin_on_containers_and_the_cpu_quota_follows_capacity() {
+    let Some(_d) = DockerTest::begin("round_robin").await else {
+        return;
+    };
+    let c = start("e2e-rr", &[3, 4, 5], 1.0, 5.0).await;
+    for (id, capacity) in [3u64, 4, 5].into_iter().enumerate() {
+        let name = format!("e2e-rr-worker-{id}");
+        let ct = inspect(&name).unwrap_or_else(|| panic!("container {name} exists"));
+        assert_eq!(ct["State"]["Running"], true, "{name}");
+        assert_eq!(label(&ct, "dev.flotilla.cluster"), "e2e-rr");
+        assert_eq!(label(&ct, "dev.flotilla.worker"), id.to_string());
+        assert_eq!(label(&ct, "dev.flotilla.incarnation"), "1");
+        assert!(has_env(&ct, &format!("FLOTILLA_WORKER_ID={id}")));
+        assert_eq!(
+            ct["HostConfig"]["NanoCpus"].as_u64(),
+            Some(capacity * 250_000_000),
+            "{name}: NanoCpus = capacity {capacity} x 0.25 CPU"
+        );
+        assert_eq!(ct["HostConfig"]["Memory"].as_u64(), Some(256 << 20));
+        let networks = ct["NetworkSettings"]["Networks"].as_object().unwrap();
+        assert!(networks.contains_key("e2e-rr"), "{networks:?}");
+    }
+    let health = c.health().await.unwrap();
+    assert_eq!(health["runtime"], "docker");
+    for _ in 0..11 {
+        c.send_python(LONG).await.unwrap();
+    }
+    let nodes = c.nodes().await.unwrap();
+    assert_eq!(held(&nodes), vec![3, 4, 4], "{nodes:?}");
+    c.send_python(LONG).await.unwrap();
+    c.send_python(LONG).await.unwrap();
+    assert_eq!(held(&c.nodes().await.unwrap()), vec![3, 4, 5]);
+    assert_eq!(c.health().await.unwrap()["master_queue"], 1);
+    drop(c);
+    assert!(
+        cluster_containers("e2e-rr").is_empty(),
+        "the master removed its containers when it stopped"
+    );
+}
+
+/// Seed test 5 on containers: tasks sent to node 0 are stolen by idle nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_containers_steal_work_sent_to_node_0() {
+    let Some(_d) = DockerTest::begin("stealing").await else {
+        return;
+    };
+    let c = start("e2e-steal", &[5, 5, 5], 1.0, 5.0).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            c.send_to_path(
+                "/send/0",
+                &format!("import time\ntime.sleep(1.5)\nresponse = {i}"),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let mut nodes_used = HashSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(t["result"]["response"], i as u64);
+        nodes_used.insert(t["node"].as_u64().unwrap());
+    }
+    assert_eq!(
+        nodes_used.len(),
+        3,
+        "all three containers worked: {nodes_used:?}"
+    );
+    assert!(c.health().await.unwrap()["steals"].as_u64().unwrap() >= 2);
+}
+
+/// Seed test 4 on containers: `/add` starts a new container, which receives
+/// work at once. Prints the worker container start time.
+#[tokio::test(flavor = "multi_thread")]
+async fn add_starts_a_container_that_receives_work() {
+    let Some(_d) = DockerTest::begin("add").await else {
+        return;
+    };
+    let c = start("e2e-add", &[1, 1], 1.0, 5.0).await;
+    c.send_python(LONG).await.unwrap();
+    c.send_python(LONG).await.unwrap();
+    let mut start_times = Vec::new();
+    for expected in [2u64, 3] {
+        let t0 = Instant::now();
+        let (status, body) = c.post("/add", json!({"max_capacity": 4})).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["node_id"], expected);
+        assert_eq!(
+            body["message"],
+            format!("Node {expected} added successfully")
+        );
+        c.wait_until(Duration::from_secs(30), |n| {
+            n.len() as u64 > expected && n[expected as usize]["state"] == "active"
+        })
+        .await
+        .unwrap();
+        start_times.push(t0.elapsed());
+        let ct = inspect(&format!("e2e-add-worker-{expected}")).expect("the new container");
+        assert_eq!(label(&ct, "dev.flotilla.worker"), expected.to_string());
+        assert_eq!(ct["HostConfig"]["NanoCpus"].as_u64(), Some(1_000_000_000));
+    }
+    println!(
+        "FIGURE worker container start (POST /add -> registered and active): {:?} ms",
+        start_times
+            .iter()
+            .map(Duration::as_millis)
+            .collect::<Vec<_>>()
+    );
+    let a = c.send_python("response = self.node_id").await.unwrap();
+    let b = c.send_python("response = self.node_id").await.unwrap();
+    let mut nodes = HashSet::new();
+    for id in [a, b] {
+        let t = c.wait_task(id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(t["result"]["response"], t["node"]);
+        nodes.insert(t["node"].as_u64().unwrap());
+    }
+    assert_eq!(nodes, HashSet::from([2, 3]));
+}
+
+/// Seed test 3 on containers: `/stop/0` kills the container; its tasks are
+/// requeued and all run once; it comes back under the same name and worker
+/// ID, as the next incarnation.
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_kills_the_container_and_it_comes_back_under_the_same_name() {
+    let Some(_d) = DockerTest::begin("stop").await else {
+        return;
+    };
+    let c = start("e2e-stop", &[5, 5, 5], 1.0, 5.0).await;
+    let old = inspect("e2e-stop-worker-0").unwrap();
+    let old_id = old["Id"].as_str().unwrap().to_string();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(
+            c.send_python(&format!("import time\ntime.sleep(0.8)\nresponse = {i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(held(&c.nodes().await.unwrap())[0] >= 3);
+    let (status, body) = c.post("/stop/0", json!({})).await.unwrap();
+    assert_eq!(
+        (status, body["message"].as_str().unwrap()),
+        (200, "Node 0 stopped successfully")
+    );
+    assert!(
+        inspect(&old_id).is_none(),
+        "the old container is gone once /stop answers"
+    );
+    for (i, id) in ids.iter().enumerate() {
+        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(t["result"]["response"], i as u64);
+    }
+    let nodes = c
+        .wait_until(Duration::from_secs(20), |n| {
+            n[0]["state"] == "active" && n[0]["incarnation"] == 2
+        })
+        .await
+        .unwrap();
+    assert_eq!(node(&nodes, 0)["restarts"], 1);
+    assert_eq!(node(&nodes, 0)["capacity"], 5);
+    let new = inspect("e2e-stop-worker-0").expect("the container is back under its name");
+    assert_ne!(new["Id"].as_str().unwrap(), old_id);
+    assert_eq!(label(&new, "dev.flotilla.worker"), "0");
+    assert_eq!(label(&new, "dev.flotilla.incarnation"), "2");
+    assert!(has_env(&new, "FLOTILLA_WORKER_ID=0"));
+    assert!(has_env(&new, "FLOTILLA_INCARNATION=2"));
+    let executed: u64 = nodes.iter().map(|n| n["executed"].as_u64().unwrap()).sum();
+    assert_eq!(executed, 10, "exactly one final result per task");
+    assert_eq!(
+        cluster_containers("e2e-stop").len(),
+        3,
+        "nothing duplicated"
+    );
+}
+
+/// W5 of BENCHMARKS.md on containers: 4 workers of capacity 16, 40 tasks of
+/// 0.5 s, `docker kill` of one worker 1 s in. Every task has exactly one
+/// final result; the death is seen through the engine's events, so the
+/// worker's tasks are requeued long before the heartbeat timeout could have
+/// fired; the container comes back under the same name and worker ID.
+#[tokio::test(flavor = "multi_thread")]
+async fn w5_docker_kill_mid_run_is_seen_through_events() {
+    let Some(_d) = DockerTest::begin("w5").await else {
+        return;
+    };
+    // The seed's heartbeat settings: a missed heartbeat would take 5..10 s.
+    let (interval, timeout) = (5.0, 10.0);
+    let c = &start("e2e-w5", &[16, 16, 16, 16], interval, timeout).await;
+    let old_id = inspect("e2e-w5-worker-1").unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t_submit = Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            c.send_python(&format!("import time\ntime.sleep(0.5)\nresponse = {i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(1).saturating_sub(t_submit.elapsed())).await;
+    let before = c.nodes().await.unwrap();
+    assert!(
+        held(&before)[1] >= 2,
+        "worker 1 holds tasks when it is killed: {before:?}"
+    );
+    let t_kill = Instant::now();
+    docker(&["kill", "e2e-w5-worker-1"]).unwrap();
+    let kill_cli = t_kill.elapsed();
+    let kill_to_requeue = poll_until(
+        Duration::from_secs(15),
+        "worker 1 declared dead",
+        || async move {
+            let nodes = c.nodes().await.ok()?;
+            let n = &nodes[1];
+            (n["state"] != "active" || n["incarnation"] != 1).then(|| {
+                assert_eq!(
+                    n["queued"].as_u64().unwrap() + n["running"].as_u64().unwrap(),
+                    0,
+                    "its tasks left it when it was declared dead: {n}"
+                );
+                t_kill.elapsed()
+            })
+        },
+    )
+    .await
+    .unwrap();
+    let kill_to_back = poll_until(Duration::from_secs(30), "worker 1 back", || async move {
+        let nodes = c.nodes().await.ok()?;
+        (nodes[1]["state"] == "active" && nodes[1]["incarnation"] == 2).then(|| t_kill.elapsed())
+    })
+    .await
+    .unwrap();
+    let mut retried = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert_eq!(t["result"]["response"], i as u64, "its own result: {t}");
+        if t["attempts"] != 1 {
+            retried += 1;
+        }
+    }
+    let makespan = t_submit.elapsed();
+    let nodes = c.nodes().await.unwrap();
+    let executed: u64 = nodes.iter().map(|n| n["executed"].as_u64().unwrap()).sum();
+    assert_eq!(executed, 40, "exactly one final result per task");
+    let new = inspect("e2e-w5-worker-1").expect("the container is back under its name");
+    assert_ne!(new["Id"].as_str().unwrap(), old_id);
+    assert_eq!(label(&new, "dev.flotilla.worker"), "1");
+    assert_eq!(label(&new, "dev.flotilla.incarnation"), "2");
+    assert!(has_env(&new, "FLOTILLA_WORKER_ID=1"));
+    // 16 x 0.25 = 4 CPUs, capped at what the engine has (Docker refuses more).
+    let engine_cpus: u64 = docker(&["info", "--format", "{{.NCPU}}"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        new["HostConfig"]["NanoCpus"].as_u64(),
+        Some(engine_cpus.min(4) * 1_000_000_000)
+    );
+    assert_eq!(cluster_containers("e2e-w5").len(), 4, "nothing duplicated");
+    println!(
+        "FIGURE W5 docker kill: kill -> requeue {} ms (Docker events; the `docker kill` \
+         CLI itself took {} ms of it), kill -> back {} ms; {retried} task(s) ran twice; \
+         40 tasks in {:.1} s; the heartbeat path would need {interval}..{timeout} s",
+        kill_to_requeue.as_millis(),
+        kill_cli.as_millis(),
+        kill_to_back.as_millis(),
+        makespan.as_secs_f64()
+    );
+    assert!(
+        kill_to_requeue < Duration::from_secs_f64(timeout - interval),
+        "requeued by the event, before any heartbeat timeout could fire: {kill_to_requeue:?}"
+    );
+}
+
+/// `docker pause` is a hang: no event, so the heartbeat timeout catches it;
+/// the task runs elsewhere, and the paused container is removed when the
+/// worker restarts under the same name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_paused_container_is_caught_by_the_heartbeat_timeout() {
+    let Some(_d) = DockerTest::begin("pause").await else {
+        return;
+    };
+    let (interval, timeout) = (0.25, 1.5);
+    let c = &start("e2e-pause", &[2, 2], interval, timeout).await;
+    let old_id = inspect("e2e-pause-worker-0").unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = c
+        .send_to_path(
+            "/send/0",
+            "import time\ntime.sleep(1)\nresponse = self.node_id",
+        )
+        .await
+        .unwrap();
+    poll_until(
+        Duration::from_secs(10),
+        "task running on node 0",
+        || async move {
+            let (_, t) = c.get(&format!("/tasks/{id}")).await.ok()?;
+            (t["state"] == "running").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    let t_pause = Instant::now();
+    docker(&["pause", "e2e-pause-worker-0"]).unwrap();
+    let pause_to_dead = poll_until(
+        Duration::from_secs(15),
+        "worker 0 declared dead",
+        || async move {
+            let nodes = c.nodes().await.ok()?;
+            (nodes[0]["incarnation"] != 1 || nodes[0]["state"] != "active")
+                .then(|| t_pause.elapsed())
+        },
+    )
+    .await
+    .unwrap();
+    let t = c.wait_task(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(t["attempts"], 2, "{t}");
+    assert_eq!(t["result"]["response"], 1, "it ran on node 1: {t}");
+    let nodes = c
+        .wait_until(Duration::from_secs(20), |n| {
+            n[0]["state"] == "active" && n[0]["incarnation"] == 2
+        })
+        .await
+        .unwrap();
+    assert!(
+        inspect(&old_id).is_none(),
+        "the paused container was removed"
+    );
+    let new = inspect("e2e-pause-worker-0").unwrap();
+    assert_eq!(label(&new, "dev.flotilla.incarnation"), "2");
+    let executed: u64 = nodes.iter().map(|n| n["executed"].as_u64().unwrap()).sum();
+    assert_eq!(executed, 1);
+    println!(
+        "FIGURE docker pause -> declared dead by heartbeat: {} ms (interval {interval} s, timeout {timeout} s)",
+        pause_to_dead.as_millis()
+    );
+    assert!(pause_to_dead >= Duration::from_secs_f64(timeout - interval));
+}
+
+/// A partition: worker 0's container is disconnected from the network, and
+/// the master loses the engine too (its Docker socket goes through a proxy
+/// the test cuts), as when a worker's whole host is cut off. The heartbeat
+/// timeout declares worker 0 dead; its task runs on node 1. When the network
+/// comes back, the stale worker's late result is refused (its incarnation is
+/// replaced: 409) and it exits; nothing is counted twice. When the engine
+/// comes back, worker 0 restarts under the same name and ID.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_worker_is_declared_dead_and_its_late_result_is_refused() {
+    let Some(_d) = DockerTest::begin("partition").await else {
+        return;
+    };
+    let cluster = "e2e-part";
+    remove_cluster(cluster);
+    let proxy = EngineProxy::start(cluster).await.unwrap();
+    let host = proxy.docker_host();
+    let c = &Cluster::start_with(
+        &docker_manifest(cluster, &[2, 2], 0.25, 1.5),
+        &[],
+        &[("DOCKER_HOST", host.as_str())],
+    )
+    .await
+    .unwrap();
+    let worker0 = "e2e-part-worker-0";
+    let old_id = inspect(worker0).unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = c
+        .send_to_path(
+            "/send/0",
+            "import time\ntime.sleep(2)\nresponse = self.node_id",
+        )
+        .await
+        .unwrap();
+    poll_until(
+        Duration::from_secs(10),
+        "task running on node 0",
+        || async move {
+            let (_, t) = c.get(&format!("/tasks/{id}")).await.ok()?;
+            (t["state"] == "running").then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    proxy.cut();
+    docker(&["network", "disconnect", cluster, worker0]).unwrap();
+    let t_cut = Instant::now();
+    c.wait_until(Duration::from_secs(15), |n| n[0]["state"] != "active")
+        .await
+        .unwrap();
+    let to_dead = t_cut.elapsed();
+    let t = c.wait_task(id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(t["state"], "succeeded", "{t}");
+    assert_eq!(
+        (t["attempts"].as_u64(), t["node"].as_u64()),
+        (Some(2), Some(1)),
+        "{t}"
+    );
+    assert_eq!(t["result"]["response"], 1);
+    // The master could not reach the engine: the stale container still runs,
+    // its task finished, its result unsent.
+    let stale = inspect(&old_id).expect("the partitioned container still exists");
+    assert_eq!(stale["State"]["Running"], true);
+
+    docker(&["network", "connect", cluster, worker0]).unwrap();
+    let old = old_id.as_str();
+    let exited = poll_until(
+        Duration::from_secs(20),
+        "stale worker exits",
+        || async move {
+            let s = inspect(old)?;
+            (s["State"]["Running"] == false).then_some(s)
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        exited["State"]["ExitCode"], 0,
+        "it exited by itself on 409, not killed: {}",
+        exited["State"]
+    );
+    let again = c.get(&format!("/tasks/{id}")).await.unwrap().1;
+    assert_eq!(again["attempts"], 2);
+    assert_eq!(again["node"], 1);
+    assert_eq!(
+        again["result"], t["result"],
+        "the late result was not counted"
+    );
+
+    proxy.restore();
+    let nodes = c
+        .wait_until(Duration::from_secs(40), |n| n[0]["state"] == "active")
+        .await
+        .unwrap();
+    let executed: u64 = nodes.iter().map(|n| n["executed"].as_u64().unwrap()).sum();
+    assert_eq!(executed, 1, "one final result: {nodes:?}");
+    let new = inspect(worker0).expect("worker 0 is back under its name");
+    assert_ne!(new["Id"].as_str().unwrap(), old_id);
+    assert_eq!(label(&new, "dev.flotilla.worker"), "0");
+    assert_eq!(
+        label(&new, "dev.flotilla.incarnation"),
+        nodes[0]["incarnation"].to_string()
+    );
+    assert!(
+        inspect(&old_id).is_none(),
+        "the stale container was removed"
+    );
+    assert_eq!(cluster_containers(cluster).len(), 2, "nothing duplicated");
+    println!(
+        "FIGURE partition -> declared dead by heartbeat: {} ms (timeout 1.5 s)",
+        to_dead.as_millis()
+    );
+}
+
+/// Containers left by a master that was SIGKILLed are removed when a master
+/// of the same cluster starts: never duplicated, never adopted.
+#[tokio::test(flavor = "multi_thread")]
+async fn containers_left_by_an_earlier_run_are_removed_at_start() {
+    let Some(_d) = DockerTest::begin("leftovers").await else {
+        return;
+    };
+    let first = start("e2e-left", &[2, 2], 1.0, 5.0).await;
+    let old: HashSet<String> = cluster_containers("e2e-left").into_iter().collect();
+    assert_eq!(old.len(), 2);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(first);
+    assert_eq!(
+        cluster_containers("e2e-left").len(),
+        2,
+        "a SIGKILLed master leaves its containers"
+    );
+    let second = Cluster::start(&docker_manifest("e2e-left", &[2, 2], 1.0, 5.0))
+        .await
+        .unwrap();
+    let now: HashSet<String> = cluster_containers("e2e-left").into_iter().collect();
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.is_disjoint(&old), "the old containers were removed");
+    let t = second.run_python("response = self.node_id").await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+}
+
+/// The compose file starts a working cluster: the master container starts
+/// two worker containers on the `flotilla` network, a task submitted with
+/// the token runs, and `down` leaves no worker container behind (the master
+/// removes them on SIGTERM).
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
+    let Some(_d) = DockerTest::begin("compose").await else {
+        return;
+    };
+    let cmd = match compose_command() {
+        Some(c) => c,
+        None if docker_required() => panic!("docker-compose (or docker compose) is required here"),
+        None => {
+            eprintln!("SKIPPED compose: neither docker-compose nor `docker compose` is installed");
+            return;
+        }
+    };
+    let project = "flotilla-e2e";
+    let token = format!("e2e-{}-{}", std::process::id(), rand_suffix());
+    let envs = [("FLOTILLA_TOKEN", token.as_str()), ("RUST_LOG", "info")];
+    // The compose file names its container and network: clear what an
+    // interrupted earlier run may have left.
+    let _ = compose(
+        &cmd,
+        project,
+        &["down", "--remove-orphans"],
+        &envs,
+        Duration::from_secs(90),
+    );
+    remove_cluster("flotilla");
+    if inspect("flotilla-master").is_some() {
+        panic!(
+            "a container named flotilla-master exists (another compose project?): stop it first"
+        );
+    }
+    struct Down<'a>(&'a [String], &'a str, &'a [(&'a str, &'a str)]);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                if let Ok(logs) = docker(&["logs", "--tail", "40", "flotilla-master"]) {
+                    eprintln!("flotilla-master logs:\n{logs}");
+                }
+                let _ = compose(self.0, self.1, &["down"], self.2, Duration::from_secs(90));
+                remove_cluster("flotilla");
+            }
+        }
+    }
+    let guard = Down(&cmd, project, &envs);
+    let t0 = Instant::now();
+    compose(
+        &cmd,
+        project,
+        &["up", "-d"],
+        &envs,
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    let http = &reqwest::Client::new();
+    let token = &token;
+    let base = "http://127.0.0.1:5000";
+    let health = poll_until(Duration::from_secs(60), "2 active workers", || async move {
+        let r = http
+            .get(format!("{base}/health"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .ok()?;
+        let h: Value = r.json().await.ok()?;
+        (h["active_nodes"] == 2 && h["nodes"] == 2).then_some(h)
+    })
+    .await
+    .unwrap();
+    println!(
+        "FIGURE compose up -> 2 worker containers active: {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(health["runtime"], "docker");
+    for id in 0..2 {
+        let ct = inspect(&format!("flotilla-worker-{id}")).expect("worker container");
+        assert_eq!(label(&ct, "dev.flotilla.cluster"), "flotilla");
+        assert!(has_env(&ct, "FLOTILLA_MASTER_URL=http://master:5000"));
+    }
+    let refused = http
+        .post(format!("{base}/send"))
+        .json(&json!({"type": "python", "command": "response = 1"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 401, "the API needs the token");
+    let sent: Value = http
+        .post(format!("{base}/send"))
+        .bearer_auth(token)
+        .json(&json!({"type": "python", "command": "response = 6 * 7"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = sent["task_id"].as_u64().expect("a task id");
+    let task: Value = http
+        .get(format!("{base}/tasks/{id}?wait=30"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["state"], "succeeded", "{task}");
+    assert_eq!(task["result"]["response"], 42);
+
+    let t_down = Instant::now();
+    compose(&cmd, project, &["down"], &envs, Duration::from_secs(90)).unwrap();
+    println!("FIGURE compose down: {} ms", t_down.elapsed().as_millis());
+    assert!(
+        cluster_containers("flotilla").is_empty(),
+        "no worker container is left behind"
+    );
+    assert!(
+        docker(&["network", "inspect", "flotilla"]).is_err(),
+        "network removed"
+    );
+    std::mem::forget(guard);
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+        % 1_000_000_007
+}
+
+/// Bad states name their fix: a missing image says how to build it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_image_says_to_run_build_images() {
+    let Some(_d) = DockerTest::begin("missing_image").await else {
+        return;
+    };
+    remove_cluster("e2e-noimage");
+    let manifest = docker_manifest("e2e-noimage", &[1], 1.0, 5.0).replace(
+        "  runtime: docker\n",
+        "  runtime: docker\n  image: flotilla-worker:no-such-tag\n",
+    );
+    let path = temp_file("noimage.yaml", &manifest);
+    let err = flotilla_fails(&["up", path.to_str().unwrap(), "--port", "0"], &[]);
+    assert!(
+        err.contains("flotilla-worker:no-such-tag") && err.contains("docker/build-images.sh"),
+        "{err}"
+    );
+    assert!(cluster_containers("e2e-noimage").is_empty());
+}
+
+/// An unreachable engine is named as such (no Docker needed to check it).
+#[test]
+fn an_unreachable_engine_is_reported_clearly() {
+    let path = temp_file(
+        "unreachable.yaml",
+        &docker_manifest("e2e-nodaemon", &[1], 1.0, 5.0),
+    );
+    let err = flotilla_fails(
+        &["up", path.to_str().unwrap(), "--port", "0"],
+        &[(
+            "DOCKER_HOST",
+            "unix:///nonexistent/flotilla-e2e/docker.sock",
+        )],
+    );
+    assert!(
+        err.contains("cannot reach the Docker engine") && err.contains("DOCKER_HOST"),
+        "{err}"
+    );
+    // --runtime overrides the manifest: `process` needs no engine.
+    let err = flotilla_fails(
+        &[
+            "up",
+            path.to_str().unwrap(),
+            "--port",
+            "0",
+            "--runtime",
+            "nomad",
+        ],
+        &[],
+    );
+    assert!(err.contains("nomad"), "{err}");
+}
