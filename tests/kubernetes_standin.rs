@@ -58,6 +58,7 @@ fn launch(worker_id: u32, incarnation: u64, capacity: usize) -> WorkerLaunch {
         slots: 1,
         master_url: "http://127.0.0.1:5000".into(),
         secret: "worker-secret".into(),
+        inherited_env: Vec::new(),
     }
 }
 

@@ -122,6 +122,7 @@ impl Cluster {
             slots: self.cfg.slots.min(capacity as u32).max(1),
             master_url: self.master_url(),
             secret: self.worker_secret.clone(),
+            inherited_env: crate::runtime::inherited_env(),
         }
     }
 

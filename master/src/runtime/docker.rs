@@ -334,10 +334,8 @@ impl Inner {
             format!("{}={}", env::WORKER_SECRET, launch.secret),
             format!("{}={}", env::SLOTS, launch.slots),
         ];
-        // The worker logs at the master's level, as process workers do.
-        if let Ok(level) = std::env::var("RUST_LOG") {
-            envs.push(format!("RUST_LOG={level}"));
-        }
+        // The worker logs and traces as its master does, as process workers do.
+        envs.extend(launch.inherited_env.iter().map(|(k, v)| format!("{k}={v}")));
         let labels = HashMap::from([
             (LABEL_CLUSTER.to_string(), s.cluster.clone()),
             (LABEL_WORKER.to_string(), launch.worker_id.to_string()),
@@ -668,6 +666,7 @@ mod tests {
             slots: 1,
             master_url: "http://172.18.0.1:4321".into(),
             secret: "s3cret".into(),
+            inherited_env: vec![("RUST_LOG".into(), "debug".into())],
         });
         let env = body.env.unwrap();
         for expected in [
@@ -676,6 +675,7 @@ mod tests {
             "FLOTILLA_INCARNATION=3",
             "FLOTILLA_WORKER_SECRET=s3cret",
             "FLOTILLA_SLOTS=1",
+            "RUST_LOG=debug",
         ] {
             assert!(env.iter().any(|e| e == expected), "{expected} in {env:?}");
         }

@@ -254,13 +254,18 @@ impl KubernetesSettings {
                     name: "worker".into(),
                     image: Some(self.image.clone()),
                     image_pull_policy: self.image_pull_policy.clone(),
-                    env: Some(vec![
-                        var(env::MASTER_URL, master_url),
-                        var(env::WORKER_ID, launch.worker_id.to_string()),
-                        var(env::INCARNATION, launch.incarnation.to_string()),
-                        var(env::WORKER_SECRET, launch.secret.clone()),
-                        var(env::SLOTS, launch.slots.to_string()),
-                    ]),
+                    env: Some(
+                        [
+                            var(env::MASTER_URL, master_url),
+                            var(env::WORKER_ID, launch.worker_id.to_string()),
+                            var(env::INCARNATION, launch.incarnation.to_string()),
+                            var(env::WORKER_SECRET, launch.secret.clone()),
+                            var(env::SLOTS, launch.slots.to_string()),
+                        ]
+                        .into_iter()
+                        .chain(launch.inherited_env.iter().map(|(k, v)| var(k, v.clone())))
+                        .collect(),
+                    ),
                     resources: Some(ResourceRequirements {
                         requests: Some(BTreeMap::from([("cpu".to_string(), cpu.clone())])),
                         limits: Some(BTreeMap::from([
@@ -810,6 +815,10 @@ mod tests {
             slots: 2,
             master_url: "http://127.0.0.1:5000".into(),
             secret: "s3cret".into(),
+            inherited_env: vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                "http://jaeger:4318".into(),
+            )],
         }
     }
 
@@ -931,6 +940,10 @@ mod tests {
         assert_eq!(env["FLOTILLA_INCARNATION"], "7");
         assert_eq!(env["FLOTILLA_WORKER_SECRET"], "s3cret");
         assert_eq!(env["FLOTILLA_SLOTS"], "2");
+        assert_eq!(
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://jaeger:4318",
+            "traces follow the master's settings"
+        );
     }
 
     #[test]

@@ -24,6 +24,26 @@ pub struct WorkerLaunch {
     pub master_url: String,
     /// The per-cluster secret the worker authenticates with.
     pub secret: String,
+    /// Settings the worker takes from its master's environment (trace
+    /// export endpoint, log level and format): see [`inherited_env`].
+    pub inherited_env: Vec<(String, String)>,
+}
+
+/// The variables a worker inherits from its master wherever it runs, so
+/// that its logs and traces follow the master's settings.
+pub const INHERITED_ENV: [&str; 4] = [
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_BSP_SCHEDULE_DELAY",
+    "RUST_LOG",
+    "FLOTILLA_LOG_FORMAT",
+];
+
+/// The master's values of [`INHERITED_ENV`] that are set.
+pub fn inherited_env() -> Vec<(String, String)> {
+    INHERITED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
 }
 
 /// Something the runtime noticed by itself, without the heartbeat.

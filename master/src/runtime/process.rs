@@ -64,6 +64,7 @@ impl Runtime for ProcessRuntime {
             .env(env::INCARNATION, launch.incarnation.to_string())
             .env(env::WORKER_SECRET, &launch.secret)
             .env(env::SLOTS, launch.slots.to_string())
+            .envs(launch.inherited_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .process_group(0);
         #[cfg(target_os = "linux")]
