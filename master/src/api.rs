@@ -636,7 +636,7 @@ async fn nodes(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
 
 async fn health(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
     let (nodes, queued, tasks, steals) =
-        cluster.with_state(|s| (s.nodes(), s.master_queue_len(), s.task_count(), s.steals));
+        cluster.with_state(|s| (s.nodes(), s.master_queue_len(), s.task_count(), s.steals()));
     let active = nodes
         .iter()
         .filter(|n| n.state == crate::scheduler::WorkerState::Active)

@@ -245,10 +245,12 @@ fn check_unique_results(tasks: &[Value], n: usize) -> Result<()> {
     Ok(())
 }
 
-async fn w1(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(opts, &manifest(4, 64)).await?;
-    let n = 2000;
-    let tasks: Vec<Value> = (0..n).map(|i| python(format!("response = {i}"))).collect();
+/// Submits `n` tasks (`code` with `{i}` replaced by 0..n) in one batch
+/// and follows the results: the seconds from first submit to last result.
+async fn batch(t: &Target, n: usize, code: &str) -> Result<f64> {
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| python(code.replace("{i}", &i.to_string())))
+        .collect();
     let start = Instant::now();
     let sent = t.post("/tasks", &json!({ "tasks": tasks })).await?;
     let ids: Vec<u64> = sent["task_ids"]
@@ -259,7 +261,13 @@ async fn w1(opts: &BenchOptions) -> Result<Value> {
         .collect();
     let (done, end) = t.collect(&ids).await?;
     check_unique_results(&done, n)?;
-    let secs = (end - start).as_secs_f64();
+    Ok((end - start).as_secs_f64())
+}
+
+async fn w1(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(opts, &manifest(4, 64)).await?;
+    let n = 2000;
+    let secs = batch(&t, n, "response = {i}").await?;
     Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs}))
 }
 
@@ -319,20 +327,7 @@ async fn w4(opts: &BenchOptions) -> Result<Value> {
     let t = Target::start(opts, &with_total(manifest(4, 64))).await?;
     let n = 1000;
     let code = "t = request_write_resource('total')\nt.value += 1\nrelease_write_resource('total')\nresponse = {i}";
-    let tasks: Vec<Value> = (0..n)
-        .map(|i| python(code.replace("{i}", &i.to_string())))
-        .collect();
-    let start = Instant::now();
-    let sent = t.post("/tasks", &json!({ "tasks": tasks })).await?;
-    let ids: Vec<u64> = sent["task_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .collect();
-    let (done, end) = t.collect(&ids).await?;
-    check_unique_results(&done, n)?;
-    let secs = (end - start).as_secs_f64();
+    let secs = batch(&t, n, code).await?;
     let total = t.get("/resources/total").await?;
     if total["value"] != n as u64 {
         bail!("W4 ended with total = {} instead of {n}", total["value"]);

@@ -49,6 +49,8 @@ pub struct Cluster {
     pub completed: Notify,
     /// Fires whenever a worker queue shrinks.
     pub room: Notify,
+    /// Fires whenever a worker registers.
+    pub registered: Notify,
     /// Consecutive failed starts per worker, for restart backoff.
     failed_starts: Mutex<std::collections::HashMap<WorkerId, u32>>,
     /// Set on shutdown: deaths are then expected, nothing is restarted.
@@ -71,6 +73,7 @@ impl Cluster {
             master_url: OnceLock::new(),
             completed: Notify::new(),
             room: Notify::new(),
+            registered: Notify::new(),
             failed_starts: Mutex::new(Default::default()),
             stopping: Default::default(),
         })
@@ -201,6 +204,7 @@ impl Cluster {
     /// A worker registered: its start worked.
     pub fn started_ok(&self, id: WorkerId) {
         self.failed_starts.lock().expect("lock").remove(&id);
+        self.registered.notify_waiters();
     }
 
     fn died(self: &Arc<Self>, id: WorkerId, inc: Incarnation, reason: &str, task_suspect: bool) {

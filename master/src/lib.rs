@@ -80,6 +80,9 @@ impl Master {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            let registered = self.cluster.registered.notified();
+            tokio::pin!(registered);
+            registered.as_mut().enable();
             let (total, active) = self.cluster.with_state(|s| {
                 let nodes = s.nodes();
                 let active = nodes
@@ -91,11 +94,9 @@ impl Master {
             if active == total {
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= deadline {
+            if tokio::time::timeout_at(deadline, registered).await.is_err() {
                 bail!("only {active} of {total} workers registered within {timeout:?}; see the worker errors above");
             }
-            // Registration has no notification of its own; this is start-up only.
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

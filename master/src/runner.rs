@@ -107,7 +107,7 @@ pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Resu
     let tasks = follow(master, &created, opts).await?;
     let (nodes, steals, resources) = master
         .cluster
-        .with_state(|s| (s.nodes(), s.steals, s.locks.views()));
+        .with_state(|s| (s.nodes(), s.steals(), s.locks.views()));
     let restarts = nodes.iter().map(|n| n.restarts).sum();
     let succeeded = tasks
         .iter()

@@ -180,7 +180,6 @@ pub struct Scheduler {
     next_poll: u64,
     /// Task IDs in the order they finished: the completion feed.
     completions: Vec<TaskId>,
-    pub steals: u64,
     effects: Effects,
     /// Shared resources and their locks: revoked in the same critical
     /// section as a death, released when an attempt ends.
@@ -222,7 +221,6 @@ impl Scheduler {
             cursor: 0,
             next_poll: 0,
             completions: Vec::new(),
-            steals: 0,
             effects: Effects::default(),
             locks: LockTable::default(),
             leases: HashMap::new(),
@@ -805,7 +803,6 @@ impl Scheduler {
             let task = self.tasks.get_mut(&tid).expect("stolen task exists");
             task.node = Some(thief_id);
             task.trace.assigned(tid, thief_id, Some(views[victim].id));
-            self.steals += 1;
             self.metrics.steals.inc();
             self.effects.room_freed = true;
             info!(
@@ -949,6 +946,11 @@ impl Scheduler {
             .into_iter()
             .zip(counts)
             .collect()
+    }
+
+    /// Tasks stolen so far.
+    pub fn steals(&self) -> u64 {
+        self.metrics.steals.get()
     }
 
     pub fn master_queue_len(&self) -> usize {

@@ -79,7 +79,7 @@ fn seed_test_5_idle_workers_steal_the_last_waiting_task_from_node_0() {
     let running: Vec<_> = polls.iter_mut().map(|rx| rx.try_recv().unwrap()).collect();
     assert_eq!(running.len(), 5);
     assert_eq!(running[0].task_id, 1, "node 0 runs the first task");
-    assert_eq!(s.steals, 4);
+    assert_eq!(s.steals(), 4);
     let nodes = s.nodes();
     assert_eq!(nodes[0].queued, 2);
     assert!(nodes[1..].iter().all(|n| n.running == 1 && n.queued == 0));
@@ -88,7 +88,7 @@ fn seed_test_5_idle_workers_steal_the_last_waiting_task_from_node_0() {
     // Node 3 finishes and steals again (the last waiting: task 7).
     let mut rx = poll(&mut s, 3, 0, report(&running[3], ok(1)));
     assert_eq!(rx.try_recv().unwrap().task_id, 7);
-    assert_eq!(s.steals, 5);
+    assert_eq!(s.steals(), 5);
 }
 
 #[test]
