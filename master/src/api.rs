@@ -310,18 +310,7 @@ struct ResourceBody {
     #[serde(rename = "type")]
     kind: String,
     #[serde(default)]
-    values: ResourceValues,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ResourceValues {
-    #[serde(default)]
-    initial_value: Option<Value>,
-    #[serde(default)]
-    path: Option<String>,
-    #[serde(default)]
-    mode: Option<String>,
+    values: crate::manifest::ResourceValues,
 }
 
 /// `/resource`: the seed's `{"name", "type", "values": {"initial_value"}}`.
@@ -330,13 +319,7 @@ async fn create_resource(
     Body(body): Body<ResourceBody>,
 ) -> ApiResult<Json<Value>> {
     let kind = ResourceType::parse(&body.kind).map_err(ApiError::bad_request)?;
-    let spec = crate::manifest::ResourceSpec {
-        name: body.name.clone(),
-        kind,
-        initial_value: body.values.initial_value.unwrap_or(Value::Null),
-        path: body.values.path,
-        mode: body.values.mode,
-    };
+    let spec = body.values.into_spec(body.name, kind);
     let value = crate::resources::initial_value(&spec).map_err(ApiError::bad_request)?;
     cluster
         .with_state(|s| s.locks.create(&spec.name, kind, value))

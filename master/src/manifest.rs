@@ -187,18 +187,32 @@ struct SeedResource {
     #[serde(rename = "type")]
     kind: ResourceType,
     #[serde(default)]
-    values: SeedValues,
+    values: ResourceValues,
 }
 
+/// The seed's `values` of a shared resource, in a scenario file and in the
+/// body of `POST /resource` alike.
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct SeedValues {
+pub struct ResourceValues {
     #[serde(default)]
-    initial_value: Option<Value>,
+    pub initial_value: Option<Value>,
     #[serde(default)]
-    path: Option<String>,
+    pub path: Option<String>,
     #[serde(default)]
-    mode: Option<String>,
+    pub mode: Option<String>,
+}
+
+impl ResourceValues {
+    pub fn into_spec(self, name: String, kind: ResourceType) -> ResourceSpec {
+        ResourceSpec {
+            name,
+            kind,
+            initial_value: self.initial_value.unwrap_or(Value::Null),
+            path: self.path,
+            mode: self.mode,
+        }
+    }
 }
 
 // ----- native form -----------------------------------------------------
@@ -380,13 +394,7 @@ fn from_seed(system: SeedSystem) -> Result<ClusterSpec, String> {
     spec.resources = system
         .shared_resources
         .into_iter()
-        .map(|r| ResourceSpec {
-            name: r.name,
-            kind: r.kind,
-            initial_value: r.values.initial_value.unwrap_or(Value::Null),
-            path: r.values.path,
-            mode: r.values.mode,
-        })
+        .map(|r| r.values.into_spec(r.name, r.kind))
         .collect();
     Ok(spec)
 }

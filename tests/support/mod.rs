@@ -132,18 +132,22 @@ impl Cluster {
         }
     }
 
-    /// POST a JSON body; returns (status, body).
-    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
-        let resp = self
-            .auth(self.http.post(format!("{}{path}", self.url)).json(&body))
-            .send()
-            .await?;
+    /// Sends a request (with the token, if any); returns (status, body),
+    /// the body as JSON when it is JSON.
+    async fn call(&self, req: reqwest::RequestBuilder) -> Result<(u16, Value)> {
+        let resp = self.auth(req).send().await?;
         let status = resp.status().as_u16();
         let text = resp.text().await?;
         Ok((
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         ))
+    }
+
+    /// POST a JSON body; returns (status, body).
+    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
+        self.call(self.http.post(format!("{}{path}", self.url)).json(&body))
+            .await
     }
 
     /// POST raw bytes (for malformed-input tests).
@@ -152,34 +156,16 @@ impl Cluster {
         path: &str,
         body: impl Into<reqwest::Body>,
     ) -> Result<(u16, Value)> {
-        let resp = self
-            .auth(
-                self.http
-                    .post(format!("{}{path}", self.url))
-                    .header("content-type", "application/json")
-                    .body(body),
-            )
-            .send()
-            .await?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
+        let req = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .header("content-type", "application/json");
+        self.call(req.body(body)).await
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
-        let resp = self
-            .auth(self.http.get(format!("{}{path}", self.url)))
-            .send()
-            .await?;
-        let status = resp.status().as_u16();
-        let text = resp.text().await?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
+        self.call(self.http.get(format!("{}{path}", self.url)))
+            .await
     }
 
     /// Submits a Python task through `/send`; returns its ID.
