@@ -1,6 +1,7 @@
 //! `flotilla bench`: the workloads of BENCHMARKS.md, measured from outside
 //! the cluster. Each run starts a fresh `flotilla up` as a separate process
-//! and drives it over HTTP as a user would; figures are medians of the runs.
+//! and drives it over HTTP through `flotilla-client`, as a user would;
+//! figures are medians of the runs.
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
@@ -9,6 +10,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use flotilla_client::api::{TaskState, TaskView};
+use flotilla_client::Client;
+use flotilla_proto::{TaskKind, TaskSpec};
 use serde_json::{json, Value};
 
 pub struct BenchOptions {
@@ -49,8 +53,7 @@ pub async fn start_trace_sink() -> Result<(String, std::sync::Arc<std::sync::ato
 /// A cluster under test: a child `flotilla up`.
 struct Target {
     child: Child,
-    url: String,
-    http: reqwest::Client,
+    client: Client,
 }
 
 impl Target {
@@ -84,78 +87,26 @@ impl Target {
             .to_string();
         let t = Target {
             child,
-            url,
-            http: reqwest::Client::builder().tcp_nodelay(true).build()?,
+            client: Client::new(&url, std::env::var(flotilla_client::TOKEN_ENV).ok())?,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let nodes: Value = t
-                .http
-                .get(format!("{}/nodes", t.url))
-                .send()
-                .await?
-                .json()
-                .await?;
-            let nodes = nodes.as_array().cloned().unwrap_or_default();
-            if !nodes.is_empty() && nodes.iter().all(|n| n["state"] == "active") {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("workers did not come up: {nodes:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        t.client
+            .wait_ready(Duration::from_secs(30))
+            .await
+            .context("workers did not come up")?;
         Ok(t)
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let resp = self
-            .http
-            .post(format!("{}{path}", self.url))
-            .json(body)
-            .send()
-            .await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        if !status.is_success() {
-            bail!("POST {path}: {status} {body}");
-        }
-        Ok(body)
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        let resp = self.http.get(format!("{}{path}", self.url)).send().await?;
-        let status = resp.status();
-        let body: Value = resp.json().await?;
-        if !status.is_success() {
-            bail!("GET {path}: {status} {body}");
-        }
-        Ok(body)
     }
 
     /// Follows the completion feed until `ids` are all final; returns them
     /// in completion order with the instant the last one was seen.
-    async fn collect(&self, ids: &[u64]) -> Result<(Vec<Value>, Instant)> {
-        let wanted: HashSet<u64> = ids.iter().copied().collect();
+    async fn collect(&self, ids: &[u64]) -> Result<(Vec<TaskView>, Instant)> {
+        let done = self.client.follow(ids.iter().copied(), 0).all(None).await?;
         let mut seen = HashSet::new();
-        let mut out = Vec::new();
-        let mut after = 0u64;
-        while seen.len() < wanted.len() {
-            let page = self
-                .get(&format!("/tasks/finished?after={after}&wait=30"))
-                .await?;
-            after = page["next"].as_u64().unwrap_or(after);
-            for t in page["tasks"].as_array().into_iter().flatten() {
-                let id = t["id"].as_u64().unwrap_or(0);
-                if wanted.contains(&id) {
-                    if !seen.insert(id) {
-                        bail!("task {id} finished twice");
-                    }
-                    out.push(t.clone());
-                }
+        for t in &done {
+            if !seen.insert(t.id) {
+                bail!("task {} finished twice", t.id);
             }
         }
-        Ok((out, Instant::now()))
+        Ok((done, Instant::now()))
     }
 }
 
@@ -184,8 +135,11 @@ fn with_total(manifest: String) -> String {
     manifest + "  resources:\n    - { name: total, type: Integer, initialValue: 0 }\n"
 }
 
-fn python(code: String) -> Value {
-    json!({"type": "python", "command": code})
+fn python(code: String) -> TaskSpec {
+    TaskSpec {
+        kind: TaskKind::Python,
+        command: code,
+    }
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -226,15 +180,17 @@ fn single_fib_seconds(n: u32) -> Result<f64> {
     Ok(median(xs))
 }
 
-fn check_unique_results(tasks: &[Value], n: usize) -> Result<()> {
+fn check_unique_results(tasks: &[TaskView], n: usize) -> Result<()> {
     let mut seen = HashSet::new();
     for t in tasks {
-        if t["state"] != "succeeded" {
-            bail!("task failed: {t}");
+        if t.state != TaskState::Succeeded {
+            bail!("task failed: {t:?}");
         }
-        let r = t["result"]["response"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("no numeric response: {t}"))?;
+        let r = t
+            .result
+            .as_ref()
+            .and_then(|r| r.response.as_u64())
+            .ok_or_else(|| anyhow!("no numeric response: {t:?}"))?;
         if !seen.insert(r) {
             bail!("response {r} seen twice");
         }
@@ -248,17 +204,11 @@ fn check_unique_results(tasks: &[Value], n: usize) -> Result<()> {
 /// Submits `n` tasks (`code` with `{i}` replaced by 0..n) in one batch
 /// and follows the results: the seconds from first submit to last result.
 async fn batch(t: &Target, n: usize, code: &str) -> Result<f64> {
-    let tasks: Vec<Value> = (0..n)
+    let tasks: Vec<TaskSpec> = (0..n)
         .map(|i| python(code.replace("{i}", &i.to_string())))
         .collect();
     let start = Instant::now();
-    let sent = t.post("/tasks", &json!({ "tasks": tasks })).await?;
-    let ids: Vec<u64> = sent["task_ids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_u64)
-        .collect();
+    let ids = t.client.submit(&tasks).await?;
     let (done, end) = t.collect(&ids).await?;
     check_unique_results(&done, n)?;
     Ok((end - start).as_secs_f64())
@@ -276,14 +226,11 @@ async fn w2(opts: &BenchOptions) -> Result<Value> {
     let mut lat = Vec::new();
     for i in 0..300u64 {
         let start = Instant::now();
-        let sent = t.post("/send", &python(format!("response = {i}"))).await?;
-        let id = sent["task_id"]
-            .as_u64()
-            .ok_or_else(|| anyhow!("no task_id"))?;
-        let done = t.get(&format!("/tasks/{id}?wait=10")).await?;
+        let id = t.client.send(&python(format!("response = {i}"))).await?;
+        let done = t.client.wait_task(id, Duration::from_secs(10)).await?;
         lat.push(start.elapsed().as_secs_f64() * 1000.0);
-        if done["result"]["response"] != i {
-            bail!("task {id} answered {done}");
+        if done.result.as_ref().map(|r| &r.response) != Some(&json!(i)) {
+            bail!("task {id} answered {done:?}");
         }
     }
     lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
@@ -298,7 +245,7 @@ async fn cpu_workload(
     capacity: usize,
     count: usize,
     n: u32,
-    path: &str,
+    node: Option<u32>,
 ) -> Result<Value> {
     let single = single_fib_seconds(n)?;
     let t = Target::start(opts, &manifest(workers, capacity)).await?;
@@ -306,14 +253,11 @@ async fn cpu_workload(
     let start = Instant::now();
     let mut ids = Vec::new();
     for i in 0..count {
-        let sent = t
-            .post(path, &python(code.replace("{i}", &i.to_string())))
-            .await?;
-        ids.push(
-            sent["task_id"]
-                .as_u64()
-                .ok_or_else(|| anyhow!("no task_id"))?,
-        );
+        let spec = python(code.replace("{i}", &i.to_string()));
+        ids.push(match node {
+            None => t.client.send(&spec).await?,
+            Some(n) => t.client.send_to(n, &spec).await?,
+        });
     }
     let (done, end) = t.collect(&ids).await?;
     check_unique_results(&done, count)?;
@@ -328,11 +272,11 @@ async fn w4(opts: &BenchOptions) -> Result<Value> {
     let n = 1000;
     let code = "t = request_write_resource('total')\nt.value += 1\nrelease_write_resource('total')\nresponse = {i}";
     let secs = batch(&t, n, code).await?;
-    let total = t.get("/resources/total").await?;
-    if total["value"] != n as u64 {
-        bail!("W4 ended with total = {} instead of {n}", total["value"]);
+    let total = t.client.resource("total").await?.value;
+    if total != n as u64 {
+        bail!("W4 ended with total = {total} instead of {n}");
     }
-    Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs, "final_total": total["value"]}))
+    Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs, "final_total": total}))
 }
 
 /// Uncontended lock round trip from task code: 1,000 acquire+release of a
@@ -340,15 +284,15 @@ async fn w4(opts: &BenchOptions) -> Result<Value> {
 async fn lock_round_trip(opts: &BenchOptions) -> Result<Value> {
     let t = Target::start(opts, &with_total(manifest(1, 4))).await?;
     let code = "import time\nxs = []\nfor _ in range(1000):\n    s = time.perf_counter()\n    v = request_write_resource('total')\n    release_write_resource('total')\n    xs.append(time.perf_counter() - s)\nxs.sort()\nresponse = [xs[500] * 1000, xs[990] * 1000]";
-    let sent = t.post("/send", &python(code.to_string())).await?;
-    let id = sent["task_id"]
-        .as_u64()
-        .ok_or_else(|| anyhow!("no task_id"))?;
-    let done = t.get(&format!("/tasks/{id}?wait=120")).await?;
-    let r = &done["result"]["response"];
-    match (r[0].as_f64(), r[1].as_f64()) {
-        (Some(p50), Some(p99)) => Ok(json!({"p50_ms": p50, "p99_ms": p99})),
-        _ => bail!("lock round trip task answered {done}"),
+    let id = t.client.send(&python(code.to_string())).await?;
+    let done = t
+        .client
+        .wait_final(id, Some(Duration::from_secs(120)))
+        .await?;
+    let r = done.result.as_ref().map(|r| &r.response);
+    match r.map(|r| (r[0].as_f64(), r[1].as_f64())) {
+        Some((Some(p50), Some(p99))) => Ok(json!({"p50_ms": p50, "p99_ms": p99})),
+        _ => bail!("lock round trip task answered {done:?}"),
     }
 }
 
@@ -418,8 +362,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
             let r = match w.as_str() {
                 "W1" => w1(opts).await?,
                 "W2" => w2(opts).await?,
-                "W3" => cpu_workload(opts, 2, 32, 32, 30, "/send").await?,
-                "W6" => cpu_workload(opts, 4, 8, 8, 32, "/send/0").await?,
+                "W3" => cpu_workload(opts, 2, 32, 32, 30, None).await?,
+                "W6" => cpu_workload(opts, 4, 8, 8, 32, Some(0)).await?,
                 "W4" => w4(opts).await?,
                 "locks" => lock_round_trip(opts).await?,
                 "idle" => idle(opts).await?,

@@ -172,10 +172,10 @@ async fn main() -> Result<()> {
                 json,
                 sleep_scale,
                 timeout: timeout.map(Duration::from_secs_f64),
-                token: opts.token.clone(),
             };
+            let client = flotilla_client::Client::new(&master.url(), opts.token.clone())?;
             let outcome = tokio::select! {
-                r = runner::run(&master, &spec, &run_opts) => r.map(|_| ()),
+                r = runner::run(&client, &spec, &run_opts) => r.map(|_| ()),
                 _ = stop_signal() => Err(anyhow::anyhow!("interrupted")),
             };
             master.shutdown().await;

@@ -1,19 +1,20 @@
 //! `flotilla run`: replays a manifest's `requests` against the master it
 //! started (over real HTTP, as the seed's runner did), then follows the
 //! completion feed until every task it created has finished, printing each
-//! result as it arrives and a summary at the end.
+//! result as it arrives and a summary at the end. Client code: it sees the
+//! master only through `flotilla-client`, as any user would.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use flotilla_client::api::{NodeView, ResourceView, TaskState, TaskView};
+use flotilla_client::Client;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::manifest::{endpoint_path, ClusterSpec, Method};
-use crate::scheduler::{NodeView, TaskView};
-use crate::Master;
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -23,7 +24,6 @@ pub struct RunOptions {
     pub sleep_scale: f64,
     /// Give up waiting for results after this long (`None`: wait forever).
     pub timeout: Option<Duration>,
-    pub token: Option<String>,
 }
 
 #[derive(Serialize, Debug, Clone)]
@@ -41,17 +41,18 @@ pub struct RunReport {
     pub nodes: Vec<NodeView>,
     pub steals: u64,
     pub restarts: u64,
-    pub resources: Vec<crate::resources::locks::ResourceView>,
+    pub resources: Vec<ResourceView>,
     pub succeeded: usize,
     pub failed: usize,
 }
 
-fn method_of(m: &Method) -> reqwest::Method {
+fn method_of(m: &Method) -> flotilla_client::Method {
+    use flotilla_client::Method as M;
     match m {
-        Method::Get => reqwest::Method::GET,
-        Method::Post => reqwest::Method::POST,
-        Method::Put => reqwest::Method::PUT,
-        Method::Delete => reqwest::Method::DELETE,
+        Method::Get => M::GET,
+        Method::Post => M::POST,
+        Method::Put => M::PUT,
+        Method::Delete => M::DELETE,
     }
 }
 
@@ -63,29 +64,17 @@ fn one_line(v: &Value) -> String {
     s.replace('\n', "\\n")
 }
 
-pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Result<RunReport> {
-    let http = reqwest::Client::new();
-    let base = master.url();
+pub async fn run(client: &Client, spec: &ClusterSpec, opts: &RunOptions) -> Result<RunReport> {
     let mut out = std::io::stdout();
     let mut requests = Vec::new();
     let mut created: Vec<u64> = Vec::new();
     for (i, r) in spec.requests.iter().enumerate() {
         let path = endpoint_path(&r.endpoint).map_err(anyhow::Error::msg)?;
         for _ in 0..r.times {
-            let mut req = http.request(method_of(&r.method), format!("{base}{path}"));
-            if let Some(token) = &opts.token {
-                req = req.bearer_auth(token);
-            }
-            if let Some(body) = &r.body {
-                req = req.json(body);
-            }
-            let resp = req
-                .send()
+            let (status, body) = client
+                .request(method_of(&r.method), &path, r.body.as_ref())
                 .await
                 .with_context(|| format!("requests[{i}]: {path} could not be sent"))?;
-            let status = resp.status().as_u16();
-            let text = resp.text().await.unwrap_or_default();
-            let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
             if let Some(id) = body.get("task_id").and_then(Value::as_u64) {
                 created.push(id);
             }
@@ -104,14 +93,14 @@ pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Resu
         }
     }
 
-    let tasks = follow(master, &created, opts).await?;
-    let (nodes, steals, resources) = master
-        .cluster
-        .with_state(|s| (s.nodes(), s.steals(), s.locks.views()));
+    let tasks = follow(client, &created, opts).await?;
+    let nodes = client.nodes().await?;
+    let resources = client.resources().await?;
+    let steals = client.health().await?["steals"].as_u64().unwrap_or(0);
     let restarts = nodes.iter().map(|n| n.restarts).sum();
     let succeeded = tasks
         .iter()
-        .filter(|t| t.state == crate::scheduler::TaskState::Succeeded)
+        .filter(|t| t.state == TaskState::Succeeded)
         .count();
     let failed = tasks.len() - succeeded;
     let report = RunReport {
@@ -133,8 +122,8 @@ pub async fn run(master: &Master, spec: &ClusterSpec, opts: &RunOptions) -> Resu
 }
 
 /// Follows the completion feed until every task in `ids` is final.
-async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<TaskView>> {
-    let mut pending: HashSet<u64> = ids.iter().copied().collect();
+async fn follow(client: &Client, ids: &[u64], opts: &RunOptions) -> Result<Vec<TaskView>> {
+    let mut feed = client.follow(ids.iter().copied(), 0);
     let mut done: BTreeMap<u64, TaskView> = BTreeMap::new();
     let mut per_node: BTreeMap<u32, usize> = BTreeMap::new();
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
@@ -153,26 +142,16 @@ async fn follow(master: &Master, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
         }
     };
     let deadline = opts.timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut cursor = 0;
-    while !pending.is_empty() {
+    while !feed.is_done() {
         if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) {
             bar.abandon();
             bail!(
-                "{} task(s) still unfinished after {:?}: {:?}",
-                pending.len(),
+                "{} task(s) still unfinished after {:?}",
+                feed.pending(),
                 opts.timeout.unwrap(),
-                pending
             );
         }
-        let (batch, next) = master
-            .cluster
-            .finished_after(cursor, 1000, Duration::from_millis(500))
-            .await;
-        cursor = next;
-        for t in batch {
-            if !pending.remove(&t.id) {
-                continue;
-            }
+        for t in feed.next(Duration::from_millis(500)).await? {
             if let Some(n) = t.node {
                 *per_node.entry(n).or_default() += 1;
             }

@@ -261,4 +261,5 @@ pub struct LockReleased {
     pub committed: bool,
 }
 
+pub mod api;
 pub mod telemetry;

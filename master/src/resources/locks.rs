@@ -15,20 +15,13 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use flotilla_proto::{Attempt, Incarnation, LockGrant, LockMode, TaskId, WorkerId};
-use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::ResourceType;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-pub struct Owner {
-    pub worker: WorkerId,
-    pub incarnation: Incarnation,
-    pub task: TaskId,
-    pub attempt: Attempt,
-}
+pub use flotilla_proto::api::{Holder, Owner, ResourceView};
 
 pub type RequestId = u64;
 
@@ -66,24 +59,6 @@ struct Resource {
     readers: BTreeMap<RequestId, Owner>,
     writer: Option<(RequestId, Owner, u64)>,
     queue: VecDeque<Waiter>,
-}
-
-#[derive(Serialize, Clone, Debug, PartialEq)]
-pub struct Holder {
-    pub mode: LockMode,
-    #[serde(flatten)]
-    pub owner: Owner,
-}
-
-#[derive(Serialize, Clone, Debug, PartialEq)]
-pub struct ResourceView {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub value: Value,
-    pub version: u64,
-    pub holders: Vec<Holder>,
-    pub waiting: Vec<Holder>,
 }
 
 #[derive(Default)]
@@ -345,7 +320,7 @@ impl LockTable {
         }));
         Some(ResourceView {
             name: name.to_string(),
-            kind: r.kind.name(),
+            kind: r.kind.name().to_string(),
             value: r.value.clone(),
             version: r.version,
             holders,

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use flotilla_proto::{
     Assignment, Attempt, Incarnation, Outcome, TaskId, TaskReport, TaskResult, TaskSpec, WorkerId,
 };
-use serde::Serialize;
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
@@ -30,31 +29,7 @@ use trace::TaskTrace;
 use crate::resources::locks::{LockError, LockTable, Owner, RequestId};
 use flotilla_proto::{LockGrant, LockMode};
 
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskState {
-    Queued,
-    Assigned,
-    Running,
-    Succeeded,
-    Failed,
-}
-
-impl TaskState {
-    pub fn is_final(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed)
-    }
-}
-
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum WorkerState {
-    /// Started (or restarted) by the runtime; not registered yet. It may be
-    /// given queued work (the seed queued to a restarting node at once).
-    Starting,
-    Active,
-    Dead,
-}
+pub use flotilla_proto::api::{NodeView, TaskState, TaskView, WorkerState};
 
 pub struct Task {
     pub id: TaskId,
@@ -141,33 +116,6 @@ pub struct Effects {
     pub completed: bool,
     /// A worker queue shrank: wake `/send/{node}` calls waiting for room.
     pub room_freed: bool,
-}
-
-#[derive(Serialize, Clone, Debug, PartialEq)]
-pub struct TaskView {
-    pub id: TaskId,
-    pub state: TaskState,
-    pub node: Option<WorkerId>,
-    pub attempts: Attempt,
-    pub result: Option<TaskResult>,
-    pub error: Option<String>,
-    pub submitted_at: u64,
-    pub started_at: Option<u64>,
-    pub finished_at: Option<u64>,
-}
-
-#[derive(Serialize, Clone, Debug, PartialEq)]
-pub struct NodeView {
-    pub id: WorkerId,
-    pub state: WorkerState,
-    pub capacity: usize,
-    pub incarnation: Incarnation,
-    pub queued: usize,
-    pub running: usize,
-    pub executed: u64,
-    pub restarts: u64,
-    pub last_heartbeat_ms_ago: u64,
-    pub pid: Option<u32>,
 }
 
 pub struct Scheduler {
