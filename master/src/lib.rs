@@ -10,6 +10,7 @@ pub mod resources;
 pub mod runner;
 pub mod runtime;
 pub mod scheduler;
+pub mod store;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -1,0 +1,249 @@
+//! The writer thread: group commit. It blocks for the first append, takes
+//! every append that queued up meanwhile (up to [`MAX_BATCH`] operations),
+//! applies them in order in one transaction and commits: one sync for the
+//! whole batch. Then it publishes the last sequence number it committed.
+
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+
+use rusqlite::{params, Connection, Transaction};
+use tokio::sync::watch;
+use tracing::{debug, error};
+
+use super::{Op, Progress};
+
+/// Operations committed at most in one transaction (a bound on its size).
+pub(super) const MAX_BATCH: usize = 20_000;
+
+pub(super) enum Msg {
+    Ops { seq: u64, ops: Vec<super::Op> },
+}
+
+pub(super) fn run(
+    dir: PathBuf,
+    mut conn: Connection,
+    rx: Receiver<Msg>,
+    progress: watch::Sender<Progress>,
+) {
+    let mut batch: Vec<Msg> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut ops = match &first {
+            Msg::Ops { ops, .. } => ops.len(),
+        };
+        batch.push(first);
+        while ops < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(m) => {
+                    ops += match &m {
+                        Msg::Ops { ops, .. } => ops.len(),
+                    };
+                    batch.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        let last = match batch.last() {
+            Some(Msg::Ops { seq, .. }) => *seq,
+            None => continue,
+        };
+        let started = std::time::Instant::now();
+        match commit(&mut conn, &batch) {
+            Ok(()) => {
+                debug!(
+                    ops,
+                    appends = batch.len(),
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "state committed"
+                );
+                progress.send_modify(|p| {
+                    p.committed = last;
+                    p.commits += 1;
+                });
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                error!(dir = %dir.display(), error = %detail, "state store write failed: nothing more is acknowledged");
+                progress.send_modify(|p| p.failed = Some(detail));
+                return;
+            }
+        }
+        batch.clear();
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let mut max_id = 0u64;
+    for Msg::Ops { ops, .. } in batch {
+        for op in ops {
+            if let Op::Submit { id, .. } = op {
+                max_id = max_id.max(*id);
+            }
+            apply(&tx, op)?;
+        }
+    }
+    if max_id > 0 {
+        tx.prepare_cached(
+            "UPDATE meta SET value = CAST(max(CAST(value AS INTEGER), ?1) AS TEXT) WHERE key = 'next_task_id'",
+        )?
+        .execute([(max_id + 1) as i64])?;
+    }
+    tx.commit()
+}
+
+fn json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Submit {
+            id,
+            spec,
+            target,
+            submitted_at,
+        } => {
+            tx.prepare_cached(
+                "INSERT INTO tasks (id, kind, command, state, target, submitted_at) \
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+            )?
+            .execute(params![
+                *id as i64,
+                spec.kind.to_string(),
+                spec.command,
+                target.map(i64::from),
+                *submitted_at as i64
+            ])?;
+        }
+        Op::Queue { id, node } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET state = CASE WHEN ?2 IS NULL THEN 'queued' ELSE 'assigned' END, \
+                 node = ?2 WHERE id = ?1",
+            )?
+            .execute(params![*id as i64, node.map(i64::from)])?;
+        }
+        Op::Start(a) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO attempts (task, attempt, worker, incarnation, slot, started_at, outcome) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+            )?
+            .execute(params![
+                a.task as i64,
+                a.attempt,
+                a.worker,
+                a.incarnation as i64,
+                a.slot,
+                a.started_at as i64
+            ])?;
+            tx.prepare_cached(
+                "UPDATE tasks SET state = 'running', node = ?2, attempts = ?3, \
+                 started_at = coalesce(started_at, ?4) WHERE id = ?1",
+            )?
+            .execute(params![
+                a.task as i64,
+                a.worker,
+                a.attempt,
+                a.started_at as i64
+            ])?;
+        }
+        Op::EndAttempt {
+            task,
+            attempt,
+            outcome,
+        } => {
+            tx.prepare_cached(
+                "UPDATE attempts SET outcome = ?3 WHERE task = ?1 AND attempt = ?2 AND outcome IS NULL",
+            )?
+            .execute(params![*task as i64, attempt, outcome])?;
+        }
+        Op::Finish {
+            id,
+            state,
+            node,
+            attempts,
+            result,
+            error,
+            finished_at,
+            feed_pos,
+        } => {
+            let result = result.as_ref().map(json).transpose()?;
+            tx.prepare_cached(
+                "UPDATE tasks SET state = ?2, node = ?3, attempts = ?4, result = ?5, error = ?6, \
+                 finished_at = ?7, feed_pos = ?8 WHERE id = ?1",
+            )?
+            .execute(params![
+                *id as i64,
+                state,
+                node.map(i64::from),
+                attempts,
+                result,
+                error,
+                *finished_at as i64,
+                *feed_pos as i64
+            ])?;
+            tx.prepare_cached(
+                "UPDATE attempts SET outcome = ?2 WHERE task = ?1 AND outcome IS NULL",
+            )?
+            .execute(params![*id as i64, state])?;
+        }
+        Op::Resource(r) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO resources (name, kind, value, version) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![r.name, r.kind, json(&r.value)?, r.version as i64])?;
+        }
+        Op::Grant(g) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO grants (resource, request, mode, token, worker, incarnation, task, attempt) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                g.resource,
+                g.request as i64,
+                g.mode,
+                g.token as i64,
+                g.worker,
+                g.incarnation as i64,
+                g.task as i64,
+                g.attempt
+            ])?;
+        }
+        Op::Ungrant { resource, request } => {
+            tx.prepare_cached("DELETE FROM grants WHERE resource = ?1 AND request = ?2")?
+                .execute(params![resource, *request as i64])?;
+        }
+        Op::Worker(w) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO workers (id, capacity, incarnation, restarts, pid, handle) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                w.id,
+                w.capacity as i64,
+                w.incarnation as i64,
+                w.restarts as i64,
+                w.pid,
+                w.handle
+            ])?;
+        }
+        Op::Expire { before } => {
+            tx.prepare_cached(
+                "DELETE FROM attempts WHERE task IN \
+                 (SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1)",
+            )?
+            .execute([*before as i64])?;
+            tx.prepare_cached(
+                "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1",
+            )?
+            .execute([*before as i64])?;
+            // Give the freed pages back to the file system, a bounded step
+            // at a time (the database was created with auto_vacuum=INCREMENTAL).
+            tx.query_row("PRAGMA incremental_vacuum(2000)", [], |_| Ok(()))
+                .or_else(|e| match e {
+                    rusqlite::Error::QueryReturnedNoRows => Ok(()),
+                    e => Err(e),
+                })?;
+        }
+    }
+    Ok(())
+}
