@@ -14,6 +14,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use flotilla_proto::api::{TaskPage, TaskState};
 use flotilla_proto::telemetry::{adopt_parent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{
     routes, Assignment, ErrorBody, Heartbeat, LockAction, LockGrant, LockMode, LockReleased,
@@ -156,7 +157,7 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         .route("/resources/{name}", get(get_resource))
         .route("/add", post(add))
         .route("/stop/{node}", post(stop))
-        .route("/tasks", post(submit_tasks))
+        .route("/tasks", post(submit_tasks).get(list_tasks))
         .route("/tasks/finished", get(finished_tasks))
         .route("/tasks/{id}", get(get_task))
         .route("/nodes", get(nodes))
@@ -576,6 +577,57 @@ async fn get_task(
             "task {task_id} does not exist"
         ))),
     }
+}
+
+/// The most tasks one page of `GET /tasks` holds.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// `GET /tasks?state=&node=&limit=&after=`: tasks in ID order, filtered,
+/// a page at a time; `next` (absent on the last page) is the `after` of the
+/// next page. A page may be short (the scan per request is bounded): keep
+/// asking while `next` is there.
+async fn list_tasks(
+    State(cluster): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<TaskPage>> {
+    let known = ["state", "node", "limit", "after"];
+    if let Some(k) = q.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "unknown query parameter `{k}`: expected state, node, limit or after"
+        )));
+    }
+    let state = q
+        .get("state")
+        .map(|s| s.parse::<TaskState>())
+        .transpose()
+        .map_err(ApiError::bad_request)?;
+    let node = q
+        .get("node")
+        .map(|raw| {
+            raw.parse::<WorkerId>().map_err(|_| {
+                ApiError::bad_request(format!("node must be a node ID (a number), got {raw:?}"))
+            })
+        })
+        .transpose()?;
+    let limit = match q.get("limit") {
+        None => 100,
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(l) if (1..=MAX_LIST_LIMIT).contains(&l) => l,
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "limit must be a number between 1 and {MAX_LIST_LIMIT}, got {raw:?}"
+                )))
+            }
+        },
+    };
+    let after = match q.get("after") {
+        None => 0,
+        Some(raw) => raw.parse::<TaskId>().map_err(|_| {
+            ApiError::bad_request(format!("after must be a task ID (a number), got {raw:?}"))
+        })?,
+    };
+    let (tasks, next) = cluster.list_tasks(after, state, node, limit);
+    Ok(Json(TaskPage { tasks, next }))
 }
 
 /// `GET /tasks/finished?after=N&wait=S`: the completion feed. Returns tasks

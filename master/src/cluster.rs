@@ -13,6 +13,10 @@ use tracing::{error, info, warn};
 use crate::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
 use crate::scheduler::{Scheduler, TaskView};
 
+/// The most task IDs one listing request looks at (bounds the time it
+/// holds the scheduling state, whatever the filters).
+pub const LIST_SCAN: usize = 50_000;
+
 #[derive(Clone, Debug)]
 pub struct ClusterConfig {
     pub name: String,
@@ -277,6 +281,17 @@ impl Cluster {
             let _ = tokio::time::timeout(wait, rx).await;
         }
         self.with_state(|s| s.task(id))
+    }
+
+    /// `GET /tasks`: one page of the task listing (see `Scheduler::list_tasks`).
+    pub fn list_tasks(
+        &self,
+        after: TaskId,
+        state: Option<crate::scheduler::TaskState>,
+        node: Option<WorkerId>,
+        limit: usize,
+    ) -> (Vec<TaskView>, Option<TaskId>) {
+        self.with_state(|s| s.list_tasks(after, state, node, limit, LIST_SCAN))
     }
 
     /// The completion feed: tasks finished after position `after`, waiting

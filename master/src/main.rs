@@ -10,6 +10,9 @@ use flotilla::manifest::{self, RuntimeKind};
 use flotilla::runner::{self, RunOptions};
 use flotilla::ServeOptions;
 use flotilla_proto::telemetry::{self, LogFormat, Telemetry};
+use flotilla_proto::{TaskId, WorkerId};
+
+mod verbs;
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +92,82 @@ enum Command {
         #[arg(long)]
         trace: bool,
     },
+
+    // ----- a running cluster (--server URL or FLOTILLA_SERVER; token FLOTILLA_TOKEN) -----
+    /// Submit a task; prints its ID (--wait: its result, exit code 1 if it failed).
+    Submit(verbs::SubmitArgs),
+    /// Show a task.
+    Get {
+        #[command(flatten)]
+        conn: verbs::Conn,
+        id: TaskId,
+    },
+    /// Wait for tasks to finish (exit code 1 if any failed).
+    Wait(verbs::WaitArgs),
+    /// List tasks, filtered, in ID order.
+    Tasks(verbs::TasksArgs),
+    /// List the workers.
+    Nodes {
+        #[command(flatten)]
+        conn: verbs::Conn,
+    },
+    /// List the shared resources, or show one.
+    Resources {
+        #[command(flatten)]
+        conn: verbs::Conn,
+        name: Option<String>,
+    },
+    /// Add a worker; prints its node ID.
+    Add {
+        #[command(flatten)]
+        conn: verbs::Conn,
+        /// Its queue capacity (the master's default: 10).
+        #[arg(long)]
+        capacity: Option<usize>,
+    },
+    /// Kill a worker (the master restarts it under the same ID).
+    Stop {
+        #[command(flatten)]
+        conn: verbs::Conn,
+        node: WorkerId,
+    },
+    /// Follow the cluster live: tasks as they finish, node changes.
+    Watch(verbs::WatchArgs),
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
+}
+
+/// Runs a verb for a running cluster and exits with its code: 0 done, 1 a
+/// task failed, 2 bad usage, 3 the master unreachable or refusing, 4 timed out.
+async fn run_verb(command: Command) -> ! {
+    let outcome = match command {
+        Command::Submit(a) => verbs::submit(a).await,
+        Command::Get { conn, id } => verbs::get(conn, id).await,
+        Command::Wait(a) => verbs::wait(a).await,
+        Command::Tasks(a) => verbs::tasks(a).await,
+        Command::Nodes { conn } => verbs::nodes(conn).await,
+        Command::Resources { conn, name } => verbs::resources(conn, name).await,
+        Command::Add { conn, capacity } => verbs::add(conn, capacity).await,
+        Command::Stop { conn, node } => verbs::stop(conn, node).await,
+        Command::Watch(a) => verbs::watch(a).await,
+        _ => unreachable!("not a verb for a running cluster"),
+    };
+    let code = match outcome {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<flotilla_client::Error>().is_some() {
+                verbs::EXIT_MASTER
+            } else if e.downcast_ref::<verbs::TimedOut>().is_some() {
+                verbs::EXIT_TIMEOUT
+            } else {
+                2
+            }
+        }
+    };
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
 }
 
 /// Logs (and traces, when an OTLP endpoint is set) for this process; the
@@ -134,6 +213,24 @@ fn serve_options(a: &ServeArgs) -> ServeOptions {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "flotilla",
+                &mut std::io::stdout(),
+            );
+        }
+        verb @ (Command::Submit(_)
+        | Command::Get { .. }
+        | Command::Wait(_)
+        | Command::Tasks(_)
+        | Command::Nodes { .. }
+        | Command::Resources { .. }
+        | Command::Add { .. }
+        | Command::Stop { .. }
+        | Command::Watch(_)) => run_verb(verb).await,
         Command::Up(args) => {
             let spec = manifest::load_file(&args.file)?;
             let _telemetry = init_telemetry(

@@ -841,6 +841,35 @@ impl Scheduler {
         })
     }
 
+    /// One page of the task listing: tasks with an ID above `after`, in ID
+    /// order, matching `state` and `node`, at most `limit`. The work per call
+    /// is bounded: at most `scan` IDs are looked at, so a page may hold fewer
+    /// than `limit` tasks. Returns the page and the ID to continue after
+    /// (`None` when there is nothing beyond).
+    pub fn list_tasks(
+        &self,
+        after: TaskId,
+        state: Option<TaskState>,
+        node: Option<WorkerId>,
+        limit: usize,
+        scan: usize,
+    ) -> (Vec<TaskView>, Option<TaskId>) {
+        let mut out = Vec::new();
+        let mut id = after.saturating_add(1).max(1);
+        let mut looked = 0;
+        while id < self.next_task && out.len() < limit && looked < scan {
+            if let Some(t) = self.tasks.get(&id) {
+                if state.is_none_or(|s| t.state == s) && node.is_none_or(|n| t.node == Some(n)) {
+                    out.extend(self.task(id));
+                }
+            }
+            looked += 1;
+            id += 1;
+        }
+        let next = (id < self.next_task).then(|| id - 1);
+        (out, next)
+    }
+
     /// Registers `tx` to fire when the task finishes. `None`: no such task;
     /// `Some(true)`: already finished (nothing registered).
     pub fn wait_for(&mut self, id: TaskId, tx: oneshot::Sender<()>) -> Option<bool> {

@@ -299,3 +299,45 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_task_listing_filters_pages_and_bounds_its_scan() {
+    let mut s = cluster(&[1, 1]);
+    // Worker 0 runs task 1 to the end; the rest wait in queues.
+    let mut rx = poll(&mut s, 0, 0, None);
+    let ids: Vec<TaskId> = (0..6).map(|i| s.submit(spec(&format!("{i}")))).collect();
+    let a = rx.try_recv().unwrap();
+    assert_eq!(a.task_id, ids[0]);
+    let _rx = poll(&mut s, 0, 0, report(&a, ok(1)));
+
+    let (all, next) = s.list_tasks(0, None, None, 100, 1000);
+    assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), ids);
+    assert_eq!(next, None, "one page holds everything");
+
+    let (done, _) = s.list_tasks(0, Some(TaskState::Succeeded), None, 100, 1000);
+    assert_eq!(done.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[0]]);
+    let (on_1, _) = s.list_tasks(0, None, Some(1), 100, 1000);
+    assert!(!on_1.is_empty() && on_1.iter().all(|t| t.node == Some(1)));
+
+    // Pages of two, each continuing after the previous `next`.
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let (page, next) = s.list_tasks(after, None, None, 2, 1000);
+        assert!(page.len() <= 2);
+        seen.extend(page.iter().map(|t| t.id));
+        match next {
+            Some(n) => after = n,
+            None => break,
+        }
+    }
+    assert_eq!(seen, ids);
+
+    // A bounded scan returns a short (even empty) page with a place to go on from.
+    let (page, next) = s.list_tasks(0, Some(TaskState::Failed), None, 100, 3);
+    assert!(page.is_empty());
+    assert_eq!(next, Some(3));
+    let (page, next) = s.list_tasks(3, Some(TaskState::Failed), None, 100, 3);
+    assert!(page.is_empty());
+    assert_eq!(next, None);
+}
