@@ -37,11 +37,19 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// `../shared/seed-scenarios` beside the repository (or FLOTILLA_SEED_SCENARIOS).
-pub fn seed_scenarios_dir() -> PathBuf {
-    std::env::var("FLOTILLA_SEED_SCENARIOS")
+/// The repository's own scenario files (`tests/scenarios/`), in the original
+/// system's `system:` format.
+pub fn scenarios_dir() -> PathBuf {
+    workspace_root().join("tests/scenarios")
+}
+
+/// An extra directory of scenario files in the same format (for instance the
+/// original system's own copies), named by `FLOTILLA_SEED_SCENARIOS`; the
+/// scenario tests run those too when it is set.
+pub fn extra_scenarios_dir() -> Option<PathBuf> {
+    std::env::var_os("FLOTILLA_SEED_SCENARIOS")
+        .filter(|d| !d.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("../shared/seed-scenarios"))
 }
 
 pub fn temp_file(name: &str, content: &str) -> PathBuf {
