@@ -179,3 +179,62 @@ async fn a_token_protects_the_api_but_not_health() {
     let t = c.wait_task(id, Duration::from_secs(20)).await.unwrap();
     assert_eq!(t["result"]["response"], "authorised");
 }
+
+/// A File resource through the API takes content only: no path on the
+/// master's machine is ever opened for a client, so nothing (a secret file,
+/// a FIFO nobody writes, /dev/zero) can leak or stall the API.
+#[tokio::test(flavor = "multi_thread")]
+async fn file_resources_through_the_api_never_read_the_masters_files() {
+    let c = Cluster::start(&seed_manifest(&[1])).await.unwrap();
+    let dir = std::env::temp_dir().join(format!("flotilla-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("pipe");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let paths = [
+        "/etc/shadow".to_string(),
+        "/proc/self/environ".to_string(),
+        "/dev/zero".to_string(),
+        fifo.display().to_string(),
+    ];
+    for (i, path) in paths.iter().enumerate() {
+        let name = format!("f{i}");
+        let started = std::time::Instant::now();
+        let (status, body) = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.post(
+                "/resource",
+                json!({"name": name, "type": "File", "values": {"path": path}}),
+            ),
+        )
+        .await
+        .expect("POST /resource must answer, not block on the path")
+        .unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        let error = error_of(&body);
+        assert!(
+            error.contains("not accepted through the API") && error.contains("initial_value"),
+            "{error}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Nothing was created, and the API still answers.
+        assert_eq!(c.get(&format!("/resources/{name}")).await.unwrap().0, 404);
+        assert_eq!(c.health().await.unwrap()["status"], "ok");
+    }
+    // The content itself is accepted, as any other type's value.
+    let (status, body) = c
+        .post(
+            "/resource",
+            json!({"name": "notes", "type": "File", "values": {"initial_value": "a\nb\n"}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let (_, got) = c.get("/resources/notes").await.unwrap();
+    assert_eq!(got["value"], "a\nb\n");
+    let _ = std::fs::remove_dir_all(&dir);
+}

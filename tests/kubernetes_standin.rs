@@ -34,6 +34,8 @@ fn settings(release: &str) -> KubernetesSettings {
         master_url: Some("http://flotilla:5000".into()),
         delete_timeout: WAIT,
         owner: None,
+        worker_otlp_endpoint: None,
+        worker_pods: Default::default(),
     }
 }
 

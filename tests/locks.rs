@@ -342,7 +342,7 @@ async fn resource_errors_are_named_and_never_hang() {
         ),
         (
             json!({"name": "f", "type": "File", "values": {"path": "/nonexistent/data.txt"}}),
-            "/nonexistent/data.txt",
+            "not accepted through the API",
         ),
         (
             json!({"name": "l", "type": "List", "values": {"initial_value": {"a": 1}}}),
@@ -380,7 +380,16 @@ async fn resource_errors_are_named_and_never_hang() {
             format!("Resource {name} created successfully")
         );
     }
+    // A File through the API takes its content, never a path on the master.
     let (status, resp) = c.post("/resource", json!({"name": "f", "type": "File", "values": {"path": file.display().to_string(), "mode": "r"}})).await.unwrap();
+    assert_eq!(status, 400, "{resp}");
+    let (status, resp) = c
+        .post(
+            "/resource",
+            json!({"name": "f", "type": "File", "values": {"initial_value": "line one\n"}}),
+        )
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{resp}");
     assert_eq!(resource(&c, "f").await["value"], "line one\n");
     assert_eq!(c.get("/resources/nope").await.unwrap().0, 404);

@@ -330,3 +330,108 @@ async fn logs_can_be_json() {
         "the workers log JSON too: {stderr}"
     );
 }
+
+/// A free loopback port (bound, then released for the master to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `--metrics-port`: Prometheus scrapes /metrics without the token there,
+/// while the API (its /metrics included) keeps requiring it, and nothing
+/// else is served on the metrics port.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_are_scraped_without_the_token_on_their_own_port() {
+    let port = free_port().to_string();
+    let c = Cluster::start_with(
+        &seed_manifest(&[1]),
+        &["--metrics-port", &port],
+        &[("FLOTILLA_TOKEN", "metrics-test-token")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.run_python("response = 1").await["state"], "succeeded");
+    let plain = reqwest::Client::new();
+    let scrape = plain
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scrape.status(), 200);
+    let text = scrape.text().await.unwrap();
+    assert_eq!(metric(&text, "flotilla_tasks_submitted_total"), 1.0);
+    for path in ["/nodes", "/resources", "/health", "/internal/poll"] {
+        let resp = plain
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path} on the metrics port");
+    }
+    let resp = plain
+        .post(format!("http://127.0.0.1:{port}/send"))
+        .json(&json!({"type": "python", "command": "response = 2"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    // The API's own /metrics still needs the token.
+    let resp = plain
+        .get(format!("{}/metrics", c.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(c.get("/metrics").await.unwrap().0, 200);
+}
+
+/// `/nodes` says where each worker runs as its runtime knows it.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_show_where_each_worker_runs() {
+    let c = Cluster::start(&seed_manifest(&[1, 1])).await.unwrap();
+    for node in c.nodes().await.unwrap() {
+        let pid = node["pid"].as_u64().expect("process workers have a pid");
+        assert_eq!(node["locator"], format!("pid {pid}"), "{node}");
+        assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    }
+}
+
+/// OTEL_SERVICE_NAME names the master's service; workers keep theirs.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_service_name_comes_from_otel_service_name() {
+    let (endpoint, spans) = otlp_receiver().await;
+    let c = Cluster::start_with(
+        &native_manifest(&[1], 1.0, 5.0, 3),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_SERVICE_NAME", "batch-master"),
+        ],
+    )
+    .await
+    .unwrap();
+    let id = c.run_python("response = 1").await["id"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let snapshot = spans.lock().unwrap().clone();
+        if find(&snapshot, "batch-master", "task", id).is_some()
+            && find(&snapshot, "flotilla-worker", "running", id).is_some()
+        {
+            assert!(find(&snapshot, "flotilla-master", "task", id).is_none());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans seen: {:?}",
+            snapshot
+                .iter()
+                .map(|s| (&s.service, &s.name))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -175,6 +175,13 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
     )
 }
 
+/// `GET /metrics` alone, without the token: the listener of `--metrics-port`,
+/// for a Prometheus scrape that sends no credentials. Counters and gauges
+/// only (no task data, no resource values); every other path is 404 there.
+pub fn metrics_router(cluster: Arc<Cluster>) -> Router {
+    serve(Router::new().route("/metrics", get(metrics)), cluster)
+}
+
 /// The worker-facing routes alone, for the listener a runtime's network
 /// reaches (the Docker network's gateway): no public API there.
 pub fn internal_router(cluster: Arc<Cluster>) -> Router {
@@ -321,7 +328,15 @@ async fn create_resource(
 ) -> ApiResult<Json<Value>> {
     let kind = ResourceType::parse(&body.kind).map_err(ApiError::bad_request)?;
     let spec = body.values.into_spec(body.name, kind);
-    let value = crate::resources::initial_value(&spec).map_err(ApiError::bad_request)?;
+    // A path here would be a path on the master's machine, chosen by a
+    // client: the API takes contents only (the manifest may name files).
+    if let Some(path) = &spec.path {
+        return Err(ApiError::bad_request(format!(
+            "resource `{}`: values.path (`{path}`) is not accepted through the API: send the content as values.initial_value (File paths are for the manifest, under its spec.fileRoot)",
+            spec.name
+        )));
+    }
+    let value = spec.initial_value.clone();
     cluster
         .with_state(|s| s.locks.create(&spec.name, kind, value))
         .map_err(|e| ApiError::bad_request(format!("resource `{}`: {e}", spec.name)))?;
@@ -706,8 +721,17 @@ async fn register(
     State(cluster): State<Arc<Cluster>>,
     Body(r): Body<Register>,
 ) -> ApiResult<Json<RegisterReply>> {
+    // Where it runs, as the runtime knows it (outside a container the PID
+    // the worker reports means something; inside, it is always 7 or so).
+    let handle = cluster
+        .runtime()
+        .inspect(r.worker_id)
+        .await
+        .filter(|h| h.incarnation == r.incarnation);
+    let pid = (cluster.runtime().name() == "process").then_some(r.pid);
+    let locator = handle.map(|h| h.locator);
     let capacity = cluster
-        .with_state(|s| s.register(r.worker_id, r.incarnation, Some(r.pid)))
+        .with_state(|s| s.register(r.worker_id, r.incarnation, pid, locator))
         .map_err(refusal)?;
     cluster.started_ok(r.worker_id);
     info!(

@@ -110,6 +110,41 @@ impl Target {
     }
 }
 
+impl Target {
+    /// SIGINT, then waits up to `patience` for the master to remove its
+    /// workers and exit.
+    fn stop(&mut self, patience: Duration) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Docker worker start: from `flotilla up` to every worker registered, for
+/// one worker and for three (started in parallel, so three should cost
+/// little more than one). Needs Docker and the worker image.
+async fn docker_start(opts: &BenchOptions) -> Result<Value> {
+    let mut took = Vec::new();
+    for n in [1usize, 3] {
+        let manifest = format!(
+            "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: {{ name: bench-start }}\nspec:\n  runtime: docker\n  workers:\n{}",
+            "    - capacity: 1\n".repeat(n)
+        );
+        let t0 = Instant::now();
+        let mut t = Target::start(opts, &manifest).await?;
+        took.push(t0.elapsed().as_secs_f64());
+        // Let it remove its containers, so the next start finds none.
+        t.stop(Duration::from_secs(60));
+    }
+    Ok(json!({"one_s": took[0], "three_s": took[1], "ratio": took[1] / took[0]}))
+}
+
 impl Drop for Target {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
@@ -367,8 +402,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "W4" => w4(opts).await?,
                 "locks" => lock_round_trip(opts).await?,
                 "idle" => idle(opts).await?,
+                "docker-start" => docker_start(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks or idle")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks, idle or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -384,6 +420,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
             }
             "W6" => {
                 json!({"ratio": med("ratio"), "makespan_s": med("makespan_s"), "single_task_s": med("single_task_s")})
+            }
+            "docker-start" => {
+                json!({"one_s": med("one_s"), "three_s": med("three_s"), "ratio": med("ratio")})
             }
             _ => json!({"cpu_percent_of_one_core": med("cpu_percent_of_one_core"), "window_s": 10}),
         };

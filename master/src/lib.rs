@@ -39,6 +39,10 @@ pub struct ServeOptions {
     pub runtime: Option<RuntimeKind>,
     /// Tasks each worker runs at once.
     pub slots: u32,
+    /// `--metrics-port`: a second listener on `bind` serving `GET /metrics`
+    /// without the token (for Prometheus). None: /metrics only on the API,
+    /// behind the token.
+    pub metrics_port: Option<u16>,
 }
 
 impl Default for ServeOptions {
@@ -52,6 +56,7 @@ impl Default for ServeOptions {
             insecure: false,
             runtime: None,
             slots: 1,
+            metrics_port: None,
         }
     }
 }
@@ -60,7 +65,10 @@ impl Default for ServeOptions {
 pub struct Master {
     pub cluster: Arc<Cluster>,
     pub addr: SocketAddr,
+    /// The token-free metrics listener (`--metrics-port`), when there is one.
+    pub metrics_addr: Option<SocketAddr>,
     server: JoinHandle<()>,
+    metrics_server: Option<JoinHandle<()>>,
     /// Docker runtime with the master on the host: the worker routes on the
     /// network's gateway.
     worker_server: Option<JoinHandle<()>>,
@@ -104,10 +112,33 @@ impl Master {
     pub async fn shutdown(self) {
         self.cluster.shutdown().await;
         self.server.abort();
+        if let Some(s) = self.metrics_server {
+            s.abort();
+        }
         if let Some(s) = self.worker_server {
             s.abort();
         }
     }
+}
+
+/// A shared resource as the cluster starts with it: name, type, value.
+pub type InitialResource = (String, resources::ResourceType, serde_json::Value);
+
+/// Everything about `spec` that `flotilla up` refuses before it starts
+/// anything (the manifest's own rules ran when it loaded): resource values
+/// and File contents, and the runtime's settings. `flotilla check` runs
+/// exactly this, so the two never disagree. Returns the resources' values.
+pub async fn check(
+    spec: &ClusterSpec,
+    runtime: Option<RuntimeKind>,
+) -> Result<Vec<InitialResource>> {
+    let values = resources::initial_values(spec)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    if runtime.unwrap_or(spec.runtime) == RuntimeKind::Kubernetes {
+        runtime::kubernetes::KubernetesSettings::from_spec(spec)?;
+    }
+    Ok(values)
 }
 
 /// Starts a master for `spec`: binds, serves the API, starts the workers.
@@ -119,6 +150,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         );
     }
     let runtime_kind = opts.runtime.unwrap_or(spec.runtime);
+    let initial = check(spec, opts.runtime).await?;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     // Where workers reach the master when it is not the API's own address.
     let mut worker_endpoint = None;
@@ -146,11 +178,10 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(cfg, runtime);
-    for r in &spec.resources {
-        let value = resources::initial_value(r).map_err(anyhow::Error::msg)?;
+    for (name, kind, value) in initial {
         cluster
-            .with_state(|s| s.locks.create(&r.name, r.kind, value))
-            .map_err(|e| anyhow::anyhow!("shared resource `{}`: {e}", r.name))?;
+            .with_state(|s| s.locks.create(&name, kind, value))
+            .map_err(|e| anyhow::anyhow!("shared resource `{name}`: {e}"))?;
     }
     let listener = TcpListener::bind((opts.bind, opts.port))
         .await
@@ -161,6 +192,23 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let metrics_listener = match opts.metrics_port {
+        None => None,
+        Some(port) => Some(
+            TcpListener::bind((opts.bind, port))
+                .await
+                .with_context(|| {
+                    format!(
+                "cannot listen on {}:{port} for the metrics (--metrics-port): is the port taken?",
+                opts.bind
+            )
+                })?,
+        ),
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let worker_host = if opts.bind.is_unspecified() {
         IpAddr::from([127, 0, 0, 1])
     } else {
@@ -190,20 +238,32 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     };
     let app = api::router(cluster.clone(), opts.token.clone());
     let server = tokio::spawn(serve(listener, app));
+    let metrics_server = metrics_listener.map(|l| {
+        info!(at = %metrics_addr.expect("bound"), "metrics listening (GET /metrics, no token)");
+        tokio::spawn(serve(l, api::metrics_router(cluster.clone())))
+    });
     cluster.spawn_runtime_events(events_rx);
     cluster.spawn_health_monitor();
     info!(%addr, runtime = runtime_kind_name(runtime_kind), workers = spec.capacities.len(), "master listening");
-    for &capacity in &spec.capacities {
-        if let Err(e) = cluster.add_worker(capacity).await {
-            // Leave no half-started cluster behind (containers outlive us).
-            cluster.shutdown().await;
-            return Err(e.into());
-        }
+    // All at once: a container or pod start is mostly waiting on the engine
+    // or the API server. IDs are still 0..n-1 in manifest order (each is
+    // taken before the first await).
+    let starts = spec.capacities.iter().map(|&c| cluster.add_worker(c));
+    let failed = futures::future::join_all(starts)
+        .await
+        .into_iter()
+        .find_map(Result::err);
+    if let Some(e) = failed {
+        // Leave no half-started cluster behind (containers outlive us).
+        cluster.shutdown().await;
+        return Err(e.into());
     }
     Ok(Master {
         cluster,
         addr,
+        metrics_addr,
         server,
+        metrics_server,
         worker_server,
     })
 }

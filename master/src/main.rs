@@ -50,6 +50,10 @@ struct ServeArgs {
     /// Tasks each worker runs at once.
     #[arg(long, default_value_t = 1)]
     slots: u32,
+    /// Also serve `GET /metrics` on this port of the bind address, without
+    /// the token, for Prometheus (the API's /metrics keeps needing it).
+    #[arg(long, env = "FLOTILLA_METRICS_PORT")]
+    metrics_port: Option<u16>,
 }
 
 #[derive(Subcommand)]
@@ -74,7 +78,8 @@ enum Command {
     Check { file: PathBuf },
     /// Run the BENCHMARKS.md workloads against fresh clusters (separate processes).
     Bench {
-        /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round trip), idle.
+        /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round
+        /// trip), idle; also docker-start (1 vs 3 Docker workers; needs Docker).
         #[arg(
             long,
             default_value = "W1,W2,W3,W4,W6,locks,idle",
@@ -205,6 +210,7 @@ fn serve_options(a: &ServeArgs) -> ServeOptions {
         insecure: a.insecure,
         runtime: a.runtime,
         slots: a.slots,
+        metrics_port: a.metrics_port,
         ..ServeOptions::default()
     }
 }
@@ -310,6 +316,8 @@ async fn main() -> Result<()> {
         }
         Command::Check { file } => {
             let spec = manifest::load_file(&file)?;
+            // What `up` checks before it starts anything, nothing less.
+            flotilla::check(&spec, None).await?;
             println!(
                 "{}: cluster `{}`, runtime {:?}, {} workers (capacities {:?}), heartbeat every {:?} (timeout {:?}), {} shared resources, {} requests",
                 file.display(),
@@ -375,6 +383,14 @@ fn print_figures(f: &serde_json::Value) {
             "lock round trip from task code: p50 {:.3} ms, p99 {:.3} ms",
             x["p50_ms"].as_f64().unwrap_or(0.0),
             x["p99_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("docker-start") {
+        println!(
+            "docker-start: 1 worker {:.2} s, 3 workers {:.2} s ({:.2}x)",
+            x["one_s"].as_f64().unwrap_or(0.0),
+            x["three_s"].as_f64().unwrap_or(0.0),
+            x["ratio"].as_f64().unwrap_or(0.0)
         );
     }
     if let Some(x) = w.get("W6") {

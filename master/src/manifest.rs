@@ -66,7 +66,8 @@ pub struct ResourceSpec {
     pub name: String,
     pub kind: ResourceType,
     pub initial_value: Value,
-    /// File only: a path whose content is read at creation.
+    /// File only, manifest only: a file under `spec.fileRoot` whose content
+    /// is read at creation (never through the API).
     pub path: Option<String>,
     pub mode: Option<String>,
 }
@@ -138,6 +139,40 @@ pub struct ClusterSpec {
     pub resources: Vec<ResourceSpec>,
     pub requests: Vec<RequestSpec>,
     pub otlp_endpoint: Option<String>,
+    /// `spec.telemetry.workerOtlpEndpoint`: the OTLP/HTTP endpoint workers
+    /// export to, when they cannot reach the master's (a loopback address
+    /// seen from a container). Unset: the master's, a loopback host
+    /// rewritten by the Docker runtime to the network's gateway.
+    pub worker_otlp_endpoint: Option<String>,
+    /// `spec.workerPods`: scheduling and extra settings of worker pods
+    /// (Kubernetes runtime only).
+    pub worker_pods: WorkerPods,
+    /// `spec.fileRoot`: the directory File resources' `path`s must be in.
+    /// Unset: no File resource may name a path.
+    pub file_root: Option<std::path::PathBuf>,
+}
+
+/// `spec.workerPods`: copied into every worker pod the Kubernetes runtime
+/// creates, with the PodSpec's own field names and types (checked when the
+/// manifest loads).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WorkerPods {
+    #[serde(default)]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    #[serde(default)]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    #[serde(default)]
+    pub image_pull_secrets: Vec<k8s_openapi::api::core::v1::LocalObjectReference>,
+    /// Extra variables of the worker container (tasks inherit them).
+    #[serde(default)]
+    pub env: Vec<k8s_openapi::api::core::v1::EnvVar>,
+    #[serde(default)]
+    pub volumes: Vec<k8s_openapi::api::core::v1::Volume>,
+    #[serde(default)]
+    pub volume_mounts: Vec<k8s_openapi::api::core::v1::VolumeMount>,
 }
 
 impl ClusterSpec {
@@ -156,6 +191,9 @@ impl ClusterSpec {
             resources: Vec::new(),
             requests: Vec::new(),
             otlp_endpoint: None,
+            worker_otlp_endpoint: None,
+            worker_pods: WorkerPods::default(),
+            file_root: None,
         }
     }
 }
@@ -259,6 +297,10 @@ struct NativeSpec {
     requests: Vec<RequestSpec>,
     #[serde(default)]
     telemetry: Option<NativeTelemetry>,
+    #[serde(default)]
+    worker_pods: WorkerPods,
+    #[serde(default)]
+    file_root: Option<std::path::PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +348,8 @@ struct NativeResource {
 struct NativeTelemetry {
     #[serde(default)]
     otlp_endpoint: Option<String>,
+    #[serde(default)]
+    worker_otlp_endpoint: Option<String>,
 }
 
 /// Parses `"512Mi"`, `"1Gi"`, `"500M"`, `"1048576"` into bytes.
@@ -457,7 +501,12 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
         })
         .collect();
     spec.requests = s.requests;
-    spec.otlp_endpoint = s.telemetry.and_then(|t| t.otlp_endpoint);
+    if let Some(t) = s.telemetry {
+        spec.otlp_endpoint = t.otlp_endpoint;
+        spec.worker_otlp_endpoint = t.worker_otlp_endpoint;
+    }
+    spec.worker_pods = s.worker_pods;
+    spec.file_root = s.file_root;
     Ok(spec)
 }
 
@@ -498,10 +547,80 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
             ));
         }
     }
+    for (field, url) in [
+        ("spec.telemetry.otlpEndpoint", &spec.otlp_endpoint),
+        (
+            "spec.telemetry.workerOtlpEndpoint",
+            &spec.worker_otlp_endpoint,
+        ),
+    ] {
+        if let Some(url) = url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!(
+                    "{field} `{url}` is not an http:// or https:// URL (OTLP over HTTP, port 4318)"
+                ));
+            }
+        }
+    }
+    let pods = &spec.worker_pods;
+    for (i, var) in pods.env.iter().enumerate() {
+        if var.name.starts_with("FLOTILLA_") {
+            return Err(format!(
+                "spec.workerPods.env[{i}]: `{}` is reserved (the master sets FLOTILLA_* variables itself)",
+                var.name
+            ));
+        }
+    }
+    for (i, mount) in pods.volume_mounts.iter().enumerate() {
+        if !pods.volumes.iter().any(|v| v.name == mount.name) {
+            return Err(format!(
+                "spec.workerPods.volumeMounts[{i}] names volume `{}`, which spec.workerPods.volumes does not define",
+                mount.name
+            ));
+        }
+    }
+    if let Some(root) = &spec.file_root {
+        if !root.is_absolute() {
+            return Err(format!(
+                "spec.fileRoot `{}` must be an absolute path",
+                root.display()
+            ));
+        }
+    }
     let mut names = std::collections::HashSet::new();
     for r in &spec.resources {
+        if r.name.is_empty() {
+            return Err("a shared resource needs a non-empty name".into());
+        }
         if !names.insert(r.name.as_str()) {
             return Err(format!("shared resource `{}` is defined twice", r.name));
+        }
+        match (&r.path, r.kind) {
+            (Some(_), ResourceType::File) if !r.initial_value.is_null() => {
+                return Err(format!(
+                    "File resource `{}`: give either path or initial_value, not both",
+                    r.name
+                ))
+            }
+            (Some(path), ResourceType::File) if spec.file_root.is_none() => {
+                return Err(format!(
+                    "File resource `{}`: path `{path}` needs spec.fileRoot, the directory File paths are confined to (native form), or give the content as initial_value",
+                    r.name
+                ))
+            }
+            (Some(_), ResourceType::File) => {}
+            (Some(_), other) => {
+                return Err(format!(
+                    "resource `{}`: path is only for File resources, not {}",
+                    r.name,
+                    other.name()
+                ))
+            }
+            (None, kind) if !r.initial_value.is_null() => {
+                kind.check(r.initial_value.clone())
+                    .map_err(|e| format!("shared resource `{}`: {e}", r.name))?;
+            }
+            (None, _) => {}
         }
     }
     for (i, r) in spec.requests.iter().enumerate() {
@@ -593,6 +712,88 @@ system:
         assert!(err.contains("not valid YAML"), "{err}");
         let err = parse("nodes: 3", "s").unwrap_err().to_string();
         assert!(err.contains("nodes") && err.contains("system"), "{err}");
+    }
+
+    const NATIVE: &str = "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: { name: d }\nspec:\n  workers: [{ capacity: 1 }]\n";
+
+    #[test]
+    fn resource_values_of_the_wrong_type_are_refused_when_the_manifest_loads() {
+        // `flotilla check` loads the manifest as `up` does: it refuses these too.
+        let text = format!(
+            "{NATIVE}  resources:\n    - {{ name: n, type: Integer, initialValue: zero }}\n"
+        );
+        let err = parse(&text, "m").unwrap_err().to_string();
+        assert!(
+            err.contains("shared resource `n`") && err.contains("Integer") && err.contains("zero"),
+            "{err}"
+        );
+        let seed = SEED.replace("initial_value: 0", "initial_value: \"zero\"");
+        let err = parse(&seed, "s").unwrap_err().to_string();
+        assert!(err.contains("shared resource `total`"), "{err}");
+    }
+
+    #[test]
+    fn file_paths_need_a_file_root_and_only_file_resources_take_them() {
+        let text =
+            format!("{NATIVE}  resources:\n    - {{ name: f, type: File, path: data.txt }}\n");
+        let err = parse(&text, "m").unwrap_err().to_string();
+        assert!(err.contains("spec.fileRoot"), "{err}");
+        let rooted = text.replace("  resources:", "  fileRoot: /srv/data\n  resources:");
+        let spec = parse(&rooted, "m").unwrap();
+        assert_eq!(spec.file_root.as_deref(), Some(Path::new("/srv/data")));
+        let relative = text.replace("  resources:", "  fileRoot: srv\n  resources:");
+        assert!(parse(&relative, "m")
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
+        let not_file = rooted.replace("type: File", "type: String");
+        assert!(parse(&not_file, "m")
+            .unwrap_err()
+            .to_string()
+            .contains("only for File"));
+    }
+
+    #[test]
+    fn worker_pod_settings_and_the_worker_otlp_endpoint_load() {
+        let text = format!(
+            "{NATIVE}  telemetry: {{ otlpEndpoint: 'http://127.0.0.1:4318', workerOtlpEndpoint: 'http://collector:4318' }}\n  workerPods:\n    nodeSelector: {{ pool: batch }}\n    tolerations: [{{ key: batch, operator: Exists }}]\n    imagePullSecrets: [{{ name: regcred }}]\n    env: [{{ name: DATA, value: /data }}]\n    volumes: [{{ name: data, emptyDir: {{}} }}]\n    volumeMounts: [{{ name: data, mountPath: /data }}]\n"
+        );
+        let spec = parse(&text, "m").unwrap();
+        assert_eq!(
+            spec.worker_otlp_endpoint.as_deref(),
+            Some("http://collector:4318")
+        );
+        assert_eq!(spec.worker_pods.node_selector["pool"], "batch");
+        assert_eq!(
+            spec.worker_pods.tolerations[0].key.as_deref(),
+            Some("batch")
+        );
+        assert_eq!(spec.worker_pods.image_pull_secrets[0].name, "regcred");
+        let err = parse(&text.replace("name: DATA", "name: FLOTILLA_TOKEN"), "m")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("reserved"), "{err}");
+        let err = parse(
+            &text.replace(
+                "mountPath: /data",
+                "mountPath: /data }, { name: nope, mountPath: /x",
+            ),
+            "m",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("nope"), "{err}");
+        let err = parse(
+            &text.replace("http://collector:4318", "collector:4317"),
+            "m",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("workerOtlpEndpoint"), "{err}");
+        let err = parse(&text.replace("nodeSelector", "nodeSelecter"), "m")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nodeSelecter"), "{err}");
     }
 
     #[test]

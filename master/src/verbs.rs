@@ -464,7 +464,7 @@ pub async fn nodes(conn: Conn) -> Result<i32> {
         "RESTARTS",
         "INCARNATION",
         "HEARTBEAT",
-        "PID",
+        "WHERE",
     ]);
     for n in &nodes {
         tb.add_row(vec![
@@ -477,7 +477,11 @@ pub async fn nodes(conn: Conn) -> Result<i32> {
             n.restarts.to_string(),
             n.incarnation.to_string(),
             format!("{:.1}s ago", n.last_heartbeat_ms_ago as f64 / 1000.0),
-            n.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            // The runtime's locator (pid, container, pod); else the pid.
+            n.locator
+                .clone()
+                .or_else(|| n.pid.map(|p| format!("pid {p}")))
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     println!("{tb}");
@@ -669,6 +673,7 @@ mod tests {
             restarts: 0,
             last_heartbeat_ms_ago: 0,
             pid: None,
+            locator: None,
         }
     }
 

@@ -108,3 +108,75 @@ fn every_example_manifest_is_valid() {
     }
     assert!(checked >= 6, "examples for each seed situation: {checked}");
 }
+
+/// `check` and `up` refuse the same manifests with the same message.
+fn both_refuse(file: &str, needles: &[&str]) {
+    let (ok, _, check) = flotilla(&["check", file]);
+    assert!(!ok, "check accepted {file}");
+    let (ok, _, up) = flotilla(&["up", file, "--port", "0"]);
+    assert!(!ok, "up accepted {file}");
+    for needle in needles {
+        assert!(check.contains(needle), "check: {check}");
+        assert!(up.contains(needle), "up: {up}");
+    }
+}
+
+#[test]
+fn check_refuses_exactly_what_up_refuses() {
+    // A value of the wrong type: once accepted by check and refused by up.
+    let f = write(
+        "zero.yaml",
+        "system:\n  node_quantity: 1\n  shared_resources:\n    - name: n\n      type: Integer\n      values: { initial_value: \"zero\" }\n",
+    );
+    both_refuse(&f, &["shared resource `n`", "Integer", "zero"]);
+}
+
+#[test]
+fn file_resources_read_only_regular_files_under_the_file_root() {
+    let root = std::env::temp_dir().join(format!("flotilla-cli-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("data.txt"), "hello").unwrap();
+    nix::unistd::mkfifo(&root.join("pipe"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let manifest = |path: &str, file_root: &str| {
+        format!(
+            "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: {{ name: files }}\nspec:\n  fileRoot: {file_root}\n  workers: [{{ capacity: 1 }}]\n  resources:\n    - {{ name: f, type: File, path: '{path}' }}\n"
+        )
+    };
+    let root_s = root.display().to_string();
+    let good = write("file-good.yaml", &manifest("data.txt", &root_s));
+    let (ok, out, err) = flotilla(&["check", &good]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 shared resources"), "{out}");
+
+    for (name, path, file_root, needles) in [
+        (
+            "outside",
+            "/etc/passwd",
+            root_s.as_str(),
+            &["outside spec.fileRoot"][..],
+        ),
+        (
+            "environ",
+            "/proc/self/environ",
+            root_s.as_str(),
+            &["outside spec.fileRoot"][..],
+        ),
+        ("fifo", "pipe", root_s.as_str(), &["a FIFO"][..]),
+        (
+            "device",
+            "zero",
+            "/dev",
+            &["a device", "regular files only"][..],
+        ),
+    ] {
+        let f = write(&format!("file-{name}.yaml"), &manifest(path, file_root));
+        both_refuse(&f, needles);
+    }
+    // No fileRoot: no path at all.
+    let f = write(
+        "file-noroot.yaml",
+        "system:\n  node_quantity: 1\n  shared_resources:\n    - name: f\n      type: File\n      values: { path: /etc/hostname }\n",
+    );
+    both_refuse(&f, &["spec.fileRoot"]);
+}

@@ -108,7 +108,13 @@ pub struct NodeView {
     pub executed: u64,
     pub restarts: u64,
     pub last_heartbeat_ms_ago: u64,
+    /// The worker's process ID on the master's host: process workers only
+    /// (inside a container or pod it means nothing outside).
     pub pid: Option<u32>,
+    /// Where the runtime runs it, as the runtime tells it: `pid 123`,
+    /// `container flotilla-worker-0 (3f2a9c...)`, `pod ns/name`.
+    #[serde(default)]
+    pub locator: Option<String>,
 }
 
 /// The task attempt holding (or waiting for) a lock.

@@ -1,8 +1,12 @@
 //! Logs and traces, set up the same way in the master and the workers.
 //!
 //! Logs go to stderr, human-readable or JSON. Traces are exported with OTLP
-//! over HTTP (what Jaeger ingests) only when `OTEL_EXPORTER_OTLP_ENDPOINT`
-//! is set; otherwise no OpenTelemetry layer exists and the task spans (all
+//! over HTTP (what Jaeger ingests, port 4318) only when
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//! is set and `OTEL_SDK_DISABLED` is not `true`. The other standard
+//! variables are the SDK's: `OTEL_SERVICE_NAME` (else the program's name),
+//! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_EXPORTER_OTLP_HEADERS`/`_TIMEOUT`,
+//! `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER`/`_ARG`. Otherwise no OpenTelemetry layer exists and the task spans (all
 //! under the [`TRACE_TARGET`] target, which the log output never shows) are
 //! disabled at their call sites, which costs next to nothing.
 //!
@@ -96,10 +100,19 @@ pub fn init(service: &'static str, filter: &str, format: LogFormat) -> Telemetry
     Telemetry { provider }
 }
 
-fn otlp_provider(service: &'static str) -> Option<SdkTracerProvider> {
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+fn set(key: &str) -> Option<String> {
+    std::env::var(key)
         .ok()
-        .filter(|e| !e.is_empty())?;
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn otlp_provider(service: &'static str) -> Option<SdkTracerProvider> {
+    if set("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return None;
+    }
+    let endpoint =
+        set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
     let exporter = match opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .build()
@@ -111,9 +124,12 @@ fn otlp_provider(service: &'static str) -> Option<SdkTracerProvider> {
         }
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service)
-        .build();
+    // The default builder reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if set("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(service);
+    }
+    let resource = resource.build();
     Some(
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)

@@ -4,8 +4,8 @@ No Kubernetes cluster runs on this machine, and no helm binary: the chart is
 linted and rendered by Helm's own Go engine through PyPI's helm-python-sdk,
 and every object is checked against the Kubernetes OpenAPI schemas of one
 release with kubernetes-validate. Nothing here installs a release or talks to
-an API server, so `lookup` (which keeps a generated token across upgrades)
-sees nothing and is not exercised.
+an API server, so `lookup` (which keeps the release Secret's token across
+upgrades) sees nothing and is not exercised.
 
 Run with scripts/check-chart.sh.
 """
@@ -35,10 +35,13 @@ _spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "chart
 render_manifests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(render_manifests)
 
+# The least a render needs: the chart never makes up a token.
+TOKEN = {"auth": {"token": "render-token-0123456789"}}
+
 # Non-default values: every list and optional setting differs from values.yaml.
 CUSTOM = {
     "image": {"worker": {"repository": "registry.local/flotilla-worker", "tag": "dev", "pullPolicy": "Never"}},
-    "workers": [{"capacity": 3}, {"capacity": 4}, {"capacity": 5}],
+    "workers": [{"capacity": 3}, {"capacity": 4, "replicas": 2}, {"capacity": 5}],
     "workerResources": {"cpuPerCapacity": 0.5, "memory": "1Gi"},
     "heartbeat": {"intervalSeconds": 2, "timeoutSeconds": 7},
     "maxAttempts": 5,
@@ -53,20 +56,67 @@ CUSTOM = {
     "service": {"type": "ClusterIP", "port": 8080},
 }
 
+# Every optional object and setting on, on top of CUSTOM.
+FULL = {
+    **CUSTOM,
+    "telemetry": {"otlpEndpoint": "http://jaeger-collector:4318", "workerOtlpEndpoint": "https://otel.example:4319",
+                  "serviceName": "flotilla-test"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "serviceAccount": {"create": True, "name": "flotilla-master", "annotations": {"example.com/role": "flotilla"}},
+    "workerPods": {
+        "nodeSelector": {"pool": "batch"},
+        "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+            {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["batch"]}]}]}}},
+        "env": [{"name": "DATA_DIR", "value": "/data"}],
+        "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data", "readOnly": True}}],
+        "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+    },
+    "metrics": {"enabled": True, "port": 9100,
+                "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}}},
+    "ingress": {"enabled": True, "className": "nginx", "host": "flotilla.example.com",
+                "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "60"},
+                "tls": {"secretName": "flotilla-tls"}},
+    "networkPolicy": {
+        "enabled": True,
+        "apiFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    },
+    "extraEnv": [{"name": "RUST_LOG", "value": "debug"}],
+    "extraVolumes": [{"name": "ca", "configMap": {"name": "ca-bundle"}}],
+    "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/extra", "readOnly": True}],
+}
 
-def render(values=None, release="demo", namespace="jobs", chart_dir=CHART):
-    """Rendered objects by kind (one object of each kind in this chart), and NOTES."""
+
+def merged(base, extra):
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def render_all(values=None, release="demo", namespace="jobs", chart_dir=CHART, token=True):
+    """Every rendered object, in order, and NOTES. `token`: add TOKEN under the values."""
+    values = merged(TOKEN, values) if token else values
     with helm.Chart.load(chart_dir) as chart:
         rendered = chart.render(values, name=release, namespace=namespace)
-    objects = {}
-    for source, text in rendered.items():
+    objects = []
+    for source, text in sorted(rendered.items()):
         if source.endswith("NOTES.txt"):
             continue
-        for obj in yaml.safe_load_all(text):
-            if obj:
-                assert obj["kind"] not in objects, f"two {obj['kind']} objects"
-                objects[obj["kind"]] = obj
+        objects.extend(obj for obj in yaml.safe_load_all(text) if obj)
     notes = rendered.get("flotilla/templates/NOTES.txt", "")
+    return objects, notes
+
+
+def render(values=None, release="demo", namespace="jobs", chart_dir=CHART, token=True):
+    """Rendered objects by kind (NetworkPolicies by name), and NOTES."""
+    listed, notes = render_all(values, release, namespace, chart_dir, token)
+    objects = {}
+    for obj in listed:
+        key = obj["kind"] if obj["kind"] != "NetworkPolicy" else f"NetworkPolicy/{obj['metadata']['name']}"
+        assert key not in objects, f"two {key} objects"
+        objects[key] = obj
     return objects, notes
 
 
@@ -79,9 +129,9 @@ def env_of(container):
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
 
-@pytest.fixture(scope="module", params=["default", "custom"])
+@pytest.fixture(scope="module", params=["default", "custom", "full"])
 def case(request):
-    values = None if request.param == "default" else CUSTOM
+    values = {"default": None, "custom": CUSTOM, "full": FULL}[request.param]
     objects, notes = render(values)
     return request.param, values, objects, notes
 
@@ -93,21 +143,28 @@ def test_schema_validation_bites():
         kubernetes_validate.validate(bad, KUBE_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("values", [None, CUSTOM], ids=["default", "custom"])
+@pytest.mark.parametrize("values", [None, CUSTOM, FULL], ids=["default", "custom", "full"])
 def test_lint_is_clean(values):
-    report = helm.lint(CHART, values, strict=True, kube_version=f"v{KUBE_VERSION}")
+    report = helm.lint(CHART, merged(TOKEN, values), strict=True, kube_version=f"v{KUBE_VERSION}")
     assert report["total_charts_linted"] == 1
     assert report["errors"] == []
     # Severity 1 is info ("icon is recommended"); warnings and errors are not accepted.
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+BASE_KINDS = ["ConfigMap", "Deployment", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount"]
+OPTIONAL_KINDS = ["Ingress", "NetworkPolicy/demo-master", "NetworkPolicy/demo-workers", "ServiceMonitor"]
+
+
 def test_every_rendered_object_validates(case):
-    _, _, objects, _ = case
-    assert sorted(objects) == sorted(
-        ["ConfigMap", "Deployment", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount"]
-    )
+    name, _, objects, _ = case
+    expected = BASE_KINDS + (OPTIONAL_KINDS if name == "full" else [])
+    assert sorted(objects) == sorted(expected)
     for obj in objects.values():
+        if obj["kind"] == "ServiceMonitor":
+            # A Prometheus Operator CRD: no schema in kubernetes-validate; its shape is checked below.
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            continue
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
 
@@ -134,8 +191,10 @@ def test_master_deployment(case):
     assert container["image"] == "flotilla-master:0.1.0"
     # No `command`: the image's entrypoint (tini -- flotilla) stays, and receives these.
     assert "command" not in container
+    metrics_port = 9464 if name != "full" else 9100
     assert container["args"] == [
         "up", "/etc/flotilla/cluster.yaml", "--bind", "0.0.0.0", "--port", "5000", "--runtime", "kubernetes",
+        "--metrics-port", str(metrics_port),
     ]
     env = env_of(container)
     assert env["FLOTILLA_TOKEN"] == {"secretKeyRef": {"name": objects["Secret"]["metadata"]["name"], "key": "token"}}
@@ -145,18 +204,25 @@ def test_master_deployment(case):
     assert env["FLOTILLA_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
     port = 5000 if values is None else values["service"]["port"]
     assert env["FLOTILLA_MASTER_URL"] == f"http://demo:{port}"
-    if name == "custom":
-        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger-collector:4318"
-    else:
+    if name == "default":
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
+    else:
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger-collector:4318"
+    assert env["OTEL_SERVICE_NAME"] == ("flotilla-test" if name == "full" else "flotilla-master")
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
-    assert container["ports"] == [{"name": "http", "containerPort": 5000, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "http", "containerPort": 5000, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"},
+    ]
     assert container["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
     service = objects["Service"]["spec"]
     assert service["type"] == "ClusterIP"
-    assert service["ports"] == [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+    assert service["ports"] == [
+        {"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"},
+        {"name": "metrics", "port": metrics_port, "targetPort": "metrics", "protocol": "TCP"},
+    ]
     # The Service and the Deployment select the master pod only, never a worker pod.
     assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["selector"]["app.kubernetes.io/component"] == "master"
@@ -176,20 +242,24 @@ def test_default_cluster_manifest_is_the_native_form():
             "workerResources": {"cpuPerCapacity": 0.25, "memory": "512Mi"},
             "heartbeat": {"intervalSeconds": 5, "timeoutSeconds": 10},
             "maxAttempts": 3,
-            "workers": [{"capacity": 4}, {"capacity": 4}],
+            "workers": [{"capacity": 4, "replicas": 2}],
             "resources": [],
         },
     }
-    mount = master_container(objects)["volumeMounts"][0]
+    mount, tmp = master_container(objects)["volumeMounts"]
     assert mount["mountPath"] == "/etc/flotilla"
-    volume = objects["Deployment"]["spec"]["template"]["spec"]["volumes"][0]
+    assert tmp["mountPath"] == "/tmp"
+    volume, tmp_volume = objects["Deployment"]["spec"]["template"]["spec"]["volumes"]
     assert volume == {"name": mount["name"], "configMap": {"name": objects["ConfigMap"]["metadata"]["name"]}}
+    assert tmp_volume == {"name": tmp["name"], "emptyDir": {"sizeLimit": "64Mi"}}
 
 
 def test_custom_cluster_manifest_carries_the_values():
     objects, _ = render(CUSTOM)
     spec = yaml.safe_load(objects["ConfigMap"]["data"]["cluster.yaml"])["spec"]
-    assert spec["workers"] == [{"capacity": 3}, {"capacity": 4}, {"capacity": 5}]
+    assert spec["workers"] == [
+        {"capacity": 3, "replicas": 1}, {"capacity": 4, "replicas": 2}, {"capacity": 5, "replicas": 1},
+    ]
     assert spec["image"] == "registry.local/flotilla-worker:dev"
     assert spec["imagePullPolicy"] == "Never"
     assert spec["workerResources"] == {"cpuPerCapacity": 0.5, "memory": "1Gi"}
@@ -200,22 +270,194 @@ def test_custom_cluster_manifest_carries_the_values():
     assert spec["telemetry"] == {"otlpEndpoint": "http://jaeger-collector:4318"}
 
 
+def test_full_cluster_manifest_carries_worker_pod_settings():
+    objects, _ = render(FULL)
+    spec = yaml.safe_load(objects["ConfigMap"]["data"]["cluster.yaml"])["spec"]
+    assert spec["telemetry"] == {
+        "otlpEndpoint": "http://jaeger-collector:4318", "workerOtlpEndpoint": "https://otel.example:4319",
+    }
+    pods = dict(FULL["workerPods"])
+    assert spec["workerPods"] == {**pods, "imagePullSecrets": [{"name": "regcred"}]}
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["serviceAccountName"] == "flotilla-master"
+    assert objects["ServiceAccount"]["metadata"]["annotations"] == {"example.com/role": "flotilla"}
+    container = master_container(objects)
+    assert env_of(container)["RUST_LOG"] == "debug"
+    assert container["volumeMounts"][-1] == {"name": "ca", "mountPath": "/etc/ssl/extra", "readOnly": True}
+    assert pod["volumes"][-1] == {"name": "ca", "configMap": {"name": "ca-bundle"}}
+
+
+def checksums(objects):
+    annotations = objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]
+    return annotations["checksum/config"], annotations["checksum/token"]
+
+
 def test_config_change_restarts_the_master():
-    annotation = lambda objects: objects["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
-    assert annotation(render()[0]) != annotation(render({"workers": [{"capacity": 4}]})[0])
+    assert checksums(render()[0])[0] != checksums(render({"workers": [{"capacity": 4}]})[0])[0]
+
+
+def test_token_change_restarts_the_master():
+    config, token = checksums(render()[0])
+    config2, token2 = checksums(render({"auth": {"token": "another-token-987654321"}})[0])
+    assert config == config2 and token != token2
+    # The annotation is a hash, never the token itself.
+    objects, _ = render()
+    assert TOKEN["auth"]["token"] not in yaml.safe_dump(objects["Deployment"])
+    # Naming another existing Secret rolls it too.
+    named = lambda secret: checksums(render({"auth": {"token": "", "existingSecret": secret}})[0])[1]
+    assert named("one") != named("two") != token
+
+
+@pytest.mark.parametrize("values", [None, CUSTOM, FULL], ids=["default", "custom", "full"])
+def test_two_renders_are_the_same(values):
+    # helm template and GitOps tools render offline: the same values, the same objects.
+    assert render_all(values) == render_all(values)
+    assert render_all({**(values or {}), "auth": {"token": "", "existingSecret": "mine"}}) == render_all(
+        {**(values or {}), "auth": {"token": "", "existingSecret": "mine"}})
+
+
+def test_no_token_fails_saying_how_to_make_one():
+    with pytest.raises(helm.HelmRenderError) as failure:
+        render(token=False)
+    message = str(failure.value)
+    assert "auth.token or auth.existingSecret is required" in message
+    assert "openssl rand -hex 24" in message
 
 
 def test_token_secret():
     given, _ = render(CUSTOM)
     assert base64.b64decode(given["Secret"]["data"]["token"]).decode() == CUSTOM["auth"]["token"]
 
-    generated, _ = render()
-    token = base64.b64decode(generated["Secret"]["data"]["token"]).decode()
-    assert re.fullmatch(r"[A-Za-z0-9]{32}", token)
-
     existing, _ = render({"auth": {"token": "", "existingSecret": "my-token"}})
     assert "Secret" not in existing
     assert env_of(master_container(existing))["FLOTILLA_TOKEN"] == {"secretKeyRef": {"name": "my-token", "key": "token"}}
+
+
+def test_service_account_can_be_brought():
+    objects, _ = render({"serviceAccount": {"create": False, "name": "ops-made"}})
+    assert "ServiceAccount" not in objects
+    assert objects["Deployment"]["spec"]["template"]["spec"]["serviceAccountName"] == "ops-made"
+    assert objects["RoleBinding"]["subjects"][0]["name"] == "ops-made"
+
+
+# ----- the "restricted" Pod Security Standard ---------------------------------
+# https://kubernetes.io/docs/concepts/security/pod-security-standards/ — the
+# checks of the baseline and restricted levels that a pod template can fail.
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(pod):
+    """What the restricted level refuses in a PodSpec (empty: admitted)."""
+    bad = []
+    psc = pod.get("securityContext", {})
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
+            bad.append(f"{key} is true")
+    for volume in pod.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            bad.append(f"volume {volume['name']} is of type {sorted(kinds)}")
+    for sysctl in psc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            bad.append(f"sysctl {sysctl['name']}")
+    if psc.get("seLinuxOptions", {}).get("type") not in (None, "", "container_t", "container_init_t",
+                                                          "container_kvm_t", "container_engine_t"):
+        bad.append("pod seLinuxOptions.type")
+    if psc.get("runAsUser") == 0:
+        bad.append("pod runAsUser is 0")
+    containers = pod.get("initContainers", []) + pod["containers"] + pod.get("ephemeralContainers", [])
+    for c in containers:
+        sc = c.get("securityContext", {})
+        name = c["name"]
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation is not false")
+        if not (sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True):
+            bad.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            bad.append(f"{name}: runAsUser is 0")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile is {seccomp}")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            bad.append(f"{name}: capabilities do not drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities add {caps['add']}")
+        if sc.get("procMount", "Default") != "Default":
+            bad.append(f"{name}: procMount")
+        for port in c.get("ports", []):
+            if port.get("hostPort"):
+                bad.append(f"{name}: hostPort {port['hostPort']}")
+        if sc.get("appArmorProfile", {}).get("type") == "Unconfined":
+            bad.append(f"{name}: appArmor Unconfined")
+    return bad
+
+
+def test_the_restricted_check_bites():
+    # A guard on the guard: a pod as the chart had it (root, no seccomp) is refused.
+    pod = {"containers": [{"name": "c", "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}],
+           "volumes": [{"name": "docker", "hostPath": {"path": "/var/run/docker.sock"}}]}
+    bad = restricted_violations(pod)
+    for text in ("allowPrivilegeEscalation", "runAsNonRoot", "seccompProfile", "drop ALL", "SYS_ADMIN", "hostPath"):
+        assert any(text in b for b in bad), (text, bad)
+
+
+def test_master_pod_meets_the_restricted_level(case):
+    _, _, objects, _ = case
+    pod = objects["Deployment"]["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    # And more than the level asks: a read-only root filesystem and a non-root uid.
+    container = master_container(objects)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+
+
+def test_network_policies():
+    objects, _ = render(FULL)
+    master_labels = objects["Deployment"]["spec"]["selector"]["matchLabels"]
+    workers = objects["NetworkPolicy/demo-workers"]["spec"]
+    worker_labels = dict(master_labels, **{"app.kubernetes.io/component": "worker"})
+    assert workers["podSelector"] == {"matchLabels": worker_labels}
+    assert workers["policyTypes"] == ["Ingress", "Egress"]
+    assert workers["ingress"] == []
+    to_master, dns, otlp = workers["egress"]
+    assert to_master == {"to": [{"podSelector": {"matchLabels": master_labels}}],
+                         "ports": [{"port": 5000, "protocol": "TCP"}]}
+    assert dns == {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    assert otlp == {"ports": [{"port": 4318, "protocol": "TCP"}, {"port": 4319, "protocol": "TCP"}]}
+
+    master = objects["NetworkPolicy/demo-master"]["spec"]
+    assert master["podSelector"] == {"matchLabels": master_labels}
+    api, metrics = master["ingress"]
+    assert api["from"] == [{"podSelector": {"matchLabels": worker_labels}}] + FULL["networkPolicy"]["apiFrom"]
+    assert api["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert metrics == {"from": FULL["networkPolicy"]["metricsFrom"], "ports": [{"port": "metrics", "protocol": "TCP"}]}
+
+
+def test_ingress_and_service_monitor():
+    objects, _ = render(FULL)
+    ingress = objects["Ingress"]["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"hosts": ["flotilla.example.com"], "secretName": "flotilla-tls"}]
+    (rule,) = ingress["rules"]
+    assert rule["host"] == "flotilla.example.com"
+    assert rule["http"]["paths"][0]["backend"] == {"service": {"name": "demo", "port": {"name": "http"}}}
+    monitor = objects["ServiceMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["selector"] == {"matchLabels": objects["Service"]["spec"]["selector"]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
+    # Without TLS the Ingress has no tls section.
+    plain, _ = render({"ingress": {"enabled": True, "host": "a.example"}})
+    assert "tls" not in plain["Ingress"]["spec"]
 
 
 def test_notes_say_how_to_reach_the_api():
@@ -229,6 +471,7 @@ BAD_VALUES = {
     "capacity 0": ({"workers": [{"capacity": 4}, {"capacity": 0}]}, ["/workers/1/capacity", "minimum: got 0, want 1"]),
     "empty image": ({"image": {"worker": {"repository": ""}}}, ["/image/worker/repository", "minLength: got 0, want 1"]),
     "runtime nomad": ({"runtime": "nomad"}, ["/runtime", "value must be 'kubernetes'"]),
+    "replicas 0": ({"workers": [{"capacity": 4, "replicas": 0}]}, ["/workers/0/replicas", "minimum: got 0, want 1"]),
 }
 
 
@@ -244,6 +487,8 @@ TEMPLATE_CHECKS = {
     "capacity 0": ({"workers": [{"capacity": 4}, {"capacity": 0}]}, "workers[1].capacity is 0"),
     "empty image": ({"image": {"master": {"repository": ""}}}, "image.master.repository is empty"),
     "runtime nomad": ({"runtime": "nomad"}, 'runtime "nomad" is not supported'),
+    "replicas 0": ({"workers": [{"capacity": 4, "replicas": 0}]}, "workers[0].replicas is 0"),
+    "ingress without host": ({"ingress": {"enabled": True}}, "ingress.enabled needs ingress.host"),
 }
 
 
@@ -281,6 +526,8 @@ def plain_documents():
 def test_plain_manifests_validate():
     kinds = []
     for path, obj in plain_documents():
+        if obj["kind"] == "Deployment":
+            assert restricted_violations(obj["spec"]["template"]["spec"]) == []
         if obj["kind"] == "Kustomization":
             # kubernetes-validate has no schema for kustomize's own file: check its shape.
             assert obj["apiVersion"] == "kustomize.config.k8s.io/v1beta1"

@@ -31,6 +31,36 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- default (include "flotilla.fullname" .) .Values.auth.existingSecret -}}
 {{- end -}}
 
+{{/* The master's ServiceAccount. */}}
+{{- define "flotilla.serviceAccountName" -}}
+{{- default (include "flotilla.fullname" .) .Values.serviceAccount.name -}}
+{{- end -}}
+
+{{/*
+The API token the chart's Secret holds (only when auth.existingSecret is
+empty): auth.token, else the token of the release's Secret on an upgrade
+(`lookup`; empty offline), else the render fails. Never random, so two
+renders of the same values are the same.
+*/}}
+{{- define "flotilla.token" -}}
+{{- $token := .Values.auth.token -}}
+{{- if not $token -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "flotilla.fullname" .) -}}
+{{- $token = dig "data" "token" "" $existing | b64dec -}}
+{{- end -}}
+{{- if not $token -}}
+{{- fail "auth.token or auth.existingSecret is required: --set auth.token=\"$(openssl rand -hex 24)\", or create a Secret with the key `token` (kubectl create secret generic flotilla-token --from-literal=token=\"$(openssl rand -hex 24)\") and --set auth.existingSecret=flotilla-token" -}}
+{{- end -}}
+{{- $token -}}
+{{- end -}}
+
+{{/* Labels of the worker pods the master creates (see the Kubernetes runtime). */}}
+{{- define "flotilla.workerSelectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: worker
+{{- end -}}
+
 {{/* repository:tag of one entry of .Values.image. */}}
 {{- define "flotilla.image" -}}
 {{- printf "%s:%s" .repository .tag -}}
@@ -56,6 +86,18 @@ catches these first; this keeps them fatal under --skip-schema-validation.
 {{- if lt (int $worker.capacity) 1 -}}
 {{- fail (printf "workers[%d].capacity is %v: a worker needs a capacity of at least 1" $i $worker.capacity) -}}
 {{- end -}}
+{{- if and (hasKey $worker "replicas") (lt (int $worker.replicas) 1) -}}
+{{- fail (printf "workers[%d].replicas is %v: a group needs at least 1 replica" $i $worker.replicas) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.ingress.enabled (not .Values.ingress.host) -}}
+{{- fail "ingress.enabled needs ingress.host, e.g. flotilla.example.com" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled (the ServiceMonitor scrapes the metrics port)" -}}
+{{- end -}}
+{{- if and .Values.metrics.enabled (eq (int .Values.metrics.port) 5000) -}}
+{{- fail "metrics.port must differ from the API's container port 5000" -}}
 {{- end -}}
 {{- if le (int .Values.heartbeat.timeoutSeconds) (int .Values.heartbeat.intervalSeconds) -}}
 {{- fail (printf "heartbeat.timeoutSeconds (%v) must be greater than heartbeat.intervalSeconds (%v)" .Values.heartbeat.timeoutSeconds .Values.heartbeat.intervalSeconds) -}}
@@ -94,6 +136,7 @@ spec:
   workers:
   {{- range .Values.workers }}
     - capacity: {{ int .capacity }}
+      replicas: {{ int (default 1 .replicas) }}
   {{- end }}
   resources:{{ if not .Values.sharedResources }} []{{ end }}
   {{- range .Values.sharedResources }}
@@ -101,8 +144,27 @@ spec:
       type: {{ .type }}
       initialValue: {{ toJson .initialValue }}
   {{- end }}
-  {{- with .Values.telemetry.otlpEndpoint }}
+  {{- with .Values.telemetry }}
+  {{- if or .otlpEndpoint .workerOtlpEndpoint }}
   telemetry:
+    {{- with .otlpEndpoint }}
     otlpEndpoint: {{ . | quote }}
+    {{- end }}
+    {{- with .workerOtlpEndpoint }}
+    workerOtlpEndpoint: {{ . | quote }}
+    {{- end }}
+  {{- end }}
+  {{- end }}
+  {{- $pods := .Values.workerPods }}
+  {{- if or .Values.imagePullSecrets $pods.nodeSelector $pods.tolerations $pods.affinity $pods.env $pods.volumes $pods.volumeMounts }}
+  workerPods:
+    {{- with .Values.imagePullSecrets }}
+    imagePullSecrets: {{ toJson . }}
+    {{- end }}
+    {{- range $key := list "nodeSelector" "tolerations" "affinity" "env" "volumes" "volumeMounts" }}
+    {{- with index $pods $key }}
+    {{ $key }}: {{ toJson . }}
+    {{- end }}
+    {{- end }}
   {{- end }}
 {{- end -}}

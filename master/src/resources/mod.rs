@@ -94,28 +94,114 @@ pub fn describe(v: &Value) -> String {
     format!("{kind} {short}")
 }
 
-/// The value a resource starts with: `initial_value`, or for a `File` with a
-/// `path`, the file's content (read now; the master keeps it from then on).
-pub fn initial_value(spec: &crate::manifest::ResourceSpec) -> Result<Value, String> {
-    match (&spec.path, spec.kind) {
-        (Some(path), ResourceType::File) => {
-            if !spec.initial_value.is_null() {
-                return Err(format!(
-                    "File resource `{}`: give either values.path or values.initial_value, not both",
-                    spec.name
-                ));
+/// The most a File resource read from a file may hold, in bytes (a value
+/// travels in lock replies, whose bodies are limited to the same).
+pub const FILE_MAX_BYTES: u64 = 1 << 20;
+
+/// The values the shared resources of `spec` start with, each checked
+/// against its type, File contents read from under `spec.fileRoot`. The one
+/// check `flotilla up` and `flotilla check` both run: what one refuses, the
+/// other does. Files are read on a blocking thread, never on the runtime.
+pub async fn initial_values(
+    spec: &crate::manifest::ClusterSpec,
+) -> Result<Vec<(String, ResourceType, Value)>, String> {
+    let mut out = Vec::with_capacity(spec.resources.len());
+    for r in &spec.resources {
+        let value = match &r.path {
+            Some(path) => {
+                // manifest::validate made sure a path comes with a root.
+                let root = spec.file_root.clone().ok_or_else(|| {
+                    format!(
+                        "File resource `{}`: values.path needs spec.fileRoot",
+                        r.name
+                    )
+                })?;
+                let path = path.clone();
+                let text = tokio::task::spawn_blocking(move || {
+                    read_confined(&root, &path, FILE_MAX_BYTES)
+                })
+                .await
+                .map_err(|e| format!("File resource `{}`: the read failed: {e}", r.name))?
+                .map_err(|e| format!("File resource `{}`: {e}", r.name))?;
+                Value::String(text)
             }
-            std::fs::read_to_string(path)
-                .map(Value::String)
-                .map_err(|e| format!("File resource `{}`: cannot read {path}: {e}", spec.name))
-        }
-        (Some(_), other) => Err(format!(
-            "resource `{}`: values.path is only for File resources, not {}",
-            spec.name,
-            other.name()
-        )),
-        (None, _) => Ok(spec.initial_value.clone()),
+            None if r.initial_value.is_null() => r.kind.zero(),
+            None => r
+                .kind
+                .check(r.initial_value.clone())
+                .map_err(|e| format!("shared resource `{}`: {e}", r.name))?,
+        };
+        out.push((r.name.clone(), r.kind, value));
     }
+    Ok(out)
+}
+
+/// The text of `path` (relative to `root`, or absolute), if it is a regular
+/// file under `root` (symbolic links resolved first), of at most `limit`
+/// bytes, in UTF-8. A FIFO, a device, a directory or anything outside the
+/// root is refused without being read; opening never blocks.
+pub fn read_confined(root: &std::path::Path, path: &str, limit: u64) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| format!("spec.fileRoot `{}`: {e}", root.display()))?;
+    let joined = root.join(path);
+    let real = std::fs::canonicalize(&joined)
+        .map_err(|e| format!("cannot read `{}`: {e}", joined.display()))?;
+    if !real.starts_with(&root) {
+        return Err(format!(
+            "`{path}` is outside spec.fileRoot `{}`: File paths must name files under it",
+            root.display()
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // A FIFO opens at once instead of waiting for a writer; a link
+        // swapped in since canonicalize is refused.
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits() | nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&real)
+        .map_err(|e| format!("cannot open `{}`: {e}", real.display()))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot stat `{}`: {e}", real.display()))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if ft.is_dir() {
+            "a directory"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "`{}` is {what}: a File resource reads regular files only",
+            real.display()
+        ));
+    }
+    if meta.len() > limit {
+        return Err(format!(
+            "`{}` has {} bytes, more than the limit of {limit} bytes",
+            real.display(),
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    // Bounded even if the file grows while it is read.
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read `{}`: {e}", real.display()))?;
+    if bytes.len() as u64 > limit {
+        return Err(format!(
+            "`{}` grew past the limit of {limit} bytes while it was read",
+            real.display()
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| format!("`{}` is not UTF-8 text", real.display()))
 }
 
 #[cfg(test)]
@@ -136,5 +222,65 @@ mod tests {
         assert!(ResourceType::parse("Integr")
             .unwrap_err()
             .contains("Integr"));
+    }
+
+    fn temp_root(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("flotilla-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn files_are_read_only_from_under_the_root() {
+        let root = temp_root("root");
+        std::fs::write(root.join("data.txt"), "hello\n").unwrap();
+        assert_eq!(read_confined(&root, "data.txt", 100).unwrap(), "hello\n");
+        let absolute = root.join("data.txt").display().to_string();
+        assert_eq!(read_confined(&root, &absolute, 100).unwrap(), "hello\n");
+
+        for (path, needle) in [
+            ("/etc/passwd", "outside spec.fileRoot"),
+            ("../../../../etc/passwd", "outside spec.fileRoot"),
+            ("/proc/self/environ", "outside spec.fileRoot"),
+            ("missing.txt", "cannot read"),
+        ] {
+            let err = read_confined(&root, path, 100).unwrap_err();
+            assert!(err.contains(needle), "{path}: {err}");
+        }
+        // A link inside the root to a file outside it is outside.
+        std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
+        let err = read_confined(&root, "link", 100).unwrap_err();
+        assert!(err.contains("outside spec.fileRoot"), "{err}");
+        // Too big, not UTF-8, a directory.
+        std::fs::write(root.join("big"), vec![b'x'; 101]).unwrap();
+        assert!(read_confined(&root, "big", 100)
+            .unwrap_err()
+            .contains("limit of 100"));
+        std::fs::write(root.join("bin"), [0xff, 0xfe]).unwrap();
+        assert!(read_confined(&root, "bin", 100)
+            .unwrap_err()
+            .contains("UTF-8"));
+        std::fs::create_dir(root.join("sub")).unwrap();
+        assert!(read_confined(&root, "sub", 100)
+            .unwrap_err()
+            .contains("a directory"));
+    }
+
+    #[test]
+    fn a_fifo_nobody_writes_is_refused_without_blocking() {
+        let root = temp_root("fifo");
+        let fifo = root.join("pipe");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        // Would hang forever if it waited for a writer.
+        let err = read_confined(&root, "pipe", 100).unwrap_err();
+        assert!(err.contains("a FIFO"), "{err}");
+    }
+
+    #[test]
+    fn a_device_under_the_root_is_refused() {
+        // /dev as the root: /dev/zero is under it, and still never read.
+        let err = read_confined(std::path::Path::new("/dev"), "zero", 100).unwrap_err();
+        assert!(err.contains("a device"), "{err}");
     }
 }

@@ -36,8 +36,8 @@ use async_trait::async_trait;
 use flotilla_proto::{env, Incarnation, WorkerId};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecurityContext,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -97,7 +97,16 @@ pub struct KubernetesSettings {
     /// owner, so Kubernetes' garbage collector deletes them with it (`helm
     /// uninstall`, a deleted master pod) even when the master could not.
     pub owner: Option<(String, String)>,
+    /// `spec.telemetry.workerOtlpEndpoint`: replaces the OTLP endpoint the
+    /// workers inherit from the master.
+    pub worker_otlp_endpoint: Option<String>,
+    /// `spec.workerPods`: scheduling, pull secrets, extra env and volumes.
+    pub worker_pods: crate::manifest::WorkerPods,
 }
+
+/// The size of the worker's writable `/tmp` (an emptyDir); the rest of its
+/// root filesystem is read-only.
+pub const TMP_SIZE: &str = "128Mi";
 
 /// Why the runtime could not be set up; each names the bad value or what
 /// to do about it.
@@ -174,6 +183,8 @@ impl KubernetesSettings {
             master_url,
             delete_timeout: Duration::from_secs(60),
             owner: var(ENV_POD_NAME).zip(var(ENV_POD_UID)),
+            worker_otlp_endpoint: spec.worker_otlp_endpoint.clone(),
+            worker_pods: spec.worker_pods.clone(),
         })
     }
 
@@ -216,6 +227,28 @@ impl KubernetesSettings {
             value: Some(value),
             ..Default::default()
         };
+        let otlp = |k: &str, v: &String| match (k, &self.worker_otlp_endpoint) {
+            ("OTEL_EXPORTER_OTLP_ENDPOINT" | "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", Some(e)) => {
+                e.clone()
+            }
+            _ => v.clone(),
+        };
+        let extra = &self.worker_pods;
+        let mut volumes = vec![Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity(TMP_SIZE.into())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        volumes.extend(extra.volumes.iter().cloned());
+        let mut mounts = vec![VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..Default::default()
+        }];
+        mounts.extend(extra.volume_mounts.iter().cloned());
         let cpu = Quantity(format!("{}m", self.cpu_millis(launch.capacity)));
         let memory = Quantity(memory_quantity(self.memory_bytes));
         Pod {
@@ -263,9 +296,11 @@ impl KubernetesSettings {
                             var(env::SLOTS, launch.slots.to_string()),
                         ]
                         .into_iter()
-                        .chain(launch.inherited_env.iter().map(|(k, v)| var(k, v.clone())))
+                        .chain(launch.inherited_env.iter().map(|(k, v)| var(k, otlp(k, v))))
+                        .chain(extra.env.iter().cloned())
                         .collect(),
                     ),
+                    volume_mounts: Some(mounts),
                     resources: Some(ResourceRequirements {
                         requests: Some(BTreeMap::from([("cpu".to_string(), cpu.clone())])),
                         limits: Some(BTreeMap::from([
@@ -276,6 +311,7 @@ impl KubernetesSettings {
                     }),
                     security_context: Some(SecurityContext {
                         allow_privilege_escalation: Some(false),
+                        read_only_root_filesystem: Some(true),
                         capabilities: Some(Capabilities {
                             drop: Some(vec!["ALL".into()]),
                             ..Default::default()
@@ -284,11 +320,21 @@ impl KubernetesSettings {
                     }),
                     ..Default::default()
                 }],
+                volumes: Some(volumes),
+                node_selector: (!extra.node_selector.is_empty())
+                    .then(|| extra.node_selector.clone()),
+                tolerations: none_if_empty(&extra.tolerations),
+                affinity: extra.affinity.clone(),
+                image_pull_secrets: none_if_empty(&extra.image_pull_secrets),
                 ..Default::default()
             }),
             ..Default::default()
         }
     }
+}
+
+fn none_if_empty<T: Clone>(v: &[T]) -> Option<Vec<T>> {
+    (!v.is_empty()).then(|| v.to_vec())
 }
 
 /// RFC 1123 label: what Kubernetes accepts as a namespace, a label value and
@@ -944,6 +990,44 @@ mod tests {
             env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://jaeger:4318",
             "traces follow the master's settings"
         );
+    }
+
+    #[test]
+    fn worker_pod_settings_reach_the_pod_and_it_stays_hardened() {
+        let s = KubernetesSettings::from_spec_with(
+            &spec("  telemetry: { workerOtlpEndpoint: 'http://collector:4318' }\n  workerPods:\n    nodeSelector: { pool: batch }\n    tolerations: [{ key: batch, operator: Exists, effect: NoSchedule }]\n    affinity: { nodeAffinity: { preferredDuringSchedulingIgnoredDuringExecution: [{ weight: 1, preference: { matchExpressions: [{ key: pool, operator: In, values: [batch] }] } }] } }\n    imagePullSecrets: [{ name: regcred }]\n    env: [{ name: DATA, value: /data }]\n    volumes: [{ name: data, persistentVolumeClaim: { claimName: data, readOnly: true } }]\n    volumeMounts: [{ name: data, mountPath: /data, readOnly: true }]\n"),
+            no_env,
+        )
+        .unwrap();
+        let pod = serde_json::to_value(s.pod(&launch(), "abc")).unwrap();
+        let spec = &pod["spec"];
+        assert_eq!(spec["nodeSelector"], json!({"pool": "batch"}));
+        assert_eq!(spec["tolerations"][0]["key"], "batch");
+        assert_eq!(
+            spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+                ["weight"],
+            1
+        );
+        assert_eq!(spec["imagePullSecrets"], json!([{"name": "regcred"}]));
+        assert_eq!(spec["volumes"][0]["name"], "tmp");
+        assert_eq!(
+            spec["volumes"][1]["persistentVolumeClaim"]["claimName"],
+            "data"
+        );
+        let c = &spec["containers"][0];
+        assert_eq!(
+            c["volumeMounts"],
+            json!([{"name": "tmp", "mountPath": "/tmp"}, {"name": "data", "mountPath": "/data", "readOnly": true}])
+        );
+        let env = c["env"].as_array().unwrap();
+        assert!(env.contains(&json!({"name": "DATA", "value": "/data"})));
+        assert!(env.contains(
+            &json!({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://collector:4318"})
+        ));
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(spec["securityContext"]["runAsNonRoot"], true);
     }
 
     #[test]

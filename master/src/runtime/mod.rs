@@ -31,12 +31,48 @@ pub struct WorkerLaunch {
 
 /// The variables a worker inherits from its master wherever it runs, so
 /// that its logs and traces follow the master's settings.
-pub const INHERITED_ENV: [&str; 4] = [
+/// The standard `OTEL_*` exporter settings are among them; the service
+/// name is not (workers are `flotilla-worker` unless their own environment
+/// says otherwise).
+pub const INHERITED_ENV: [&str; 12] = [
     "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TIMEOUT",
     "OTEL_BSP_SCHEDULE_DELAY",
+    "OTEL_BSP_MAX_QUEUE_SIZE",
+    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+    "OTEL_TRACES_SAMPLER",
+    "OTEL_TRACES_SAMPLER_ARG",
+    "OTEL_SDK_DISABLED",
     "RUST_LOG",
     "FLOTILLA_LOG_FORMAT",
 ];
+
+/// `endpoint` with a loopback host (`localhost`, `127.x`, `[::1]`) replaced
+/// by `to`: the host as a container on the workers' network reaches it.
+/// Anything else (or no `to`) comes back unchanged.
+pub fn loopback_to(endpoint: &str, to: Option<std::net::IpAddr>) -> String {
+    let (Some(to), Ok(mut url)) = (to, url::Url::parse(endpoint)) else {
+        return endpoint.to_string();
+    };
+    let loopback = match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    if !loopback || url.set_ip_host(to).is_err() {
+        return endpoint.to_string();
+    }
+    let out = url.to_string();
+    // Url adds a `/` to a bare origin; the exporter appends /v1/traces itself.
+    if endpoint.ends_with('/') {
+        out
+    } else {
+        out.trim_end_matches('/').to_string()
+    }
+}
 
 /// The master's values of [`INHERITED_ENV`] that are set.
 pub fn inherited_env() -> Vec<(String, String)> {
@@ -85,4 +121,42 @@ pub trait Runtime: Send + Sync + 'static {
     async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle>;
     /// Kills every worker this runtime started (master shutdown).
     async fn shutdown(&self);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::loopback_to;
+    use std::net::IpAddr;
+
+    #[test]
+    fn a_loopback_endpoint_becomes_the_gateway() {
+        let gw = Some(IpAddr::from([172, 18, 0, 1]));
+        assert_eq!(
+            loopback_to("http://127.0.0.1:4318", gw),
+            "http://172.18.0.1:4318"
+        );
+        assert_eq!(
+            loopback_to("http://localhost:4318/", gw),
+            "http://172.18.0.1:4318/"
+        );
+        assert_eq!(
+            loopback_to("http://[::1]:4318", gw),
+            "http://172.18.0.1:4318"
+        );
+        assert_eq!(
+            loopback_to("https://127.0.0.5/otlp", gw),
+            "https://172.18.0.1/otlp"
+        );
+        // Anything else is left alone.
+        assert_eq!(loopback_to("http://jaeger:4318", gw), "http://jaeger:4318");
+        assert_eq!(
+            loopback_to("http://10.0.0.2:4318", gw),
+            "http://10.0.0.2:4318"
+        );
+        assert_eq!(
+            loopback_to("http://127.0.0.1:4318", None),
+            "http://127.0.0.1:4318"
+        );
+        assert_eq!(loopback_to("not a url", gw), "not a url");
+    }
 }

@@ -59,7 +59,11 @@ impl Runtime for ProcessRuntime {
 
     async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {
         let mut cmd = Command::new(&self.worker_bin);
-        cmd.env(env::MASTER_URL, &launch.master_url)
+        // The worker inherits the master's environment (PATH, FLOTILLA_PYTHON,
+        // ...) but never the API token, nor the master's service name.
+        cmd.env_remove("FLOTILLA_TOKEN")
+            .env_remove("OTEL_SERVICE_NAME")
+            .env(env::MASTER_URL, &launch.master_url)
             .env(env::WORKER_ID, launch.worker_id.to_string())
             .env(env::INCARNATION, launch.incarnation.to_string())
             .env(env::WORKER_SECRET, &launch.secret)

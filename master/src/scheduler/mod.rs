@@ -72,8 +72,12 @@ pub struct Worker {
     pub executed: u64,
     pub restarts: u64,
     pub last_heartbeat: Instant,
-    /// The worker's own process ID, as it reported at registration.
+    /// The worker's process ID on the master's host (process runtime only:
+    /// inside a container or pod it means nothing outside).
     pub pid: Option<u32>,
+    /// What the runtime runs it in, as the runtime tells it: `pid 123`,
+    /// `container flotilla-worker-0 (3f2a...)`, `pod ns/name`.
+    pub locator: Option<String>,
 }
 
 impl Worker {
@@ -199,6 +203,7 @@ impl Scheduler {
             restarts: 0,
             last_heartbeat: Instant::now(),
             pid: None,
+            locator: None,
         });
         self.dispatch();
         (id, 1)
@@ -232,11 +237,13 @@ impl Scheduler {
         id: WorkerId,
         inc: Incarnation,
         pid: Option<u32>,
+        locator: Option<String>,
     ) -> Result<usize, Refusal> {
         self.check(id, inc)?;
         let w = &mut self.workers[id as usize];
         w.state = WorkerState::Active;
         w.pid = pid;
+        w.locator = locator;
         w.last_heartbeat = Instant::now();
         info!(worker = id, incarnation = inc, "Node {id} activated");
         let capacity = w.capacity;
@@ -349,6 +356,7 @@ impl Scheduler {
         w.incarnation += 1;
         w.state = WorkerState::Starting;
         w.pid = None;
+        w.locator = None;
         w.restarts += 1;
         w.last_heartbeat = Instant::now();
         let out = (w.incarnation, w.capacity);
@@ -909,6 +917,7 @@ impl Scheduler {
                 last_heartbeat_ms_ago: now.saturating_duration_since(w.last_heartbeat).as_millis()
                     as u64,
                 pid: w.pid,
+                locator: w.locator.clone(),
             })
             .collect()
     }
