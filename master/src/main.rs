@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use flotilla::manifest::{self, RuntimeKind};
 use flotilla::runner::{self, RunOptions};
 use flotilla::ServeOptions;
-use flotilla_proto::telemetry::{self, LogFormat, Telemetry};
+use flotilla_proto::telemetry::{self, LogColor, LogFormat, Telemetry};
 use flotilla_proto::{TaskId, WorkerId};
 
 mod verbs;
@@ -27,6 +27,9 @@ struct Cli {
     /// Log format: text (default) or json.
     #[arg(long, global = true, default_value = "text")]
     log_format: LogFormat,
+    /// Colours in log lines: auto (only when stderr is a terminal), always, never.
+    #[arg(long, global = true, default_value = "auto")]
+    color: LogColor,
     #[command(subcommand)]
     command: Command,
 }
@@ -181,6 +184,7 @@ fn init_telemetry(
     level: Option<&str>,
     default: &str,
     format: LogFormat,
+    color: LogColor,
     otlp: Option<&str>,
 ) -> Telemetry {
     if let Some(endpoint) = otlp {
@@ -188,7 +192,7 @@ fn init_telemetry(
             std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
         }
     }
-    let telemetry = telemetry::init("flotilla-master", level.unwrap_or(default), format);
+    let telemetry = telemetry::init("flotilla-master", level.unwrap_or(default), format, color);
     if std::env::var("RUST_LOG").is_err() {
         std::env::set_var("RUST_LOG", level.unwrap_or(default));
     }
@@ -200,6 +204,10 @@ fn init_telemetry(
             "text"
         },
     );
+    // The mode as given: a worker whose stderr is this one's (processes)
+    // decides the same way; one writing to a container log gets no colours
+    // unless `always` was asked for.
+    std::env::set_var("FLOTILLA_LOG_COLOR", color.as_str());
     telemetry
 }
 
@@ -243,6 +251,7 @@ async fn main() -> Result<()> {
                 cli.log_level.as_deref(),
                 "info",
                 cli.log_format,
+                cli.color,
                 spec.otlp_endpoint.as_deref(),
             );
             let opts = serve_options(&args);
@@ -266,6 +275,7 @@ async fn main() -> Result<()> {
                 cli.log_level.as_deref(),
                 "warn",
                 cli.log_format,
+                cli.color,
                 spec.otlp_endpoint.as_deref(),
             );
             let opts = serve_options(&serve);
@@ -290,8 +300,13 @@ async fn main() -> Result<()> {
             json,
             trace,
         } => {
-            let _telemetry =
-                init_telemetry(cli.log_level.as_deref(), "error", cli.log_format, None);
+            let _telemetry = init_telemetry(
+                cli.log_level.as_deref(),
+                "error",
+                cli.log_format,
+                cli.color,
+                None,
+            );
             let sink = if trace {
                 Some(flotilla::bench::start_trace_sink().await?)
             } else {

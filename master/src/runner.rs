@@ -56,12 +56,13 @@ fn method_of(m: &Method) -> flotilla_client::Method {
     }
 }
 
-fn one_line(v: &Value) -> String {
-    let s = match v {
+/// A result or error as text lines: a string as it is (no quotes, no
+/// trailing newline), anything else as JSON.
+fn text_of(v: &Value) -> String {
+    match v {
         Value::String(s) => s.trim_end().to_string(),
         other => other.to_string(),
-    };
-    s.replace('\n', "\\n")
+    }
 }
 
 pub async fn run(client: &Client, spec: &ClusterSpec, opts: &RunOptions) -> Result<RunReport> {
@@ -157,18 +158,27 @@ async fn follow(client: &Client, ids: &[u64], opts: &RunOptions) -> Result<Vec<T
             }
             if !opts.json {
                 let what = match (&t.result, &t.error) {
-                    (_, Some(e)) => format!("error: {}", one_line(&Value::String(e.clone()))),
-                    (Some(r), None) => one_line(&r.response),
+                    (_, Some(e)) => format!("error: {}", e.trim_end()),
+                    (Some(r), None) => text_of(&r.response),
                     (None, None) => String::new(),
                 };
                 let node = t
                     .node
                     .map(|n| format!("node {n}"))
                     .unwrap_or_else(|| "no node".into());
+                // A multi-line result (a traceback, a text) prints as lines:
+                // the first beside the task, the rest indented below it.
+                let mut lines = what.lines();
                 say(format!(
-                    "task {} on {node} (attempt {}): {:?}: {what}",
-                    t.id, t.attempts, t.state
+                    "task {} on {node} (attempt {}): {:?}: {}",
+                    t.id,
+                    t.attempts,
+                    t.state,
+                    lines.next().unwrap_or("")
                 ));
+                for line in lines {
+                    say(format!("      {}", clip(line, 160)));
+                }
                 if let Some(r) = &t.result {
                     for line in r.stdout.lines() {
                         say(format!("    | {}", clip(line, 160)));

@@ -49,6 +49,54 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// When log lines carry ANSI colour codes: `auto` (the default) only when
+/// stderr is a terminal and `NO_COLOR` is unset, so logs redirected to a
+/// file or a pipe are plain text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogColor {
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl LogColor {
+    /// Whether this process's log lines get colours.
+    pub fn enabled(self) -> bool {
+        use std::io::IsTerminal;
+        match self {
+            LogColor::Always => true,
+            LogColor::Never => false,
+            LogColor::Auto => {
+                std::io::stderr().is_terminal()
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+            }
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogColor::Auto => "auto",
+            LogColor::Always => "always",
+            LogColor::Never => "never",
+        }
+    }
+}
+
+impl std::str::FromStr for LogColor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(LogColor::Auto),
+            "always" => Ok(LogColor::Always),
+            "never" => Ok(LogColor::Never),
+            other => Err(format!(
+                "unknown colour mode `{other}`: expected auto, always or never"
+            )),
+        }
+    }
+}
+
 /// Keeps the trace exporter alive; flushes it when dropped.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -70,7 +118,8 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber. `filter` is an `EnvFilter` directive
 /// string (`info`, `flotilla=debug`, ...); `RUST_LOG` wins when set.
-pub fn init(service: &'static str, filter: &str, format: LogFormat) -> Telemetry {
+/// Text lines get ANSI colours only as `color` says.
+pub fn init(service: &'static str, filter: &str, format: LogFormat, color: LogColor) -> Telemetry {
     let directives = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => v,
         _ => filter.to_string(),
@@ -78,10 +127,12 @@ pub fn init(service: &'static str, filter: &str, format: LogFormat) -> Telemetry
     let log_filter = EnvFilter::new(format!("{directives},{TRACE_TARGET}=off"));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(color.enabled())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .boxed(),
     };
@@ -156,4 +207,23 @@ pub fn adopt_parent(span: &tracing::Span, traceparent: Option<&str>) {
         HashMap::from([(TRACEPARENT.to_string(), tp.to_string())]);
     let cx = TraceContextPropagator::new().extract(&carrier);
     let _ = span.set_parent(cx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_modes_parse_and_resolve() {
+        assert_eq!("auto".parse::<LogColor>(), Ok(LogColor::Auto));
+        assert!(!"never".parse::<LogColor>().unwrap().enabled());
+        assert!("always".parse::<LogColor>().unwrap().enabled());
+        assert!("sometimes"
+            .parse::<LogColor>()
+            .unwrap_err()
+            .contains("sometimes"));
+        for mode in [LogColor::Auto, LogColor::Always, LogColor::Never] {
+            assert_eq!(mode.as_str().parse::<LogColor>(), Ok(mode));
+        }
+    }
 }

@@ -294,7 +294,11 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|f| f.parse().ok())
         .unwrap_or_default();
-    let _telemetry = telemetry::init("flotilla-worker", "info", format);
+    let color = std::env::var("FLOTILLA_LOG_COLOR")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_default();
+    let _telemetry = telemetry::init("flotilla-worker", "info", format, color);
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lock") {
         return locks::cli(&args[1..]).await;

@@ -34,7 +34,7 @@ pub struct WorkerLaunch {
 /// The standard `OTEL_*` exporter settings are among them; the service
 /// name is not (workers are `flotilla-worker` unless their own environment
 /// says otherwise).
-pub const INHERITED_ENV: [&str; 12] = [
+pub const INHERITED_ENV: [&str; 13] = [
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "OTEL_EXPORTER_OTLP_PROTOCOL",
@@ -47,6 +47,7 @@ pub const INHERITED_ENV: [&str; 12] = [
     "OTEL_SDK_DISABLED",
     "RUST_LOG",
     "FLOTILLA_LOG_FORMAT",
+    "FLOTILLA_LOG_COLOR",
 ];
 
 /// `endpoint` with a loopback host (`localhost`, `127.x`, `[::1]`) replaced
