@@ -42,6 +42,14 @@ measured here, with the same workloads:
   start unknown, as for a user's first batch). This keeps worker start-up and
   the first unpickling of `run_code` out of the figures.
 
+* W1 is also measured through Flotilla's Python client (clients/python,
+  imported from the repository): a fresh `flotilla up` of 4 workers of
+  capacity 64, as `flotilla bench` uses for W1, then
+  `client.map("response = item", range(2000))` and `client.as_completed`
+  over the futures, timed from the map call to the last result, with each
+  index checked to come back once. That is the like-for-like of Dask's
+  `client.map` + `gather`: a Python user's program on both sides.
+
 No figure is ever made up: a figure that a side did not produce is printed
 as "n/a" with the reason.
 """
@@ -77,6 +85,7 @@ IDLE_WINDOW_S = 10.0
 
 # Targets of the benchmark issue, checked on Flotilla's figures.
 TARGET_W1_RATIO = 3.0  # Flotilla tasks/s >= 3x Dask's
+TARGET_W1_PYTHON_RATIO = 5.0  # through the Python client: >= 5x Dask's client.map
 TARGET_W2_P50_MS = 2.0  # Flotilla p50 < 2 ms
 TARGET_W3_EFFICIENCY = 1.05  # within 5% of perfect
 TARGET_W6_RATIO = 1.15  # within 15% of the 2-core limit
@@ -527,6 +536,62 @@ def run_flotilla_once(flotilla: str, workloads: list[str], runs: int, timeout: f
         return None, f"`{shown}` printed no JSON ({e}); stdout began: {stdout[:300]!r}"
 
 
+def flotilla_python_w1_once(flotilla: str) -> dict:
+    """W1 through the Python client: map + as_completed on a fresh cluster."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "clients", "python"))
+    from flotilla import Client
+
+    manifest = ("apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: { name: bench-python }\n"
+                f"spec:\n  workers:\n    - capacity: 64\n      replicas: {WORKERS['W1']}\n")
+    with tempfile.TemporaryDirectory(prefix="flotilla-bench-py-") as d:
+        path = os.path.join(d, "cluster.yaml")
+        with open(path, "w") as f:
+            f.write(manifest)
+        env = {k: v for k, v in os.environ.items() if k not in ("RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT")}
+        p = subprocess.Popen([flotilla, "--log-level", "error", "up", path, "--port", "0"],
+                             stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+        try:
+            line = p.stdout.readline()
+            url = next((w for w in line.split() if w.startswith("http://")), None)
+            if url is None:
+                raise RuntimeError(f"flotilla up printed no address: {line!r}")
+            with Client(url) as client:
+                deadline = time.monotonic() + 60
+                while True:
+                    nodes = client.nodes()
+                    if len(nodes) == WORKERS["W1"] and all(n["state"] == "active" for n in nodes):
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"workers did not come up: {nodes}")
+                    time.sleep(0.05)
+                t0 = time.perf_counter()
+                futures = client.map("response = item", range(W1_TASKS))
+                results = [f.result() for f in client.as_completed(futures)]
+                elapsed = time.perf_counter() - t0
+            if sorted(results) != list(range(W1_TASKS)):
+                raise AssertionError("W1 (Python client): results are not each index exactly once")
+            return {"tasks_per_s": W1_TASKS / elapsed, "elapsed_s": elapsed}
+        finally:
+            p.send_signal(2)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, 9)
+                p.wait()
+
+
+def run_flotilla_python(flotilla: str, runs: int) -> dict:
+    per_run = []
+    for r in range(runs):
+        log(f"flotilla W1 through the Python client, run {r + 1}/{runs} (load {loadavg()})")
+        fig = flotilla_python_w1_once(flotilla)
+        log(f"flotilla W1 (Python client) run {r + 1}: {fig['tasks_per_s']:.1f} tasks/s")
+        per_run.append(fig)
+    return {"tasks_per_s": median([x["tasks_per_s"] for x in per_run]), "runs": per_run}
+
+
 def run_flotilla(flotilla: str, workloads: list[str], runs: int) -> dict:
     """Flotilla's figures. W4 runs in an invocation of its own, so that a
     Flotilla without W4 still gives the others (W4 is then n/a, with why)."""
@@ -590,6 +655,13 @@ def compare(workloads, flot: dict | None, dask_w: dict) -> tuple[list[list[str]]
                          fnum(r, "{:.2f}x (Flotilla/Dask)")])
             comp[w] = {"flotilla_tasks_per_s": f, "dask_tasks_per_s": d, "flotilla_over_dask": r}
             targets["W1 >= 3x Dask tasks/s"] = None if r is None else r >= TARGET_W1_RATIO
+            fp = fig(flot, "W1-python", "tasks_per_s")
+            rp = ratio(fp, d)
+            rows.append(["  W1 via Python client map+as_completed", fnum(fp, "{:.1f}"), fnum(d, "{:.1f}"),
+                         fnum(rp, "{:.2f}x (Flotilla/Dask client.map)")])
+            comp["W1-python"] = {"flotilla_tasks_per_s": fp, "dask_tasks_per_s": d, "flotilla_over_dask": rp}
+            targets["W1 via the Python client >= 5x Dask's client.map"] = (
+                None if rp is None else rp >= TARGET_W1_PYTHON_RATIO)
         elif w == "W2":
             f50, d50 = fig(flot, w, "p50_ms"), fig(dask_w, w, "p50_ms")
             f99, d99 = fig(flot, w, "p99_ms"), fig(dask_w, w, "p99_ms")
@@ -685,6 +757,11 @@ def main() -> int:
     flot = None
     if not args.dask_only:
         flot = run_flotilla(os.path.abspath(args.flotilla), workloads, args.runs)
+        if "W1" in workloads:
+            try:
+                flot["workloads"]["W1-python"] = run_flotilla_python(os.path.abspath(args.flotilla), args.runs)
+            except Exception as e:  # noqa: BLE001 - reported as n/a with the reason
+                flot["errors"]["W1-python"] = f"W1 through the Python client failed: {e!r}"
     dask = run_dask(workloads, args.runs, args.dask_cluster_in_client)
 
     flot_w = flot["workloads"] if flot is not None else None
@@ -717,6 +794,8 @@ def main() -> int:
         print(f"  dask {w}: " + "; ".join(summarise(w, r) for r in dask["workloads"][w]["runs"]))
         if flot_w and isinstance(flot_w.get(w), dict) and "runs" in flot_w[w]:
             print(f"  flotilla {w}: {json.dumps(flot_w[w]['runs'])}")
+        if w == "W1" and flot_w and isinstance(flot_w.get("W1-python"), dict):
+            print(f"  flotilla W1 via the Python client: {json.dumps(flot_w['W1-python']['runs'])}")
 
     if not args.dask_only:
         print("\ntargets (Flotilla's figures):")
