@@ -64,7 +64,10 @@ pub fn temp_file(name: &str, content: &str) -> PathBuf {
 pub struct Cluster {
     child: Child,
     pub url: String,
+    /// Raw HTTP, for requests no well-behaved client sends (malformed bodies).
     pub http: reqwest::Client,
+    /// The typed client the CLI uses (carries the token, if any).
+    pub client: flotilla_client::Client,
     token: Option<String>,
     _stderr: std::thread::JoinHandle<()>,
 }
@@ -115,6 +118,7 @@ impl Cluster {
             .to_string();
         let cluster = Cluster {
             child,
+            client: flotilla_client::Client::new(&url, token.clone())?,
             url,
             http: reqwest::Client::new(),
             token,
@@ -154,8 +158,10 @@ impl Cluster {
 
     /// POST a JSON body; returns (status, body).
     pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value)> {
-        self.call(self.http.post(format!("{}{path}", self.url)).json(&body))
-            .await
+        Ok(self
+            .client
+            .request(flotilla_client::Method::POST, path, Some(&body))
+            .await?)
     }
 
     /// POST raw bytes (for malformed-input tests).
@@ -172,8 +178,10 @@ impl Cluster {
     }
 
     pub async fn get(&self, path: &str) -> Result<(u16, Value)> {
-        self.call(self.http.get(format!("{}{path}", self.url)))
-            .await
+        Ok(self
+            .client
+            .request(flotilla_client::Method::GET, path, None)
+            .await?)
     }
 
     /// Submits a Python task through `/send`; returns its ID.
