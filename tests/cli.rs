@@ -40,6 +40,32 @@ async fn cli(server: &str, token: Option<&str>, args: &[&str]) -> Out {
     }
 }
 
+/// Runs `flotilla ARGS` with `input` on its standard input.
+async fn cli_stdin(server: &str, args: &[&str], input: &str) -> Out {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(bin("flotilla"))
+        .args(args)
+        .env("FLOTILLA_SERVER", server)
+        .env_remove("FLOTILLA_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run flotilla");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("flotilla finishes")
+        .unwrap();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 fn ok(o: &Out) {
     assert_eq!(o.code, 0, "stdout: {}\nstderr: {}", o.stdout, o.stderr);
 }
@@ -122,6 +148,14 @@ async fn every_verb_against_a_real_master() {
     .await;
     ok(&o);
     assert_eq!(o.stdout.trim(), "25");
+    let o = cli_stdin(
+        url,
+        &["submit", "--wait", "-f", "-"],
+        "x = 3\nresponse = x + 1\n",
+    )
+    .await;
+    ok(&o);
+    assert_eq!(o.stdout.trim(), "4");
     let o = cli(url, None, &["submit", "-f", "/nonexistent/task.py"]).await;
     assert_eq!(o.code, 2);
     assert!(o.stderr.contains("/nonexistent/task.py"), "{}", o.stderr);
