@@ -14,20 +14,22 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use flotilla_proto::api::{TaskPage, TaskState};
+use flotilla_proto::api::{
+    Added, FinishedPage, Health, Message, NodeView, ResourceCreated, ResourceView, Sent, Submitted,
+    TaskPage, TaskState,
+};
 use flotilla_proto::telemetry::{adopt_parent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{
-    routes, Assignment, ErrorBody, Heartbeat, LockAction, LockGrant, LockMode, LockReleased,
-    LockRequest, Poll, Register, RegisterReply, TaskId, TaskSpec, WorkerId,
+    routes, ErrorBody, Heartbeat, LockAction, LockMode, LockReleased, LockRequest, Poll, Register,
+    RegisterReply, TaskId, TaskSpec, WorkerId,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::cluster::Cluster;
-use crate::resources::locks::{LockError, RequestId};
+use crate::cluster::{Cluster, StopError};
+use crate::resources::locks::LockError;
 use crate::resources::ResourceType;
 use crate::scheduler::{LockCallError, Refusal, SubmitError};
 
@@ -280,34 +282,32 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // ----- the seed's endpoints ------------------------------------------------
 
-async fn send(State(cluster): State<Arc<Cluster>>, Body(spec): Body<TaskSpec>) -> Json<Value> {
-    let id = cluster.with_state(|s| s.submit(spec));
-    Json(json!({"message": "Instruction received", "task_id": id}))
+async fn send(State(cluster): State<Arc<Cluster>>, Body(spec): Body<TaskSpec>) -> Json<Sent> {
+    let task_id = cluster.submit(vec![spec])[0];
+    Json(Sent {
+        message: "Instruction received".into(),
+        task_id,
+    })
 }
 
 /// `/send/{node}`: waits while that node's queue is full (the seed's
-/// contract), woken each time a queue shrinks.
+/// contract).
 async fn send_to(
     State(cluster): State<Arc<Cluster>>,
     Path(node): Path<String>,
     Body(spec): Body<TaskSpec>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Sent>> {
     let node = parse_node(&node)?;
-    loop {
-        let room = cluster.room.notified();
-        tokio::pin!(room);
-        room.as_mut().enable();
-        match cluster.with_state(|s| s.submit_to(node, spec.clone())) {
-            Ok(id) => {
-                return Ok(Json(
-                    json!({"message": format!("Instruction received for node {node}"), "task_id": id}),
-                ))
-            }
-            Err(SubmitError::UnknownWorker(_)) => {
-                return Err(ApiError::not_found(format!("node {node} does not exist")))
-            }
-            Err(SubmitError::Full(_)) => room.await,
-        }
+    match cluster.submit_to(node, spec).await {
+        Ok(task_id) => Ok(Json(Sent {
+            message: format!("Instruction received for node {node}"),
+            task_id,
+        })),
+        Err(e @ SubmitError::UnknownWorker(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ SubmitError::Full(_)) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            e.to_string(),
+        )),
     }
 }
 
@@ -325,7 +325,7 @@ struct ResourceBody {
 async fn create_resource(
     State(cluster): State<Arc<Cluster>>,
     Body(body): Body<ResourceBody>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ResourceCreated>> {
     let kind = ResourceType::parse(&body.kind).map_err(ApiError::bad_request)?;
     let spec = body.values.into_spec(body.name, kind);
     // A path here would be a path on the master's machine, chosen by a
@@ -338,30 +338,32 @@ async fn create_resource(
     }
     let value = spec.initial_value.clone();
     cluster
-        .with_state(|s| s.locks.create(&spec.name, kind, value))
+        .create_resource(&spec.name, kind, value)
         .map_err(|e| ApiError::bad_request(format!("resource `{}`: {e}", spec.name)))?;
-    Ok(Json(
-        json!({"message": format!("Resource {} created successfully", spec.name), "name": spec.name}),
-    ))
+    Ok(Json(ResourceCreated {
+        message: format!("Resource {} created successfully", spec.name),
+        name: spec.name,
+    }))
 }
 
-async fn list_resources(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
-    Json(serde_json::to_value(cluster.with_state(|s| s.locks.views())).expect("serialisable"))
+async fn list_resources(State(cluster): State<Arc<Cluster>>) -> Json<Vec<ResourceView>> {
+    Json(cluster.resources())
 }
 
 async fn get_resource(
     State(cluster): State<Arc<Cluster>>,
     Path(name): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ResourceView>> {
     cluster
-        .with_state(|s| s.locks.view(&name))
-        .map(|v| Json(serde_json::to_value(v).expect("serialisable")))
+        .resource(&name)
+        .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("shared resource `{name}` does not exist")))
 }
 
 fn lock_error(e: LockCallError) -> ApiError {
     let status = match &e {
-        LockCallError::StaleLease => StatusCode::CONFLICT,
+        LockCallError::StaleLease | LockCallError::Dropped { .. } => StatusCode::CONFLICT,
+        LockCallError::TimedOut { .. } => StatusCode::REQUEST_TIMEOUT,
         LockCallError::Lock(l) => match l {
             LockError::Unknown(_) => StatusCode::NOT_FOUND,
             LockError::Duplicate(_) | LockError::WrongType { .. } => StatusCode::BAD_REQUEST,
@@ -371,26 +373,6 @@ fn lock_error(e: LockCallError) -> ApiError {
         },
     };
     ApiError::new(status, e.to_string())
-}
-
-/// Cancels a lock request however its handler ends, giving back a grant
-/// that was made but never answered.
-struct LockWait {
-    cluster: Arc<Cluster>,
-    name: String,
-    id: RequestId,
-    rx: Option<oneshot::Receiver<LockGrant>>,
-}
-
-impl Drop for LockWait {
-    fn drop(&mut self) {
-        if let Some(mut rx) = self.rx.take() {
-            let granted = rx.try_recv().ok();
-            let (name, id) = (self.name.clone(), self.id);
-            self.cluster
-                .with_state(|s| s.locks.cancel(&name, id, granted.as_ref()));
-        }
-    }
 }
 
 /// `POST /internal/lock`: acquire (held open until granted, no polling) or
@@ -403,7 +385,6 @@ async fn lock(
     let span = tracing::info_span!(target: TRACE_TARGET, "lock call", resource = %req.name,
         lock.mode = %req.mode, lock.action = ?req.action);
     adopt_parent(&span, header(&headers, TRACEPARENT));
-    let started = std::time::Instant::now();
     match req.action {
         LockAction::Acquire => {
             let wait = match req.timeout_s {
@@ -415,37 +396,11 @@ async fn lock(
                     )))
                 }
             };
-            let (tx, rx) = oneshot::channel();
-            let id = cluster
-                .with_state(|s| s.lock_acquire(&req.lease, &req.name, req.mode, tx))
+            let grant = cluster
+                .acquire_lock(&req.lease, &req.name, req.mode, wait)
+                .await
                 .map_err(lock_error)?;
-            let mut pending = LockWait {
-                cluster: cluster.clone(),
-                name: req.name.clone(),
-                id,
-                rx: Some(rx),
-            };
-            let rx = pending.rx.as_mut().expect("set above");
-            let outcome = match wait {
-                Some(wait) => tokio::time::timeout(wait, rx).await.ok(),
-                None => Some(rx.await),
-            };
-            match outcome {
-                Some(Ok(grant)) => {
-                    pending.rx = None;
-                    let waited = started.elapsed().as_secs_f64();
-                    cluster.with_state(|s| s.metrics.observe_lock_wait(&req.name, req.mode, waited));
-                    Ok(Json(serde_json::to_value(grant).expect("serialisable")))
-                }
-                Some(Err(_)) => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("the {} lock request on `{}` was dropped: this task attempt is no longer live (its worker was declared dead)", req.mode, req.name),
-                )),
-                None => Err(ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("timed out after {}s waiting for the {} lock on `{}`", req.timeout_s.unwrap_or(0.0), req.mode, req.name),
-                )),
-            }
+            Ok(Json(serde_json::to_value(grant).expect("serialisable")))
         }
         LockAction::Release => {
             let publish = match (req.mode, req.value) {
@@ -463,7 +418,7 @@ async fn lock(
                 (_, None) => None,
             };
             let (version, committed) = cluster
-                .with_state(|s| s.lock_release(&req.lease, &req.name, req.mode, publish))
+                .release_lock(&req.lease, &req.name, req.mode, publish)
                 .map_err(lock_error)?;
             Ok(Json(
                 serde_json::to_value(LockReleased {
@@ -483,7 +438,7 @@ struct AddBody {
     max_capacity: Option<i64>,
 }
 
-async fn add(State(cluster): State<Arc<Cluster>>, req: Request) -> ApiResult<Json<Value>> {
+async fn add(State(cluster): State<Arc<Cluster>>, req: Request) -> ApiResult<Json<Added>> {
     let bytes = read_body(req, &()).await?;
     let body: AddBody = if bytes.iter().all(u8::is_ascii_whitespace) {
         AddBody { max_capacity: None }
@@ -503,26 +458,24 @@ async fn add(State(cluster): State<Arc<Cluster>>, req: Request) -> ApiResult<Jso
         .add_worker(capacity)
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(
-        json!({"message": format!("Node {id} added successfully"), "node_id": id}),
-    ))
+    Ok(Json(Added {
+        message: format!("Node {id} added successfully"),
+        node_id: id,
+    }))
 }
 
 async fn stop(
     State(cluster): State<Arc<Cluster>>,
     Path(node): Path<String>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Message>> {
     let node = parse_node(&node)?;
-    if cluster.with_state(|s| s.worker(node).is_none()) {
-        return Err(ApiError::not_found(format!("node {node} does not exist")));
-    }
-    cluster
-        .stop_worker(node)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok(Json(
-        json!({"message": format!("Node {node} stopped successfully")}),
-    ))
+    cluster.stop_worker(node).await.map_err(|e| match e {
+        StopError::UnknownNode(_) => ApiError::not_found(e.to_string()),
+        StopError::Runtime(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    })?;
+    Ok(Json(Message {
+        message: format!("Node {node} stopped successfully"),
+    }))
 }
 
 // ----- native API ----------------------------------------------------------
@@ -531,7 +484,7 @@ async fn stop(
 async fn submit_tasks(
     State(cluster): State<Arc<Cluster>>,
     Body(body): Body<Value>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<Submitted>> {
     let specs: Vec<TaskSpec> = match body {
         Value::Object(ref map) if map.contains_key("tasks") => {
             if map.len() > 1 {
@@ -560,9 +513,9 @@ async fn submit_tasks(
         other => vec![deserialize_named::<TaskSpec>(other)
             .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
-    let ids: Vec<TaskId> =
-        cluster.with_state(|s| specs.into_iter().map(|spec| s.submit(spec)).collect());
-    Ok(Json(json!({"task_ids": ids})))
+    Ok(Json(Submitted {
+        task_ids: cluster.submit(specs),
+    }))
 }
 
 fn wait_param(q: &HashMap<String, String>) -> ApiResult<Duration> {
@@ -651,7 +604,7 @@ async fn list_tasks(
 async fn finished_tasks(
     State(cluster): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<FinishedPage>> {
     let after = match q.get("after") {
         None => 0,
         Some(raw) => raw.parse::<usize>().map_err(|_| {
@@ -660,12 +613,15 @@ async fn finished_tasks(
     };
     let wait = wait_param(&q)?;
     let (tasks, next) = cluster.finished_after(after, 1000, wait).await;
-    Ok(Json(json!({"next": next, "tasks": tasks})))
+    Ok(Json(FinishedPage {
+        next: next as u64,
+        tasks,
+    }))
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.
 async fn metrics(State(cluster): State<Arc<Cluster>>) -> Response {
-    let text = cluster.with_state(|s| s.metrics.clone().render(s));
+    let text = cluster.metrics_text();
     (
         [(
             header::CONTENT_TYPE,
@@ -680,27 +636,12 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
-async fn nodes(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
-    Json(serde_json::to_value(cluster.with_state(|s| s.nodes())).expect("serialisable"))
+async fn nodes(State(cluster): State<Arc<Cluster>>) -> Json<Vec<NodeView>> {
+    Json(cluster.nodes())
 }
 
-async fn health(State(cluster): State<Arc<Cluster>>) -> Json<Value> {
-    let (nodes, queued, tasks, steals) =
-        cluster.with_state(|s| (s.nodes(), s.master_queue_len(), s.task_count(), s.steals()));
-    let active = nodes
-        .iter()
-        .filter(|n| n.state == crate::scheduler::WorkerState::Active)
-        .count();
-    Json(json!({
-        "status": "ok",
-        "cluster": cluster.cfg.name,
-        "runtime": cluster.runtime().name(),
-        "nodes": nodes.len(),
-        "active_nodes": active,
-        "master_queue": queued,
-        "tasks": tasks,
-        "steals": steals,
-    }))
+async fn health(State(cluster): State<Arc<Cluster>>) -> Json<Health> {
+    Json(cluster.health())
 }
 
 // ----- internal worker protocol -------------------------------------------
@@ -723,17 +664,11 @@ async fn register(
 ) -> ApiResult<Json<RegisterReply>> {
     // Where it runs, as the runtime knows it (outside a container the PID
     // the worker reports means something; inside, it is always 7 or so).
-    let handle = cluster
-        .runtime()
-        .inspect(r.worker_id)
-        .await
-        .filter(|h| h.incarnation == r.incarnation);
-    let pid = (cluster.runtime().name() == "process").then_some(r.pid);
-    let locator = handle.map(|h| h.locator);
+    let locator = cluster.locate(r.worker_id, r.incarnation).await;
+    let pid = (cluster.runtime_name() == "process").then_some(r.pid);
     let capacity = cluster
-        .with_state(|s| s.register(r.worker_id, r.incarnation, pid, locator))
+        .register(r.worker_id, r.incarnation, pid, locator)
         .map_err(refusal)?;
-    cluster.started_ok(r.worker_id);
     info!(
         worker = r.worker_id,
         incarnation = r.incarnation,
@@ -751,32 +686,11 @@ async fn heartbeat(
     State(cluster): State<Arc<Cluster>>,
     Body(h): Body<Heartbeat>,
 ) -> ApiResult<StatusCode> {
-    let now = std::time::Instant::now();
     cluster
-        .with_state(|s| s.heartbeat(h.worker_id, h.incarnation, now))
+        .heartbeat(h.worker_id, h.incarnation)
         .map_err(refusal)?;
     tracing::debug!(worker = h.worker_id, "heartbeat");
     Ok(StatusCode::NO_CONTENT)
-}
-
-/// Withdraws a poll however its handler ends (answered, timed out, or
-/// dropped because the connection closed), so that an assignment handed to
-/// it but never sent goes back to the queue instead of being lost.
-struct PollGuard {
-    cluster: Arc<Cluster>,
-    worker: WorkerId,
-    slot: u32,
-    poll_id: u64,
-    rx: Option<oneshot::Receiver<Assignment>>,
-}
-
-impl Drop for PollGuard {
-    fn drop(&mut self) {
-        let undelivered = self.rx.as_mut().and_then(|rx| rx.try_recv().ok());
-        let (worker, slot, poll_id) = (self.worker, self.slot, self.poll_id);
-        self.cluster
-            .with_state(|s| s.withdraw_poll(worker, slot, poll_id, undelivered));
-    }
 }
 
 async fn poll(
@@ -790,47 +704,17 @@ async fn poll(
             task.attempt = report.attempt, worker.id = p.worker_id);
         adopt_parent(&span, header(&headers, TRACEPARENT));
     }
-    let (tx, rx) = oneshot::channel();
-    let poll_id = cluster
-        .with_state(|s| s.poll(p.worker_id, p.incarnation, p.slot, p.report, tx))
+    let assignment = cluster
+        .poll(p.worker_id, p.incarnation, p.slot, p.report)
+        .await
         .map_err(refusal)?;
-    let mut guard = PollGuard {
-        cluster: cluster.clone(),
-        worker: p.worker_id,
-        slot: p.slot,
-        poll_id,
-        rx: Some(rx),
+    let Some(mut assignment) = assignment else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    let rx = guard.rx.as_mut().expect("set above");
-    match tokio::time::timeout(cluster.cfg.poll_hold, rx).await {
-        Ok(Ok(mut assignment)) => {
-            guard.rx = None;
-            let traceparent = assignment.traceparent.take();
-            let mut response = Json(assignment).into_response();
-            if let Some(value) = traceparent.and_then(|tp| tp.parse().ok()) {
-                response.headers_mut().insert(TRACEPARENT, value);
-            }
-            Ok(response)
-        }
-        // The waiter was dropped: the worker was declared dead meanwhile.
-        Ok(Err(_)) => {
-            let inc =
-                cluster.with_state(|s| s.worker(p.worker_id).map(|w| (w.incarnation, w.state)));
-            match inc {
-                Some((inc, state))
-                    if inc == p.incarnation && state != crate::scheduler::WorkerState::Dead =>
-                {
-                    Ok(StatusCode::NO_CONTENT.into_response())
-                }
-                _ => Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "node {} incarnation {} has been replaced",
-                        p.worker_id, p.incarnation
-                    ),
-                )),
-            }
-        }
-        Err(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+    let traceparent = assignment.traceparent.take();
+    let mut response = Json(assignment).into_response();
+    if let Some(value) = traceparent.and_then(|tp| tp.parse().ok()) {
+        response.headers_mut().insert(TRACEPARENT, value);
     }
+    Ok(response)
 }

@@ -1,17 +1,29 @@
 //! The running cluster: the scheduling state under one mutex, the runtime
-//! that starts workers, and the reactions to deaths (requeue, restart). HTTP
-//! handlers, the health monitor and the runtime's event stream all come
-//! through here.
+//! that starts workers, and the reactions to deaths (requeue, restart).
+//!
+//! `Cluster` is the only door to the scheduling state: HTTP handlers, the
+//! health monitor and the runtime's event stream call its methods, each one
+//! short critical section that never spans an `.await`. Whoever waits for a
+//! transition (a poll for its next task, a lock request for its grant, a
+//! client for a task's end, for the completion feed, for room in a queue,
+//! for the workers to register) waits the same way: see [`Pending`].
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use flotilla_proto::{Incarnation, TaskId, WorkerId};
-use tokio::sync::{mpsc, Notify};
+use flotilla_proto::api::{NodeView, ResourceView};
+use flotilla_proto::{
+    Assignment, Incarnation, LockGrant, LockMode, TaskId, TaskReport, TaskSpec, WorkerId,
+};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
-use crate::scheduler::{Scheduler, TaskView};
+use crate::resources::ResourceType;
+use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
+use crate::scheduler::{
+    LockCallError, Refusal, Scheduler, SubmitError, TaskState, TaskView, WorkerState,
+};
 
 /// The most task IDs one listing request looks at (bounds the time it
 /// holds the scheduling state, whatever the filters).
@@ -49,12 +61,6 @@ pub struct Cluster {
     /// Per-cluster secret the workers authenticate with.
     pub worker_secret: String,
     master_url: OnceLock<String>,
-    /// Fires whenever a task reaches a final state.
-    pub completed: Notify,
-    /// Fires whenever a worker queue shrinks.
-    pub room: Notify,
-    /// Fires whenever a worker registers.
-    pub registered: Notify,
     /// Consecutive failed starts per worker, for restart backoff.
     failed_starts: Mutex<std::collections::HashMap<WorkerId, u32>>,
     /// Set on shutdown: deaths are then expected, nothing is restarted.
@@ -75,16 +81,24 @@ impl Cluster {
             cfg,
             worker_secret: random_secret(),
             master_url: OnceLock::new(),
-            completed: Notify::new(),
-            room: Notify::new(),
-            registered: Notify::new(),
             failed_starts: Mutex::new(Default::default()),
             stopping: Default::default(),
         })
     }
 
-    pub fn runtime(&self) -> &Arc<dyn Runtime> {
-        &self.runtime
+    /// The runtime's name (`process`, `docker`, `kubernetes`).
+    pub fn runtime_name(&self) -> &'static str {
+        self.runtime.name()
+    }
+
+    /// Where the runtime runs `worker`'s `incarnation` (`pid 123`, a
+    /// container, a pod), if it is that incarnation.
+    pub async fn locate(&self, worker: WorkerId, incarnation: Incarnation) -> Option<String> {
+        self.runtime
+            .inspect(worker)
+            .await
+            .filter(|h| h.incarnation == incarnation)
+            .map(|h| h.locator)
     }
 
     /// The address workers use to reach this master; set once it listens.
@@ -99,21 +113,11 @@ impl Cluster {
             .expect("master URL is set before workers start")
     }
 
-    /// Runs `f` on the scheduling state, then wakes whoever its transition
-    /// concerns. Never hold the state across an `.await`.
-    pub fn with_state<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
-        let (out, effects) = {
-            let mut s = self.sched.lock().expect("scheduler lock poisoned");
-            let out = f(&mut s);
-            (out, s.take_effects())
-        };
-        if effects.completed {
-            self.completed.notify_waiters();
-        }
-        if effects.room_freed {
-            self.room.notify_waiters();
-        }
-        out
+    /// Runs `f` on the scheduling state: one short critical section. The
+    /// transitions inside fire whatever waits for them.
+    fn with_state<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
+        let mut s = self.sched.lock().expect("scheduler lock poisoned");
+        f(&mut s)
     }
 
     fn launch(
@@ -148,12 +152,11 @@ impl Cluster {
     }
 
     /// `/stop/{node}`: kill it for real, then recover as from any death.
-    pub async fn stop_worker(
-        self: &Arc<Self>,
-        id: WorkerId,
-    ) -> Result<(), crate::runtime::RuntimeError> {
+    pub async fn stop_worker(self: &Arc<Self>, id: WorkerId) -> Result<(), StopError> {
         let inc = self.with_state(|s| s.worker(id).map(|w| w.incarnation));
-        let Some(inc) = inc else { return Ok(()) };
+        let Some(inc) = inc else {
+            return Err(StopError::UnknownNode(id));
+        };
         self.runtime.kill(id).await?;
         info!(worker = id, "Node {id} stopped (SIGKILL)");
         if self.with_state(|s| s.declare_dead(id, inc, "stopped by /stop", false)) {
@@ -206,21 +209,24 @@ impl Cluster {
     }
 
     /// A worker registered: its start worked.
-    pub fn started_ok(&self, id: WorkerId) {
+    fn started_ok(&self, id: WorkerId) {
         self.failed_starts.lock().expect("lock").remove(&id);
-        self.registered.notify_waiters();
     }
 
     fn died(self: &Arc<Self>, id: WorkerId, inc: Incarnation, reason: &str, task_suspect: bool) {
         if self.stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let never_registered = self.with_state(|s| {
-            s.worker(id).is_some_and(|w| {
-                w.incarnation == inc && w.state == crate::scheduler::WorkerState::Starting
-            })
+        let (never_registered, dead) = self.with_state(|s| {
+            let never_registered = s
+                .worker(id)
+                .is_some_and(|w| w.incarnation == inc && w.state == WorkerState::Starting);
+            (
+                never_registered,
+                s.declare_dead(id, inc, reason, task_suspect),
+            )
         });
-        if self.with_state(|s| s.declare_dead(id, inc, reason, task_suspect)) {
+        if dead {
             if never_registered {
                 *self
                     .failed_starts
@@ -273,12 +279,43 @@ impl Cluster {
         });
     }
 
-    /// Waits until task `id` is final or `wait` has passed; `None` if unknown.
+    // ----- tasks ---------------------------------------------------------
+
+    /// `/send` and `POST /tasks`: into the master queue, in order.
+    pub fn submit(&self, specs: Vec<TaskSpec>) -> Vec<TaskId> {
+        self.with_state(|s| specs.into_iter().map(|spec| s.submit(spec)).collect())
+    }
+
+    /// `/send/{node}`: straight into that worker's queue, waiting while it
+    /// is full (woken each time a queue shrinks).
+    pub async fn submit_to(&self, node: WorkerId, spec: TaskSpec) -> Result<TaskId, SubmitError> {
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let full = self.with_state(|s| match s.submit_to(node, spec.clone()) {
+                Err(SubmitError::Full(_)) => {
+                    s.wait_for_room(tx);
+                    None
+                }
+                done => Some(done),
+            });
+            if let Some(done) = full {
+                return done;
+            }
+            self.pending(rx, |s, _| s.forget_abandoned_waiters())
+                .wait(None)
+                .await;
+        }
+    }
+
+    /// A task as it is now, after waiting up to `wait` for it to be final;
+    /// `None` if there is no such task.
     pub async fn wait_task(&self, id: TaskId, wait: Duration) -> Option<TaskView> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         let done = self.with_state(|s| s.wait_for(id, tx))?;
         if !done && !wait.is_zero() {
-            let _ = tokio::time::timeout(wait, rx).await;
+            self.pending(rx, |_, _| {})
+                .wait(Some(Instant::now() + wait))
+                .await;
         }
         self.with_state(|s| s.task(id))
     }
@@ -287,7 +324,7 @@ impl Cluster {
     pub fn list_tasks(
         &self,
         after: TaskId,
-        state: Option<crate::scheduler::TaskState>,
+        state: Option<TaskState>,
         node: Option<WorkerId>,
         limit: usize,
     ) -> (Vec<TaskView>, Option<TaskId>) {
@@ -302,18 +339,223 @@ impl Cluster {
         limit: usize,
         wait: Duration,
     ) -> (Vec<TaskView>, usize) {
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = Instant::now() + wait;
         loop {
-            let notified = self.completed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let (tasks, next) = self.with_state(|s| s.completions_after(after, limit));
-            if !tasks.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            let (tasks, next) = self.with_state(|s| {
+                let page = s.completions_after(after, limit);
+                if page.0.is_empty() {
+                    s.wait_for_completion(tx);
+                }
+                page
+            });
+            if !tasks.is_empty() || Instant::now() >= deadline {
                 return (tasks, next);
             }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            let woken = self
+                .pending(rx, |s, _| s.forget_abandoned_waiters())
+                .wait(Some(deadline))
+                .await;
+            if matches!(woken, Woken::TimedOut) {
                 return (tasks, next);
             }
+        }
+    }
+
+    // ----- workers, as the API sees them -------------------------------
+
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.with_state(|s| s.nodes())
+    }
+
+    /// `GET /health`'s figures.
+    pub fn health(&self) -> flotilla_proto::api::Health {
+        let (nodes, master_queue, tasks, steals) =
+            self.with_state(|s| (s.nodes(), s.master_queue_len(), s.task_count(), s.steals()));
+        flotilla_proto::api::Health {
+            status: "ok".into(),
+            cluster: self.cfg.name.clone(),
+            runtime: self.runtime.name().into(),
+            nodes: nodes.len(),
+            active_nodes: nodes
+                .iter()
+                .filter(|n| n.state == WorkerState::Active)
+                .count(),
+            master_queue,
+            tasks,
+            steals,
+        }
+    }
+
+    /// `GET /metrics`: the OpenMetrics text, gauges read now.
+    pub fn metrics_text(&self) -> String {
+        self.with_state(|s| s.metrics.clone().render(s))
+    }
+
+    /// Waits until every worker has registered (or `timeout`): the active
+    /// and total counts when it gives up.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), (usize, usize)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let (active, total) = self.with_state(|s| {
+                let nodes = s.nodes();
+                let active = nodes
+                    .iter()
+                    .filter(|n| n.state == WorkerState::Active)
+                    .count();
+                if active < nodes.len() {
+                    s.wait_for_registration(tx);
+                }
+                (active, nodes.len())
+            });
+            if active == total {
+                return Ok(());
+            }
+            let woken = self
+                .pending(rx, |s, _| s.forget_abandoned_waiters())
+                .wait(Some(deadline))
+                .await;
+            if matches!(woken, Woken::TimedOut) {
+                return Err((active, total));
+            }
+        }
+    }
+
+    // ----- shared resources and locks ----------------------------------
+
+    /// A new shared resource (manifest or `POST /resource`).
+    pub fn create_resource(
+        &self,
+        name: &str,
+        kind: ResourceType,
+        value: Value,
+    ) -> Result<(), String> {
+        self.with_state(|s| s.locks.create(name, kind, value))
+    }
+
+    pub fn resources(&self) -> Vec<ResourceView> {
+        self.with_state(|s| s.locks.views())
+    }
+
+    pub fn resource(&self, name: &str) -> Option<ResourceView> {
+        self.with_state(|s| s.locks.view(name))
+    }
+
+    /// A lock request from task code (authenticated by its attempt's
+    /// lease), answered when granted, or refused after `wait`. A request
+    /// whose caller goes away leaves the queue; a grant made meanwhile is
+    /// given back.
+    pub async fn acquire_lock(
+        &self,
+        lease: &str,
+        name: &str,
+        mode: LockMode,
+        wait: Option<Duration>,
+    ) -> Result<LockGrant, LockCallError> {
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        let id = self.with_state(|s| s.lock_acquire(lease, name, mode, tx))?;
+        let (lease_owned, name_owned) = (lease.to_string(), name.to_string());
+        let woken = self
+            .pending(rx, move |s, granted| {
+                s.lock_cancel(&lease_owned, &name_owned, id, granted.as_ref())
+            })
+            .wait(wait.map(|w| started + w))
+            .await;
+        match woken {
+            Woken::Fired(grant) => {
+                let waited = started.elapsed().as_secs_f64();
+                self.with_state(|s| s.metrics.observe_lock_wait(name, mode, waited));
+                Ok(grant)
+            }
+            Woken::Dropped => Err(LockCallError::Dropped {
+                name: name.to_string(),
+                mode,
+            }),
+            Woken::TimedOut => Err(LockCallError::TimedOut {
+                name: name.to_string(),
+                mode,
+                after: wait.unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// Releases a lock (a write release may publish a value with the
+    /// grant's fencing token): the new version and whether it committed.
+    pub fn release_lock(
+        &self,
+        lease: &str,
+        name: &str,
+        mode: LockMode,
+        publish: Option<(Value, u64)>,
+    ) -> Result<(u64, bool), LockCallError> {
+        self.with_state(|s| s.lock_release(lease, name, mode, publish))
+    }
+
+    // ----- the worker protocol ------------------------------------------
+
+    /// A worker registered: its capacity.
+    pub fn register(
+        &self,
+        id: WorkerId,
+        inc: Incarnation,
+        pid: Option<u32>,
+        locator: Option<String>,
+    ) -> Result<usize, Refusal> {
+        let capacity = self.with_state(|s| s.register(id, inc, pid, locator))?;
+        self.started_ok(id);
+        Ok(capacity)
+    }
+
+    pub fn heartbeat(&self, id: WorkerId, inc: Incarnation) -> Result<(), Refusal> {
+        let now = Instant::now();
+        self.with_state(|s| s.heartbeat(id, inc, now))
+    }
+
+    /// A worker slot's long-poll: records the report it carries, then holds
+    /// until a task is handed to the slot (`Some`) or `poll_hold` passes
+    /// (`None`). If the caller goes away with a task handed to it but not
+    /// sent, the task goes back to the worker's queue unspent.
+    pub async fn poll(
+        &self,
+        worker: WorkerId,
+        inc: Incarnation,
+        slot: u32,
+        report: Option<TaskReport>,
+    ) -> Result<Option<Assignment>, Refusal> {
+        let (tx, rx) = oneshot::channel();
+        let poll_id = self.with_state(|s| s.poll(worker, inc, slot, report, tx))?;
+        let woken = self
+            .pending(rx, move |s, undelivered| {
+                s.withdraw_poll(worker, slot, poll_id, undelivered)
+            })
+            .wait(Some(Instant::now() + self.cfg.poll_hold))
+            .await;
+        match woken {
+            Woken::Fired(assignment) => Ok(Some(assignment)),
+            Woken::TimedOut => Ok(None),
+            // The scheduler let go of the poll: the incarnation is dead, or
+            // the slot polled again. The staleness rule is the scheduler's.
+            Woken::Dropped => self
+                .with_state(|s| s.check_current(worker, inc))
+                .map(|_| None),
+        }
+    }
+
+    // ----- waiting -------------------------------------------------------
+
+    /// Waits for the transition that fires `tx`'s sender; `undo` runs in
+    /// the state if the wait ends any other way (see [`Pending`]).
+    fn pending<T: Send>(
+        &self,
+        rx: oneshot::Receiver<T>,
+        undo: impl FnOnce(&mut Scheduler, Option<T>) + Send + 'static,
+    ) -> Pending<'_, T> {
+        Pending {
+            cluster: self,
+            rx: Some(rx),
+            undo: Some(Box::new(undo)),
         }
     }
 
@@ -321,5 +563,74 @@ impl Cluster {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runtime.shutdown().await;
+    }
+}
+
+/// Why `/stop/{node}` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StopError {
+    #[error("node {0} does not exist")]
+    UnknownNode(WorkerId),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// How a [`Pending`] wait ended.
+pub enum Woken<T> {
+    /// The transition happened and sent this.
+    Fired(T),
+    /// The deadline passed first.
+    TimedOut,
+    /// The scheduler dropped the sender without firing it (the worker or
+    /// attempt waited for is gone).
+    Dropped,
+}
+
+/// The one way of waiting for a transition. The waiter registers a oneshot
+/// sender in the scheduling state in the same critical section that found
+/// the transition had not happened yet; the transition fires it. If the wait
+/// ends any other way (deadline, or the caller dropped: a closed
+/// connection), `undo` runs in the state with whatever was sent at the last
+/// moment, so nothing handed over is lost: a task goes back to its queue, a
+/// grant is given back, a stale waiter is forgotten.
+pub struct Pending<'a, T: Send> {
+    cluster: &'a Cluster,
+    rx: Option<oneshot::Receiver<T>>,
+    undo: Option<Undo<T>>,
+}
+
+type Undo<T> = Box<dyn FnOnce(&mut Scheduler, Option<T>) + Send>;
+
+impl<T: Send> Pending<'_, T> {
+    /// Waits until fired, dropped, or `deadline` (`None`: no deadline).
+    pub async fn wait(mut self, deadline: Option<Instant>) -> Woken<T> {
+        let rx = self.rx.as_mut().expect("a pending wait has its receiver");
+        let got = match deadline {
+            None => rx.await,
+            Some(d) => match tokio::time::timeout_at(d.into(), rx).await {
+                Ok(got) => got,
+                Err(_) => return Woken::TimedOut,
+            },
+        };
+        match got {
+            Ok(value) => {
+                // Delivered: nothing to undo.
+                self.rx = None;
+                self.undo = None;
+                Woken::Fired(value)
+            }
+            Err(_) => Woken::Dropped,
+        }
+    }
+}
+
+impl<T: Send> Drop for Pending<'_, T> {
+    fn drop(&mut self) {
+        let (Some(mut rx), Some(undo)) = (self.rx.take(), self.undo.take()) else {
+            return;
+        };
+        let sent = rx.try_recv().ok();
+        drop(rx);
+        self.cluster.with_state(|s| undo(s, sent));
     }
 }

@@ -87,26 +87,10 @@ impl Master {
 
     /// Waits until every worker has registered (or `timeout`).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let registered = self.cluster.registered.notified();
-            tokio::pin!(registered);
-            registered.as_mut().enable();
-            let (total, active) = self.cluster.with_state(|s| {
-                let nodes = s.nodes();
-                let active = nodes
-                    .iter()
-                    .filter(|n| n.state == scheduler::WorkerState::Active)
-                    .count();
-                (nodes.len(), active)
-            });
-            if active == total {
-                return Ok(());
-            }
-            if tokio::time::timeout_at(deadline, registered).await.is_err() {
-                bail!("only {active} of {total} workers registered within {timeout:?}; see the worker errors above");
-            }
+        if let Err((active, total)) = self.cluster.wait_ready(timeout).await {
+            bail!("only {active} of {total} workers registered within {timeout:?}; see the worker errors above");
         }
+        Ok(())
     }
 
     pub async fn shutdown(self) {
@@ -180,7 +164,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     let cluster = Cluster::new(cfg, runtime);
     for (name, kind, value) in initial {
         cluster
-            .with_state(|s| s.locks.create(&name, kind, value))
+            .create_resource(&name, kind, value)
             .map_err(|e| anyhow::anyhow!("shared resource `{name}`: {e}"))?;
     }
     let listener = TcpListener::bind((opts.bind, opts.port))

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use comfy_table::{presets, Table};
-use flotilla_client::api::{NodeView, ResourceView, TaskState, TaskView, WorkerState};
+use flotilla_client::api::{NodeView, ResourceView, TaskState, TaskView};
 use flotilla_client::{Client, TaskQuery, DEFAULT_SERVER};
 use flotilla_proto::{TaskId, TaskKind, TaskSpec, WorkerId};
 use serde_json::{json, Value};
@@ -577,11 +577,7 @@ fn node_events(before: &BTreeMap<WorkerId, NodeView>, now: &[NodeView]) -> Vec<V
         let what = match before.get(&n.id) {
             None => Some("added"),
             Some(b) if b.incarnation != n.incarnation => Some("restarted"),
-            Some(b) if b.state != n.state => Some(match n.state {
-                WorkerState::Dead => "dead",
-                WorkerState::Active => "active",
-                WorkerState::Starting => "starting",
-            }),
+            Some(b) if b.state != n.state => Some(n.state.name()),
             _ => None,
         };
         if let Some(what) = what {
@@ -660,6 +656,7 @@ pub async fn watch(a: WatchArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_client::api::WorkerState;
 
     fn node(id: WorkerId, state: WorkerState, incarnation: u64) -> NodeView {
         NodeView {

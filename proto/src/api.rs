@@ -31,14 +31,9 @@ impl TaskState {
         matches!(self, TaskState::Succeeded | TaskState::Failed)
     }
 
+    /// The state's name on the wire (serde's, so there is one spelling).
     pub fn name(self) -> &'static str {
-        match self {
-            TaskState::Queued => "queued",
-            TaskState::Assigned => "assigned",
-            TaskState::Running => "running",
-            TaskState::Succeeded => "succeeded",
-            TaskState::Failed => "failed",
-        }
+        serde_variant::to_variant_name(&self).expect("a unit variant has a name")
     }
 }
 
@@ -55,7 +50,11 @@ impl std::str::FromStr for TaskState {
             .into_iter()
             .find(|t| t.name() == s)
             .ok_or_else(|| {
-                format!("unknown task state `{s}`: expected queued, assigned, running, succeeded or failed")
+                let names: Vec<&str> = TaskState::ALL.iter().map(|t| t.name()).collect();
+                format!(
+                    "unknown task state `{s}`: expected one of {}",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -71,13 +70,16 @@ pub enum WorkerState {
     Dead,
 }
 
+impl WorkerState {
+    /// The state's name on the wire (serde's, so there is one spelling).
+    pub fn name(self) -> &'static str {
+        serde_variant::to_variant_name(&self).expect("a unit variant has a name")
+    }
+}
+
 impl std::fmt::Display for WorkerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WorkerState::Starting => "starting",
-            WorkerState::Active => "active",
-            WorkerState::Dead => "dead",
-        })
+        f.write_str(self.name())
     }
 }
 
@@ -185,6 +187,26 @@ pub struct Added {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct Message {
     pub message: String,
+}
+
+/// `POST /resource`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ResourceCreated {
+    pub message: String,
+    pub name: String,
+}
+
+/// `GET /health`: liveness and counters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Health {
+    pub status: String,
+    pub cluster: String,
+    pub runtime: String,
+    pub nodes: usize,
+    pub active_nodes: usize,
+    pub master_queue: usize,
+    pub tasks: usize,
+    pub steals: u64,
 }
 
 #[cfg(test)]

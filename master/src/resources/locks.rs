@@ -180,17 +180,23 @@ impl LockTable {
         }
     }
 
-    /// A request is going away (timed out, connection closed). If it was
-    /// still waiting it leaves the queue; if it had just been granted,
-    /// `granted` is that grant and it is released without writing.
-    pub fn cancel(&mut self, name: &str, id: RequestId, granted: Option<&LockGrant>) {
+    /// `owner`'s request `id` is going away (timed out, connection closed).
+    /// If it was still waiting it leaves the queue; if it had just been
+    /// granted, `granted` is that grant and it is released without writing.
+    /// A request or grant of another owner is left alone.
+    pub fn cancel(&mut self, name: &str, id: RequestId, owner: Owner, granted: Option<&LockGrant>) {
         let Some(r) = self.resources.get_mut(name) else {
             return;
         };
-        r.queue.retain(|w| w.id != id);
+        r.queue.retain(|w| !(w.id == id && w.owner == owner));
         if granted.is_some() {
-            r.readers.remove(&id);
-            if r.writer.as_ref().is_some_and(|(wid, _, _)| *wid == id) {
+            if r.readers.get(&id) == Some(&owner) {
+                r.readers.remove(&id);
+            }
+            if r.writer
+                .as_ref()
+                .is_some_and(|(wid, o, _)| *wid == id && *o == owner)
+            {
                 r.writer = None;
             }
         }
@@ -395,6 +401,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(r3.try_recv().unwrap().value, json!(5));
+    }
+
+    #[test]
+    fn only_the_requests_owner_cancels_it() {
+        let mut t = table();
+        let holder = owner(0, 1);
+        let g = ask(&mut t, LockMode::Write, holder).try_recv().unwrap();
+        // Request 0 is the holder's grant: another owner cannot give it back.
+        t.cancel("total", 0, owner(1, 2), Some(&g));
+        assert_eq!(t.view("total").unwrap().holders.len(), 1);
+        let (tx, mut waiting) = oneshot::channel();
+        let id = t
+            .acquire("total", LockMode::Write, owner(1, 2), tx)
+            .unwrap();
+        t.cancel("total", id, owner(2, 3), None);
+        assert_eq!(t.view("total").unwrap().waiting.len(), 1, "still queued");
+        // Its owner may: the queued request leaves, and a grant given back
+        // lets the next one in.
+        t.cancel("total", id, owner(1, 2), None);
+        assert!(t.view("total").unwrap().waiting.is_empty());
+        assert!(waiting.try_recv().is_err());
+        let mut next = ask(&mut t, LockMode::Read, owner(3, 4));
+        t.cancel("total", 0, holder, Some(&g));
+        assert!(next.try_recv().is_ok(), "the grant was given back");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! exactly one final result.
 
 pub mod policy;
+mod task;
 mod trace;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -24,34 +25,12 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use policy::WorkerView;
-use trace::TaskTrace;
+pub use task::{CrashVerdict, Task};
 
 use crate::resources::locks::{LockError, LockTable, Owner, RequestId};
 use flotilla_proto::{LockGrant, LockMode};
 
 pub use flotilla_proto::api::{NodeView, TaskState, TaskView, WorkerState};
-
-pub struct Task {
-    pub id: TaskId,
-    pub spec: TaskSpec,
-    pub state: TaskState,
-    pub node: Option<WorkerId>,
-    pub attempts: Attempt,
-    pub result: Option<TaskResult>,
-    pub error: Option<String>,
-    pub submitted_at: u64,
-    pub started_at: Option<u64>,
-    pub finished_at: Option<u64>,
-    /// Workers on which an attempt died with its interpreter or worker: the
-    /// retry goes elsewhere when anywhere else exists.
-    crashed_on: Vec<WorkerId>,
-    crash_errors: Vec<String>,
-    waiters: Vec<oneshot::Sender<()>>,
-    trace: TaskTrace,
-    /// Monotonic times for the latency histograms.
-    submitted_instant: Instant,
-    started_instant: Option<Instant>,
-}
 
 /// A long-poll held open by a worker slot, waiting for its next task.
 struct PollWaiter {
@@ -113,13 +92,23 @@ pub enum SubmitError {
     Full(WorkerId),
 }
 
-/// Side effects the owner must carry out after a transition (wake waiters).
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Effects {
-    /// A task reached a final state: wake the completion feed.
-    pub completed: bool,
-    /// A worker queue shrank: wake `/send/{node}` calls waiting for room.
-    pub room_freed: bool,
+/// Who waits for a condition rather than for one task, lock or poll: each
+/// is a oneshot fired (and dropped) by the transition that makes the
+/// condition true, so the waiter then looks again.
+#[derive(Default)]
+struct Waiters {
+    /// A task reached a final state (the completion feed).
+    completed: Vec<oneshot::Sender<()>>,
+    /// A worker queue shrank (`/send/{node}` waiting for room).
+    room: Vec<oneshot::Sender<()>>,
+    /// A worker registered.
+    registered: Vec<oneshot::Sender<()>>,
+}
+
+fn fire(waiters: &mut Vec<oneshot::Sender<()>>) {
+    for tx in waiters.drain(..) {
+        let _ = tx.send(());
+    }
 }
 
 pub struct Scheduler {
@@ -132,7 +121,7 @@ pub struct Scheduler {
     next_poll: u64,
     /// Task IDs in the order they finished: the completion feed.
     completions: Vec<TaskId>,
-    effects: Effects,
+    waiters: Waiters,
     /// Shared resources and their locks: revoked in the same critical
     /// section as a death, released when an attempt ends.
     pub locks: LockTable,
@@ -149,6 +138,14 @@ pub enum LockCallError {
     StaleLease,
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error("timed out after {}s waiting for the {mode} lock on `{name}`", after.as_secs_f64())]
+    TimedOut {
+        name: String,
+        mode: LockMode,
+        after: Duration,
+    },
+    #[error("the {mode} lock request on `{name}` was dropped: this task attempt is no longer live (its worker was declared dead)")]
+    Dropped { name: String, mode: LockMode },
 }
 
 fn new_lease() -> String {
@@ -173,7 +170,7 @@ impl Scheduler {
             cursor: 0,
             next_poll: 0,
             completions: Vec::new(),
-            effects: Effects::default(),
+            waiters: Waiters::default(),
             locks: LockTable::default(),
             leases: HashMap::new(),
             lease_of: HashMap::new(),
@@ -181,9 +178,39 @@ impl Scheduler {
         }
     }
 
-    /// The effects accumulated since the last call.
-    pub fn take_effects(&mut self) -> Effects {
-        std::mem::take(&mut self.effects)
+    /// A worker queue shrank: whoever waits for room looks again.
+    fn room_freed(&mut self) {
+        fire(&mut self.waiters.room);
+    }
+
+    /// Fires `tx` when some worker queue shrinks (`/send/{node}` on a full
+    /// queue waits for this, then tries again).
+    pub fn wait_for_room(&mut self, tx: oneshot::Sender<()>) {
+        self.waiters.room.retain(|w| !w.is_closed());
+        self.waiters.room.push(tx);
+    }
+
+    /// Fires `tx` at the next completion.
+    pub fn wait_for_completion(&mut self, tx: oneshot::Sender<()>) {
+        self.waiters.completed.retain(|w| !w.is_closed());
+        self.waiters.completed.push(tx);
+    }
+
+    /// Fires `tx` at the next registration.
+    pub fn wait_for_registration(&mut self, tx: oneshot::Sender<()>) {
+        self.waiters.registered.retain(|w| !w.is_closed());
+        self.waiters.registered.push(tx);
+    }
+
+    /// Drops the waiters whose receivers went away (a waiter that timed out).
+    pub fn forget_abandoned_waiters(&mut self) {
+        for list in [
+            &mut self.waiters.completed,
+            &mut self.waiters.room,
+            &mut self.waiters.registered,
+        ] {
+            list.retain(|w| !w.is_closed());
+        }
     }
 
     // ----- workers -------------------------------------------------------
@@ -217,6 +244,12 @@ impl Scheduler {
         self.workers.len()
     }
 
+    /// The staleness rule: a message counts only from the current
+    /// incarnation of a worker that is not dead.
+    pub fn check_current(&self, id: WorkerId, inc: Incarnation) -> Result<(), Refusal> {
+        self.check(id, inc).map(|_| ())
+    }
+
     fn check(&self, id: WorkerId, inc: Incarnation) -> Result<&Worker, Refusal> {
         let w = self
             .workers
@@ -247,6 +280,7 @@ impl Scheduler {
         w.last_heartbeat = Instant::now();
         info!(worker = id, incarnation = inc, "Node {id} activated");
         let capacity = w.capacity;
+        fire(&mut self.waiters.registered);
         self.dispatch();
         Ok(capacity)
     }
@@ -333,15 +367,10 @@ impl Scheduler {
         }
         requeue.extend(waiting);
         for &tid in requeue.iter().rev() {
-            let task = self.tasks.get_mut(&tid).expect("queued task exists");
-            if task.state != TaskState::Queued {
-                task.trace.queued(tid);
-            }
-            task.state = TaskState::Queued;
-            task.node = None;
+            self.task_mut(tid).requeue();
             self.master_queue.push_front(tid);
         }
-        self.effects.room_freed = true;
+        self.room_freed();
         self.dispatch();
         true
     }
@@ -366,31 +395,17 @@ impl Scheduler {
 
     // ----- tasks ---------------------------------------------------------
 
+    /// A task the scheduler holds (every ID in a queue or a slot is one).
+    fn task_mut(&mut self, id: TaskId) -> &mut Task {
+        self.tasks
+            .get_mut(&id)
+            .expect("a queued or running task exists")
+    }
+
     fn new_task(&mut self, spec: TaskSpec) -> TaskId {
-        let spec_kind = spec.kind;
         let id = self.next_task;
         self.next_task += 1;
-        self.tasks.insert(
-            id,
-            Task {
-                id,
-                spec,
-                state: TaskState::Queued,
-                node: None,
-                attempts: 0,
-                result: None,
-                error: None,
-                submitted_at: unix_ms(),
-                started_at: None,
-                finished_at: None,
-                crashed_on: Vec::new(),
-                crash_errors: Vec::new(),
-                waiters: Vec::new(),
-                trace: TaskTrace::new(id, spec_kind),
-                submitted_instant: Instant::now(),
-                started_instant: None,
-            },
-        );
+        self.tasks.insert(id, Task::new(id, spec));
         self.metrics.submitted.inc();
         id
     }
@@ -413,10 +428,7 @@ impl Scheduler {
             return Err(SubmitError::Full(worker));
         }
         let id = self.new_task(spec);
-        let task = self.tasks.get_mut(&id).expect("just inserted");
-        task.state = TaskState::Assigned;
-        task.node = Some(worker);
-        task.trace.assigned(id, worker, None);
+        self.task_mut(id).assign(worker, None);
         let w = &mut self.workers[worker as usize];
         w.waiting.push_back(id);
         info!(
@@ -458,7 +470,7 @@ impl Scheduler {
             if self.crashed(tid, None, error) {
                 self.requeue_front(tid);
             }
-            self.effects.room_freed = true;
+            self.room_freed();
         }
         let poll_id = self.next_poll;
         self.next_poll += 1;
@@ -490,10 +502,7 @@ impl Scheduler {
             w.running.remove(&slot);
             w.waiting.push_front(a.task_id);
             self.end_attempt(a.task_id, a.attempt);
-            let task = self.tasks.get_mut(&a.task_id).expect("running task exists");
-            task.attempts -= 1;
-            task.state = TaskState::Assigned;
-            task.trace.assigned(a.task_id, worker, None);
+            self.task_mut(a.task_id).unhand(worker);
             debug!(
                 task = a.task_id,
                 worker, "assignment not delivered; back to the queue"
@@ -517,7 +526,7 @@ impl Scheduler {
             return;
         }
         w.running.remove(&slot);
-        self.effects.room_freed = true;
+        self.room_freed();
         self.end_attempt(report.task_id, report.attempt);
         let tid = report.task_id;
         match report.outcome {
@@ -550,30 +559,21 @@ impl Scheduler {
     /// then failed as poison).
     fn crashed(&mut self, tid: TaskId, culprit_host: Option<WorkerId>, error: String) -> bool {
         let max = self.max_attempts;
-        let task = self.tasks.get_mut(&tid).expect("crashed task exists");
-        task.crashed_on.extend(culprit_host);
-        task.crash_errors.push(error);
-        if task.attempts >= max {
-            let why = format!(
-                "gave up after {} attempts, each of which killed its interpreter or worker: {}",
-                task.attempts,
-                task.crash_errors.join("; ")
-            );
-            warn!(task = tid, "{why}");
-            self.finish(tid, TaskState::Failed, None, Some(why));
-            return false;
+        match self.task_mut(tid).crashed(culprit_host, error, max) {
+            CrashVerdict::Retry => {
+                self.metrics.retries.inc();
+                true
+            }
+            CrashVerdict::GiveUp(why) => {
+                warn!(task = tid, "{why}");
+                self.finish(tid, TaskState::Failed, None, Some(why));
+                false
+            }
         }
-        let reason = task.crash_errors.last().cloned().unwrap_or_default();
-        task.trace.retried(tid, &reason);
-        task.state = TaskState::Queued;
-        self.metrics.retries.inc();
-        true
     }
 
     fn requeue_front(&mut self, tid: TaskId) {
-        let task = self.tasks.get_mut(&tid).expect("requeued task exists");
-        task.state = TaskState::Queued;
-        task.node = None;
+        self.task_mut(tid).requeue();
         self.master_queue.push_front(tid);
     }
 
@@ -584,22 +584,11 @@ impl Scheduler {
         result: Option<TaskResult>,
         error: Option<String>,
     ) {
-        let task = self.tasks.get_mut(&tid).expect("finished task exists");
-        task.state = state;
-        task.result = result;
-        task.error = error;
-        task.finished_at = Some(unix_ms());
-        if let Some(started) = task.started_instant {
-            self.metrics
-                .run_time
-                .observe(started.elapsed().as_secs_f64());
-        }
-        task.trace.finished(state, task.attempts, task.node);
-        for w in task.waiters.drain(..) {
-            let _ = w.send(());
+        if let Some(ran) = self.task_mut(tid).finish(state, result, error) {
+            self.metrics.run_time.observe(ran);
         }
         self.completions.push(tid);
-        self.effects.completed = true;
+        fire(&mut self.waiters.completed);
     }
 
     // ----- dispatch ------------------------------------------------------
@@ -656,10 +645,10 @@ impl Scheduler {
             self.cursor = (k + 1) % views.len();
             let w = &mut self.workers[k];
             w.waiting.push_back(tid);
-            let task = self.tasks.get_mut(&tid).expect("queued task exists");
-            task.state = TaskState::Assigned;
-            task.node = Some(w.id);
-            task.trace.assigned(tid, w.id, None);
+            self.tasks
+                .get_mut(&tid)
+                .expect("queued task exists")
+                .assign(w.id, None);
             info!(
                 task = tid,
                 worker = w.id,
@@ -685,53 +674,42 @@ impl Scheduler {
                 };
                 let tid = w.waiting.pop_front().expect("checked non-empty");
                 let task = self.tasks.get_mut(&tid).expect("waiting task exists");
-                task.attempts += 1;
-                task.state = TaskState::Running;
-                task.started_at = Some(unix_ms());
-                let now = Instant::now();
-                if task.attempts == 1 {
-                    self.metrics
-                        .submit_to_start
-                        .observe(now.duration_since(task.submitted_instant).as_secs_f64());
-                }
-                task.started_instant = Some(now);
+                let (attempt, traceparent, first_wait) = task.start(w.id, w.incarnation);
                 let lease = new_lease();
-                let traceparent = task
-                    .trace
-                    .dispatched(tid, task.attempts, w.id, w.incarnation);
                 let assignment = Assignment {
                     task_id: tid,
-                    attempt: task.attempts,
+                    attempt,
                     spec: task.spec.clone(),
                     lease: lease.clone(),
                     traceparent,
                 };
                 match waiter.tx.send(assignment) {
                     Ok(()) => {
+                        if let Some(waited) = first_wait {
+                            self.metrics.submit_to_start.observe(waited);
+                        }
                         debug!(
                             task = tid,
-                            attempt = task.attempts,
+                            attempt,
                             worker = w.id,
                             slot,
                             "Sending instruction to node {}",
                             w.id
                         );
-                        w.running.insert(slot, (tid, task.attempts));
+                        w.running.insert(slot, (tid, attempt));
                         let owner = Owner {
                             worker: w.id,
                             incarnation: w.incarnation,
                             task: tid,
-                            attempt: task.attempts,
+                            attempt,
                         };
-                        self.lease_of.insert((tid, task.attempts), lease.clone());
+                        self.lease_of.insert((tid, attempt), lease.clone());
                         self.leases.insert(lease, owner);
                         progressed = true;
                     }
                     Err(_) => {
                         // The poll went away before we answered: not handed over.
-                        task.attempts -= 1;
-                        task.state = TaskState::Assigned;
-                        task.trace.assigned(tid, w.id, None);
+                        task.unhand(w.id);
                         w.waiting.push_front(tid);
                     }
                 }
@@ -756,11 +734,9 @@ impl Scheduler {
             }
             self.workers[victim].waiting.pop_back();
             self.workers[thief].waiting.push_back(tid);
-            let task = self.tasks.get_mut(&tid).expect("stolen task exists");
-            task.node = Some(thief_id);
-            task.trace.assigned(tid, thief_id, Some(views[victim].id));
+            self.task_mut(tid).assign(thief_id, Some(views[victim].id));
             self.metrics.steals.inc();
-            self.effects.room_freed = true;
+            self.room_freed();
             info!(
                 task = tid,
                 thief = thief_id,
@@ -805,6 +781,21 @@ impl Scheduler {
         Ok(self.locks.acquire(name, mode, owner, tx)?)
     }
 
+    /// A lock request's caller went away (see `LockTable::cancel`). Only
+    /// the live lease that made the request may cancel it; with a dead lease
+    /// there is nothing left to cancel (its locks went with the attempt).
+    pub fn lock_cancel(
+        &mut self,
+        lease: &str,
+        name: &str,
+        id: RequestId,
+        granted: Option<&LockGrant>,
+    ) {
+        if let Ok(owner) = self.owner_of(lease) {
+            self.locks.cancel(name, id, owner, granted);
+        }
+    }
+
     pub fn lock_release(
         &mut self,
         lease: &str,
@@ -836,17 +827,7 @@ impl Scheduler {
     // ----- views ---------------------------------------------------------
 
     pub fn task(&self, id: TaskId) -> Option<TaskView> {
-        self.tasks.get(&id).map(|t| TaskView {
-            id: t.id,
-            state: t.state,
-            node: t.node,
-            attempts: t.attempts,
-            result: t.result.clone(),
-            error: t.error.clone(),
-            submitted_at: t.submitted_at,
-            started_at: t.started_at,
-            finished_at: t.finished_at,
-        })
+        self.tasks.get(&id).map(Task::view)
     }
 
     /// One page of the task listing: tasks with an ID above `after`, in ID
@@ -881,12 +862,7 @@ impl Scheduler {
     /// Registers `tx` to fire when the task finishes. `None`: no such task;
     /// `Some(true)`: already finished (nothing registered).
     pub fn wait_for(&mut self, id: TaskId, tx: oneshot::Sender<()>) -> Option<bool> {
-        let task = self.tasks.get_mut(&id)?;
-        if task.state.is_final() {
-            return Some(true);
-        }
-        task.waiters.push(tx);
-        Some(false)
+        Some(!self.tasks.get_mut(&id)?.wait_final(tx))
     }
 
     /// Finished tasks after position `after` of the completion feed, at most
@@ -923,14 +899,14 @@ impl Scheduler {
     }
 
     /// How many tasks are in each state, for the metrics.
-    pub fn tasks_by_state(&self) -> Vec<(&'static str, usize)> {
-        let mut counts = [0usize; 5];
+    pub fn tasks_by_state(&self) -> Vec<(TaskState, usize)> {
+        let mut counts: HashMap<TaskState, usize> = HashMap::new();
         for t in self.tasks.values() {
-            counts[t.state as usize] += 1;
+            *counts.entry(t.state).or_default() += 1;
         }
-        ["queued", "assigned", "running", "succeeded", "failed"]
+        TaskState::ALL
             .into_iter()
-            .zip(counts)
+            .map(|state| (state, counts.get(&state).copied().unwrap_or(0)))
             .collect()
     }
 

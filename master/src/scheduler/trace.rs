@@ -55,10 +55,7 @@ impl TaskTrace {
     }
 
     pub fn finished(&mut self, state: TaskState, attempts: Attempt, worker: Option<WorkerId>) {
-        let state = match state {
-            TaskState::Succeeded => "succeeded",
-            _ => "failed",
-        };
+        let state = state.name();
         self.root.record("task.state", state);
         self.root.record("task.attempts", attempts);
         if let Some(w) = worker {
