@@ -19,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::metrics::{Metrics, Snapshot};
 use crate::resources::ResourceType;
 use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
 use crate::scheduler::{
@@ -61,6 +62,8 @@ pub struct Cluster {
     /// Per-cluster secret the workers authenticate with.
     pub worker_secret: String,
     master_url: OnceLock<String>,
+    /// Beside the state: counts what its transitions did.
+    metrics: Metrics,
     /// Consecutive failed starts per worker, for restart backoff.
     failed_starts: Mutex<std::collections::HashMap<WorkerId, u32>>,
     /// Set on shutdown: deaths are then expected, nothing is restarted.
@@ -81,6 +84,7 @@ impl Cluster {
             cfg,
             worker_secret: random_secret(),
             master_url: OnceLock::new(),
+            metrics: Metrics::default(),
             failed_starts: Mutex::new(Default::default()),
             stopping: Default::default(),
         })
@@ -117,7 +121,11 @@ impl Cluster {
     /// transitions inside fire whatever waits for them.
     fn with_state<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
         let mut s = self.sched.lock().expect("scheduler lock poisoned");
-        f(&mut s)
+        let out = f(&mut s);
+        for tally in s.drain_tallies() {
+            self.metrics.record(tally);
+        }
+        out
     }
 
     fn launch(
@@ -200,7 +208,7 @@ impl Cluster {
         let Some((inc, capacity)) = self.with_state(|s| s.begin_restart(id)) else {
             return;
         };
-        self.with_state(|s| s.metrics.restarts.inc());
+        self.metrics.worker_restarted();
         match self.runtime.start(self.launch(id, inc, capacity)).await {
             Ok(()) => info!(worker = id, incarnation = inc, "Node {id} restarted"),
             // The heartbeat monitor declares it dead again and we retry.
@@ -252,7 +260,7 @@ impl Cluster {
                 tokio::time::sleep_until(deadline.into()).await;
                 let overdue = me.with_state(|s| s.overdue(Instant::now(), timeout));
                 for (id, inc) in overdue {
-                    me.with_state(|s| s.metrics.missed_heartbeats.inc());
+                    me.metrics.heartbeat_missed();
                     let reason = format!("no heartbeat for {:.1}s", timeout.as_secs_f64());
                     me.died(id, inc, &reason, false);
                 }
@@ -389,7 +397,12 @@ impl Cluster {
 
     /// `GET /metrics`: the OpenMetrics text, gauges read now.
     pub fn metrics_text(&self) -> String {
-        self.with_state(|s| s.metrics.clone().render(s))
+        let now = self.with_state(|s| Snapshot {
+            tasks_by_state: s.tasks_by_state(),
+            nodes: s.nodes(),
+            master_queue: s.master_queue_len(),
+        });
+        self.metrics.render(&now)
     }
 
     /// Waits until every worker has registered (or `timeout`): the active
@@ -466,7 +479,7 @@ impl Cluster {
         match woken {
             Woken::Fired(grant) => {
                 let waited = started.elapsed().as_secs_f64();
-                self.with_state(|s| s.metrics.observe_lock_wait(name, mode, waited));
+                self.metrics.observe_lock_wait(name, mode, waited);
                 Ok(grant)
             }
             Woken::Dropped => Err(LockCallError::Dropped {

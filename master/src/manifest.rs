@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::resources::{ResourceSpec, ResourceType};
+
 pub const API_VERSION: &str = "flotilla.dev/v1";
 /// What Kubernetes accepts as a container's `imagePullPolicy`.
 pub const IMAGE_PULL_POLICIES: [&str; 3] = ["Always", "IfNotPresent", "Never"];
@@ -46,30 +48,6 @@ impl std::str::FromStr for RuntimeKind {
             )),
         }
     }
-}
-
-/// The eight resource types of the seed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
-pub enum ResourceType {
-    File,
-    String,
-    Integer,
-    Float,
-    Boolean,
-    List,
-    Dictionary,
-    Tuple,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ResourceSpec {
-    pub name: String,
-    pub kind: ResourceType,
-    pub initial_value: Value,
-    /// File only, manifest only: a file under `spec.fileRoot` whose content
-    /// is read at creation (never through the API).
-    pub path: Option<String>,
-    pub mode: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]

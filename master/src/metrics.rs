@@ -1,7 +1,9 @@
-//! Prometheus metrics, served as text at `GET /metrics`. Counters and
-//! histograms are updated where things happen (cheap atomics); gauges that
-//! describe the current state (tasks by state, queue lengths) are computed
-//! from the scheduler at scrape time, so they can never drift from it.
+//! Prometheus metrics, served as text at `GET /metrics`. This module sits
+//! beside the scheduler, not inside it: the scheduler notes what its
+//! transitions did ([`Tally`]) and the [`crate::cluster::Cluster`] records
+//! those here; gauges that describe the current state (tasks by state, queue
+//! lengths) are set from a [`Snapshot`] the cluster takes at scrape time, so
+//! they can never drift from the state. The registry is built once.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -10,11 +12,14 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::scheduler::Scheduler;
+use flotilla_proto::api::{NodeView, TaskState};
+use flotilla_proto::LockMode;
+
+use crate::scheduler::Tally;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
-    state: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -33,21 +38,33 @@ fn seconds_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.0001, 2.0, 21)
 }
 
-#[derive(Clone)]
+/// The state the gauges show, read in one critical section at scrape time.
+pub struct Snapshot {
+    pub tasks_by_state: Vec<(TaskState, usize)>,
+    pub nodes: Vec<NodeView>,
+    pub master_queue: usize,
+}
+
 pub struct Metrics {
-    pub submitted: Counter,
-    pub submit_to_start: Histogram,
-    pub run_time: Histogram,
+    registry: Registry,
+    submitted: Counter,
+    submit_to_start: Histogram,
+    run_time: Histogram,
     lock_wait: Family<ResourceLabel, Histogram>,
-    pub steals: Counter,
-    pub restarts: Counter,
-    pub missed_heartbeats: Counter,
-    pub retries: Counter,
+    steals: Counter,
+    restarts: Counter,
+    missed_heartbeats: Counter,
+    retries: Counter,
+    tasks: Family<StateLabel, Gauge>,
+    worker_queue: Family<WorkerLabel, Gauge>,
+    worker_running: Family<WorkerLabel, Gauge>,
+    master_queue: Gauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics {
+        let m = Metrics {
+            registry: Registry::with_prefix("flotilla"),
             submitted: Counter::default(),
             submit_to_start: Histogram::new(seconds_buckets()),
             run_time: Histogram::new(seconds_buckets()),
@@ -56,24 +73,20 @@ impl Default for Metrics {
             restarts: Counter::default(),
             missed_heartbeats: Counter::default(),
             retries: Counter::default(),
-        }
+            tasks: Family::default(),
+            worker_queue: Family::default(),
+            worker_running: Family::default(),
+            master_queue: Gauge::default(),
+        };
+        m.register()
     }
 }
 
 impl Metrics {
-    pub fn observe_lock_wait(&self, resource: &str, mode: flotilla_proto::LockMode, seconds: f64) {
-        self.lock_wait
-            .get_or_create(&ResourceLabel {
-                resource: resource.to_string(),
-                mode: mode.to_string(),
-            })
-            .observe(seconds);
-    }
-
-    /// The text exposition: the live counters and histograms, plus gauges
-    /// read from the scheduler now.
-    pub fn render(&self, sched: &Scheduler) -> String {
-        let mut r = Registry::with_prefix("flotilla");
+    /// Every series, registered once (the registry holds handles to the
+    /// same atomics this struct updates).
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
         r.register("tasks_submitted", "Tasks accepted", self.submitted.clone());
         r.register(
             "submit_to_start_seconds",
@@ -110,42 +123,117 @@ impl Metrics {
             "Attempts that died with their interpreter or worker and were retried",
             self.retries.clone(),
         );
-
-        let by_state = Family::<StateLabel, Gauge>::default();
-        for (state, n) in sched.tasks_by_state() {
-            by_state
-                .get_or_create(&StateLabel {
-                    state: state.to_string(),
-                })
-                .set(n as i64);
-        }
-        r.register("tasks", "Tasks by state", by_state);
-        let queued = Family::<WorkerLabel, Gauge>::default();
-        let running = Family::<WorkerLabel, Gauge>::default();
-        for n in sched.nodes() {
-            let label = WorkerLabel {
-                worker: n.id.to_string(),
-            };
-            queued.get_or_create(&label).set(n.queued as i64);
-            running.get_or_create(&label).set(n.running as i64);
-        }
+        r.register("tasks", "Tasks by state", self.tasks.clone());
         r.register(
             "worker_queue_length",
             "Tasks waiting in a worker's queue",
-            queued,
+            self.worker_queue.clone(),
         );
-        r.register("worker_running", "Tasks a worker is running", running);
-        let master_queue = Gauge::<i64>::default();
-        master_queue.set(sched.master_queue_len() as i64);
+        r.register(
+            "worker_running",
+            "Tasks a worker is running",
+            self.worker_running.clone(),
+        );
         r.register(
             "master_queue_length",
             "Tasks waiting in the master queue",
-            master_queue,
+            self.master_queue.clone(),
         );
+        self
+    }
 
+    /// Counts what a transition did.
+    pub fn record(&self, tally: Tally) {
+        match tally {
+            Tally::Submitted => {
+                self.submitted.inc();
+            }
+            Tally::Started { waited } => self.submit_to_start.observe(waited),
+            Tally::Finished { ran } => self.run_time.observe(ran),
+            Tally::Retried => {
+                self.retries.inc();
+            }
+            Tally::Stolen => {
+                self.steals.inc();
+            }
+        }
+    }
+
+    pub fn worker_restarted(&self) {
+        self.restarts.inc();
+    }
+
+    pub fn heartbeat_missed(&self) {
+        self.missed_heartbeats.inc();
+    }
+
+    pub fn observe_lock_wait(&self, resource: &str, mode: LockMode, seconds: f64) {
+        self.lock_wait
+            .get_or_create(&ResourceLabel {
+                resource: resource.to_string(),
+                mode: mode.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The text exposition: the counters and histograms as they are, the
+    /// gauges set from `now`.
+    pub fn render(&self, now: &Snapshot) -> String {
+        for &(state, n) in &now.tasks_by_state {
+            self.tasks
+                .get_or_create(&StateLabel {
+                    state: state.name(),
+                })
+                .set(n as i64);
+        }
+        for n in &now.nodes {
+            let label = WorkerLabel {
+                worker: n.id.to_string(),
+            };
+            self.worker_queue.get_or_create(&label).set(n.queued as i64);
+            self.worker_running
+                .get_or_create(&label)
+                .set(n.running as i64);
+        }
+        self.master_queue.set(now.master_queue as i64);
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &r)
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_and_the_snapshot_show_in_the_text() {
+        let m = Metrics::default();
+        m.record(Tally::Submitted);
+        m.record(Tally::Submitted);
+        m.record(Tally::Stolen);
+        m.record(Tally::Started { waited: 0.001 });
+        let snapshot = |queued| Snapshot {
+            tasks_by_state: TaskState::ALL.iter().map(|&s| (s, 1)).collect(),
+            nodes: vec![],
+            master_queue: queued,
+        };
+        let text = m.render(&snapshot(7));
+        assert!(text.contains("flotilla_tasks_submitted_total 2"), "{text}");
+        assert!(text.contains("flotilla_steals_total 1"), "{text}");
+        assert!(
+            text.contains("flotilla_submit_to_start_seconds_count 1"),
+            "{text}"
+        );
+        assert!(text.contains("flotilla_master_queue_length 7"), "{text}");
+        assert!(
+            text.contains("flotilla_tasks{state=\"succeeded\"} 1"),
+            "{text}"
+        );
+        // The same registry, read again: gauges follow the new snapshot.
+        let text = m.render(&snapshot(0));
+        assert!(text.contains("flotilla_master_queue_length 0"), "{text}");
+        assert!(text.contains("flotilla_tasks_submitted_total 2"), "{text}");
     }
 }

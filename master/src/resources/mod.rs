@@ -6,36 +6,58 @@ pub mod locks;
 
 use serde_json::Value;
 
-pub use crate::manifest::ResourceType;
+/// The eight resource types of the seed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub enum ResourceType {
+    File,
+    String,
+    Integer,
+    Float,
+    Boolean,
+    List,
+    Dictionary,
+    Tuple,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResourceSpec {
+    pub name: String,
+    pub kind: ResourceType,
+    pub initial_value: Value,
+    /// File only, manifest only: a file under `spec.fileRoot` whose content
+    /// is read at creation (never through the API).
+    pub path: Option<String>,
+    pub mode: Option<String>,
+}
 
 impl ResourceType {
+    pub const ALL: [ResourceType; 8] = [
+        ResourceType::File,
+        ResourceType::String,
+        ResourceType::Integer,
+        ResourceType::Float,
+        ResourceType::Boolean,
+        ResourceType::List,
+        ResourceType::Dictionary,
+        ResourceType::Tuple,
+    ];
+
+    /// The type's name, as manifests and `POST /resource` spell it (serde's).
     pub fn name(self) -> &'static str {
-        match self {
-            ResourceType::File => "File",
-            ResourceType::String => "String",
-            ResourceType::Integer => "Integer",
-            ResourceType::Float => "Float",
-            ResourceType::Boolean => "Boolean",
-            ResourceType::List => "List",
-            ResourceType::Dictionary => "Dictionary",
-            ResourceType::Tuple => "Tuple",
-        }
+        serde_variant::to_variant_name(&self).expect("a unit variant has a name")
     }
 
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let all = [
-            ResourceType::File,
-            ResourceType::String,
-            ResourceType::Integer,
-            ResourceType::Float,
-            ResourceType::Boolean,
-            ResourceType::List,
-            ResourceType::Dictionary,
-            ResourceType::Tuple,
-        ];
-        all.into_iter().find(|t| t.name() == raw).ok_or_else(|| {
-            format!("unknown resource type `{raw}`: expected one of File, String, Integer, Float, Boolean, List, Dictionary, Tuple")
-        })
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == raw)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                format!(
+                    "unknown resource type `{raw}`: expected one of {}",
+                    names.join(", ")
+                )
+            })
     }
 
     /// The value a resource of this type starts with when none is given.
@@ -103,14 +125,15 @@ pub const FILE_MAX_BYTES: u64 = 1 << 20;
 /// check `flotilla up` and `flotilla check` both run: what one refuses, the
 /// other does. Files are read on a blocking thread, never on the runtime.
 pub async fn initial_values(
-    spec: &crate::manifest::ClusterSpec,
+    resources: &[ResourceSpec],
+    file_root: Option<&std::path::Path>,
 ) -> Result<Vec<(String, ResourceType, Value)>, String> {
-    let mut out = Vec::with_capacity(spec.resources.len());
-    for r in &spec.resources {
+    let mut out = Vec::with_capacity(resources.len());
+    for r in resources {
         let value = match &r.path {
             Some(path) => {
                 // manifest::validate made sure a path comes with a root.
-                let root = spec.file_root.clone().ok_or_else(|| {
+                let root = file_root.map(|p| p.to_path_buf()).ok_or_else(|| {
                     format!(
                         "File resource `{}`: values.path needs spec.fileRoot",
                         r.name

@@ -128,7 +128,28 @@ pub struct Scheduler {
     /// Live attempts' leases (the secret their lock calls carry).
     leases: HashMap<String, Owner>,
     lease_of: HashMap<(TaskId, Attempt), String>,
-    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    /// What happened since the owner last looked, for its metrics.
+    tallies: Vec<Tally>,
+    steals: u64,
+}
+
+/// Something a transition did that the metrics count. The scheduler only
+/// notes it; its owner records it (see `crate::metrics`), so the scheduler
+/// knows nothing of metrics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Tally {
+    Submitted,
+    /// A first attempt started, this long after submission (seconds).
+    Started {
+        waited: f64,
+    },
+    /// A task finished; its last attempt ran this long (seconds).
+    Finished {
+        ran: f64,
+    },
+    /// A crashed attempt is retried.
+    Retried,
+    Stolen,
 }
 
 /// Why a lock call was refused.
@@ -174,8 +195,14 @@ impl Scheduler {
             locks: LockTable::default(),
             leases: HashMap::new(),
             lease_of: HashMap::new(),
-            metrics: Default::default(),
+            tallies: Vec::new(),
+            steals: 0,
         }
+    }
+
+    /// The tallies noted since the last call, oldest first.
+    pub fn drain_tallies(&mut self) -> std::vec::Drain<'_, Tally> {
+        self.tallies.drain(..)
     }
 
     /// A worker queue shrank: whoever waits for room looks again.
@@ -406,7 +433,7 @@ impl Scheduler {
         let id = self.next_task;
         self.next_task += 1;
         self.tasks.insert(id, Task::new(id, spec));
-        self.metrics.submitted.inc();
+        self.tallies.push(Tally::Submitted);
         id
     }
 
@@ -561,7 +588,7 @@ impl Scheduler {
         let max = self.max_attempts;
         match self.task_mut(tid).crashed(culprit_host, error, max) {
             CrashVerdict::Retry => {
-                self.metrics.retries.inc();
+                self.tallies.push(Tally::Retried);
                 true
             }
             CrashVerdict::GiveUp(why) => {
@@ -585,7 +612,7 @@ impl Scheduler {
         error: Option<String>,
     ) {
         if let Some(ran) = self.task_mut(tid).finish(state, result, error) {
-            self.metrics.run_time.observe(ran);
+            self.tallies.push(Tally::Finished { ran });
         }
         self.completions.push(tid);
         fire(&mut self.waiters.completed);
@@ -686,7 +713,7 @@ impl Scheduler {
                 match waiter.tx.send(assignment) {
                     Ok(()) => {
                         if let Some(waited) = first_wait {
-                            self.metrics.submit_to_start.observe(waited);
+                            self.tallies.push(Tally::Started { waited });
                         }
                         debug!(
                             task = tid,
@@ -735,7 +762,8 @@ impl Scheduler {
             self.workers[victim].waiting.pop_back();
             self.workers[thief].waiting.push_back(tid);
             self.task_mut(tid).assign(thief_id, Some(views[victim].id));
-            self.metrics.steals.inc();
+            self.steals += 1;
+            self.tallies.push(Tally::Stolen);
             self.room_freed();
             info!(
                 task = tid,
@@ -912,7 +940,7 @@ impl Scheduler {
 
     /// Tasks stolen so far.
     pub fn steals(&self) -> u64 {
-        self.metrics.steals.get()
+        self.steals
     }
 
     pub fn master_queue_len(&self) -> usize {
