@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: Flotilla against Dask distributed on this machine.
 
-Runs the workloads of BENCHMARKS.md (W1 throughput, W2 latency, W3 CPU
+Runs the workloads of README's "Performance" section (W1 throughput, W2 latency, W3 CPU
 efficiency, W4 lock throughput, W6 skew/stealing) on both systems, one after
 the other (never at the same time, so neither disturbs the other's figures),
 and prints each figure with the ratio between them. Run it through
@@ -12,7 +12,7 @@ Flotilla's side is `flotilla --log-level error bench --workloads ... --runs N
 measured here, with the same workloads:
 
 * Every task is a Python code string whose result is the variable `response`,
-  as in BENCHMARKS.md: the Dask task function `run_code` execs the string in a
+  as the workloads say: the Dask task function `run_code` execs the string in a
   fresh namespace and returns `response`, which is what a Flotilla worker does
   with a task (the exec of a one-line string costs some microseconds).
 * The cluster is `LocalCluster(n_workers=N, threads_per_worker=1,
@@ -22,7 +22,7 @@ measured here, with the same workloads:
   over loopback TCP: "the client must be outside the cluster". Pass
   --dask-cluster-in-client to start it inside the client's process instead
   (the common notebook set-up: the scheduler then shares the client's GIL).
-* Dask has no per-worker capacity: the "capacity N" of BENCHMARKS.md has no
+* Dask has no per-worker capacity: the "capacity N" of the workloads has no
   equivalent; each Dask worker runs one task at a time (threads_per_worker=1).
 * As in `flotilla bench`: W3/W6 tasks compute fib(n) and answer their index
   (`response = i`), so every workload checks each index comes back exactly
@@ -78,7 +78,7 @@ W3_TASKS, W3_N = 32, 30
 W4_TASKS = 1000
 W6_TASKS, W6_N = 8, 32
 
-# Workers per workload (BENCHMARKS.md "setup"; the capacities have no Dask
+# Workers per workload (the workloads' "setup"; the capacities have no Dask
 # equivalent).
 WORKERS = {"W1": 4, "W2": 4, "W3": 2, "W4": 4, "W6": 4, "idle": 4}
 IDLE_WINDOW_S = 10.0
@@ -415,7 +415,7 @@ def run_dask(workloads: list[str], runs: int, in_client: bool) -> dict:
                 elif w == "W4":
                     fig = dask_w4(c)
                 elif w == "W6":
-                    # BENCHMARKS.md sends the 8 tasks to worker 0 (/send/0). Dask's
+                    # W6 sends the 8 tasks to worker 0 (/send/0). Dask's
                     # closest equivalent is a worker restriction; allow_other_workers=True
                     # makes it a loose one, so Dask's work stealing may move the tasks
                     # to the idle workers (with a strict restriction it never would,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the benchmark workloads of BENCHMARKS.md on Dask distributed and on
+# Runs the benchmark workloads (README, "Performance") on Dask distributed and on
 # Flotilla, one after the other on this machine, and prints the ratios:
 # bench/dask_compare.py. Loopback only; PyPI is needed once, for the venv.
 #

@@ -1,7 +1,7 @@
 //! The Docker runtime end to end: a real `flotilla up --runtime docker` (or
 //! the compose file) starting real worker containers, driven over HTTP like
 //! a user, with faults made by the `docker` CLI (kill, pause, network
-//! disconnect). The seed situations, W5 of BENCHMARKS.md, the CPU quota, the
+//! disconnect). The seed situations, W5 (README, "Performance"), the CPU quota, the
 //! cleanup of an earlier run's containers, and the bad states.
 //!
 //! They need Docker and the images (built once by docker/build-images.sh if
@@ -220,7 +220,7 @@ async fn stop_kills_the_container_and_it_comes_back_under_the_same_name() {
     );
 }
 
-/// W5 of BENCHMARKS.md on containers: 4 workers of capacity 16, 40 tasks of
+/// W5 (README, "Performance") on containers: 4 workers of capacity 16, 40 tasks of
 /// 0.5 s, `docker kill` of one worker 1 s in. Every task has exactly one
 /// final result; the death is seen through the engine's events, so the
 /// worker's tasks are requeued long before the heartbeat timeout could have

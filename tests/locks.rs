@@ -1,4 +1,4 @@
-//! Shared resources and read/write locks (SPEC S7, S8): exact under
+//! Shared resources and read/write locks: exact under
 //! contention, fair, and exact under faults (a holder killed mid-update, a
 //! zombie's stale write-back refused by fencing).
 

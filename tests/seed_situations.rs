@@ -1,5 +1,5 @@
 //! The seed's five test situations, on real processes over HTTP, plus the
-//! fault cases of SPEC S6 (a paused worker, a task that kills its worker,
+//! fault cases (a paused worker, a task that kills its worker,
 //! poison tasks).
 
 use std::collections::HashSet;

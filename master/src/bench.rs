@@ -1,4 +1,4 @@
-//! `flotilla bench`: the workloads of BENCHMARKS.md, measured from outside
+//! `flotilla bench`: the workloads of README's "Performance" section, measured from outside
 //! the cluster. Each run starts a fresh `flotilla up` as a separate process
 //! and drives it over HTTP through `flotilla-client`, as a user would;
 //! figures are medians of the runs.

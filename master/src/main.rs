@@ -79,7 +79,7 @@ enum Command {
     },
     /// Check a manifest and print what it describes.
     Check { file: PathBuf },
-    /// Run the BENCHMARKS.md workloads against fresh clusters (separate processes).
+    /// Run the benchmark workloads (README, "Performance") against fresh clusters.
     Bench {
         /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round
         /// trip), idle; also docker-start (1 vs 3 Docker workers; needs Docker).

@@ -1,5 +1,5 @@
 //! The manifest loader: one entry point for the seed's scenario form
-//! (`system:`, exactly SPEC section 3) and the native Kubernetes-style form
+//! (`system:`, exactly as the original system read it) and the native Kubernetes-style form
 //! (`apiVersion: flotilla.dev/v1`, `kind: Cluster`). Both become one
 //! [`ClusterSpec`]. Unknown keys are errors that name the key and its line.
 

@@ -59,7 +59,7 @@ def _task_namespace():
     return ns
 
 
-# ----- shared resources (SPEC S7/S8) ----------------------------------------
+# ----- shared resources and their locks -------------------------------------
 # The seed's API: request_read_resource(name) / release_read_resource(name) /
 # request_write_resource(name) / release_write_resource(name). Calls go
 # through the worker (which adds this attempt's lease) to the master; a

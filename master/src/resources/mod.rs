@@ -1,4 +1,4 @@
-//! Shared resources (SPEC S7): named values held by the master, of the
+//! Shared resources: named values held by the master, of the
 //! seed's eight types, read and written by task code under read/write locks
 //! ([`locks`]). This module owns the types and their checks.
 

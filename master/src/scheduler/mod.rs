@@ -4,7 +4,7 @@
 //! named transition here, and the decisions are the pure functions of
 //! [`policy`]. Nothing in this module knows how workers are run.
 //!
-//! Identity rules (see DESIGN-NOTES): a worker keeps its ID across restarts
+//! Identity rules (ARCHITECTURE.md, "Identity"): a worker keeps its ID across restarts
 //! and gets a new *incarnation* on each start; a message from an older
 //! incarnation is refused. A task keeps its ID and gets a new *attempt* each
 //! time it is handed to a worker; a report counts only for the current attempt
