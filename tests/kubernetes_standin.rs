@@ -31,7 +31,6 @@ fn settings(release: &str) -> KubernetesSettings {
         image_pull_policy: Some("IfNotPresent".into()),
         cpu_per_capacity: 0.25,
         memory_bytes: 512 << 20,
-        master_url: Some("http://flotilla:5000".into()),
         delete_timeout: WAIT,
         owner: None,
         worker_otlp_endpoint: None,
@@ -58,7 +57,9 @@ fn launch(worker_id: u32, incarnation: u64, capacity: usize) -> WorkerLaunch {
         incarnation,
         capacity,
         slots: 1,
-        master_url: "http://127.0.0.1:5000".into(),
+        // The advertised URL (the chart's Service), as the master hands it
+        // to every runtime.
+        master_url: "http://flotilla:5000".into(),
         secret: "worker-secret".into(),
         inherited_env: Vec::new(),
     }
@@ -479,7 +480,7 @@ async fn standin_api_server_flotilla_up_runtime_kubernetes_stop_deletes_and_recr
         E2E_MANIFEST,
         &standin.kubeconfig(NS),
         &[
-            ("FLOTILLA_MASTER_URL", "http://e2e:5000"),
+            ("FLOTILLA_ADVERTISE_URL", "http://e2e:5000"),
             // As the chart passes them from the downward API.
             ("FLOTILLA_POD_NAME", "e2e-master-0"),
             ("FLOTILLA_POD_UID", "uid-of-the-master-pod"),

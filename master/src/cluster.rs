@@ -40,6 +40,9 @@ pub struct ClusterConfig {
     pub poll_hold: Duration,
     /// Tasks a worker runs at once.
     pub slots: u32,
+    /// The environment every worker gets from its master (log and trace
+    /// settings).
+    pub worker_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterConfig {
@@ -51,6 +54,7 @@ impl Default for ClusterConfig {
             max_attempts: 3,
             poll_hold: Duration::from_secs(25),
             slots: 1,
+            worker_env: Vec::new(),
         }
     }
 }
@@ -93,6 +97,16 @@ impl Cluster {
     /// The runtime's name (`process`, `docker`, `kubernetes`).
     pub fn runtime_name(&self) -> &'static str {
         self.runtime.name()
+    }
+
+    /// Where the runtime's workers reach this master (see
+    /// `Runtime::worker_endpoint`).
+    pub async fn worker_endpoint(
+        &self,
+        advertised: Option<&str>,
+        api: &str,
+    ) -> Result<crate::runtime::WorkerEndpoint, RuntimeError> {
+        self.runtime.worker_endpoint(advertised, api).await
     }
 
     /// Where the runtime runs `worker`'s `incarnation` (`pid 123`, a
@@ -141,7 +155,7 @@ impl Cluster {
             slots: self.cfg.slots.min(capacity as u32).max(1),
             master_url: self.master_url(),
             secret: self.worker_secret.clone(),
-            inherited_env: crate::runtime::inherited_env(),
+            inherited_env: self.cfg.worker_env.clone(),
         }
     }
 

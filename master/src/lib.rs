@@ -23,9 +23,7 @@ use tracing::info;
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::manifest::{ClusterSpec, RuntimeKind};
-use crate::runtime::docker::{DockerRuntime, DockerSettings};
-use crate::runtime::process::{find_worker_binary, ProcessRuntime};
-use crate::runtime::Runtime;
+use crate::runtime::WorkerEndpoint;
 
 /// How the master listens.
 #[derive(Clone, Debug)]
@@ -39,6 +37,13 @@ pub struct ServeOptions {
     pub runtime: Option<RuntimeKind>,
     /// Tasks each worker runs at once.
     pub slots: u32,
+    /// `--advertise-url` (`FLOTILLA_ADVERTISE_URL`): the URL workers reach
+    /// this master at, when its own address is not (a master in a
+    /// container or behind a Service). Checked by `runtime::advertised_url`.
+    pub advertise_url: Option<String>,
+    /// The environment every worker gets from its master (log and trace
+    /// settings), decided once at start.
+    pub worker_env: Vec<(String, String)>,
     /// `--metrics-port`: a second listener on `bind` serving `GET /metrics`
     /// without the token (for Prometheus). None: /metrics only on the API,
     /// behind the token.
@@ -50,12 +55,12 @@ impl Default for ServeOptions {
         ServeOptions {
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 5000,
-            token: std::env::var("FLOTILLA_TOKEN")
-                .ok()
-                .filter(|t| !t.is_empty()),
+            token: None,
             insecure: false,
             runtime: None,
             slots: 1,
+            advertise_url: None,
+            worker_env: Vec::new(),
             metrics_port: None,
         }
     }
@@ -136,29 +141,14 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     let runtime_kind = opts.runtime.unwrap_or(spec.runtime);
     let initial = check(spec, opts.runtime).await?;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
-    // Where workers reach the master when it is not the API's own address.
-    let mut worker_endpoint = None;
-    let runtime: Arc<dyn Runtime> = match runtime_kind {
-        RuntimeKind::Process => Arc::new(ProcessRuntime::new(find_worker_binary(), events_tx)),
-        RuntimeKind::Docker => {
-            let docker = DockerRuntime::connect(DockerSettings::from_spec(spec), events_tx).await?;
-            worker_endpoint = Some(docker_worker_endpoint(&docker).await?);
-            Arc::new(docker)
-        }
-        RuntimeKind::Kubernetes => Arc::new(
-            runtime::kubernetes::KubernetesRuntime::connect(
-                runtime::kubernetes::KubernetesSettings::from_spec(spec)?,
-                events_tx,
-            )
-            .await?,
-        ),
-    };
+    let runtime = runtime::connect(runtime_kind, spec, events_tx).await?;
     let cfg = ClusterConfig {
         name: spec.name.clone(),
         heartbeat_interval: spec.heartbeat_interval,
         heartbeat_timeout: spec.heartbeat_timeout,
         max_attempts: spec.max_attempts,
         slots: opts.slots.max(1),
+        worker_env: opts.worker_env.clone(),
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(cfg, runtime);
@@ -198,22 +188,19 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     } else {
         opts.bind
     };
-    let worker_server = match worker_endpoint {
-        None => {
-            cluster.set_master_url(format!(
-                "http://{}",
-                SocketAddr::new(worker_host, addr.port())
-            ));
-            None
-        }
-        Some(WorkerEndpoint::Advertised(url)) => {
+    let api_url = format!("http://{}", SocketAddr::new(worker_host, addr.port()));
+    let worker_server = match cluster
+        .worker_endpoint(opts.advertise_url.as_deref(), &api_url)
+        .await?
+    {
+        WorkerEndpoint::Url(url) => {
             cluster.set_master_url(url);
             None
         }
-        Some(WorkerEndpoint::Listener(listener)) => {
+        WorkerEndpoint::Listener(listener) => {
             let at = listener.local_addr()?;
             cluster.set_master_url(format!("http://{at}"));
-            info!(%at, "worker routes listening on the docker network's gateway");
+            info!(%at, "worker routes listening on a listener of the runtime's own");
             Some(tokio::spawn(serve(
                 listener,
                 api::internal_router(cluster.clone()),
@@ -250,36 +237,6 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         metrics_server,
         worker_server,
     })
-}
-
-/// How worker containers reach the master.
-enum WorkerEndpoint {
-    /// `FLOTILLA_ADVERTISE_URL`: the master runs in a container on the
-    /// workers' network (compose: `http://master:5000`).
-    Advertised(String),
-    /// The master runs on the host: a listener of its own on the network's
-    /// gateway, serving only the worker routes (the API stays on its bind
-    /// address, loopback by default).
-    Listener(TcpListener),
-}
-
-async fn docker_worker_endpoint(docker: &DockerRuntime) -> Result<WorkerEndpoint> {
-    if let Some(url) = std::env::var("FLOTILLA_ADVERTISE_URL")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-    {
-        return Ok(WorkerEndpoint::Advertised(
-            url.trim().trim_end_matches('/').to_string(),
-        ));
-    }
-    let network = &docker.settings().network;
-    let gateway = docker.gateway().with_context(|| {
-        format!("docker network `{network}` has no gateway address for the workers to reach the master at; set FLOTILLA_ADVERTISE_URL to a URL they can reach")
-    })?;
-    let listener = TcpListener::bind((gateway, 0)).await.with_context(|| {
-        format!("cannot listen on {gateway}, the gateway of docker network `{network}`, for the workers. If the master runs in a container, set FLOTILLA_ADVERTISE_URL to the URL workers reach it at (e.g. http://master:5000)")
-    })?;
-    Ok(WorkerEndpoint::Listener(listener))
 }
 
 async fn serve(listener: TcpListener, app: axum::Router) {

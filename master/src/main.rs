@@ -57,6 +57,19 @@ struct ServeArgs {
     /// the token, for Prometheus (the API's /metrics keeps needing it).
     #[arg(long, env = "FLOTILLA_METRICS_PORT")]
     metrics_port: Option<u16>,
+    /// The URL workers reach this master at, when its own address is not
+    /// (a master in a container on the workers' network, or behind a
+    /// Kubernetes Service). Every runtime takes it.
+    #[arg(long, env = "FLOTILLA_ADVERTISE_URL", value_parser = parse_advertise_url)]
+    advertise_url: Option<String>,
+    /// The API's bearer token (clients send `Authorization: Bearer ...`).
+    /// Only from the environment, so that it never shows in `ps`.
+    #[arg(skip = std::env::var("FLOTILLA_TOKEN").ok().filter(|t| !t.is_empty()))]
+    token: Option<String>,
+}
+
+fn parse_advertise_url(raw: &str) -> Result<String, String> {
+    flotilla::runtime::advertised_url(raw).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -178,8 +191,7 @@ async fn run_verb(command: Command) -> ! {
     std::process::exit(code)
 }
 
-/// Logs (and traces, when an OTLP endpoint is set) for this process; the
-/// workers inherit the level, format and endpoint through the environment.
+/// Logs (and traces, when an OTLP endpoint is set) for this process.
 fn init_telemetry(
     level: Option<&str>,
     default: &str,
@@ -187,39 +199,63 @@ fn init_telemetry(
     color: LogColor,
     otlp: Option<&str>,
 ) -> Telemetry {
-    if let Some(endpoint) = otlp {
-        if std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_err() {
-            std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
-        }
-    }
-    let telemetry = telemetry::init("flotilla-master", level.unwrap_or(default), format, color);
-    if std::env::var("RUST_LOG").is_err() {
-        std::env::set_var("RUST_LOG", level.unwrap_or(default));
-    }
-    std::env::set_var(
-        "FLOTILLA_LOG_FORMAT",
-        if format == LogFormat::Json {
-            "json"
-        } else {
-            "text"
-        },
-    );
+    telemetry::init(
+        "flotilla-master",
+        level.unwrap_or(default),
+        format,
+        color,
+        otlp,
+    )
+}
+
+/// What the workers take from their master wherever they run, read once
+/// here: the standard `OTEL_*` exporter settings and `RUST_LOG` of this
+/// environment, this master's log level, format and colour mode, and the
+/// manifest's trace endpoint when the environment names none.
+fn worker_env(
+    level: Option<&str>,
+    default: &str,
+    format: LogFormat,
+    color: LogColor,
+    otlp: Option<&str>,
+) -> Vec<(String, String)> {
+    let mut env = flotilla::runtime::inherited_env();
+    let mut put = |key: &str, value: String, keep_existing: bool| match env
+        .iter_mut()
+        .find(|(k, _)| k == key)
+    {
+        Some(_) if keep_existing => {}
+        Some((_, v)) => *v = value,
+        None => env.push((key.to_string(), value)),
+    };
+    put("RUST_LOG", level.unwrap_or(default).to_string(), true);
+    let format = if format == LogFormat::Json {
+        "json"
+    } else {
+        "text"
+    };
+    put("FLOTILLA_LOG_FORMAT", format.to_string(), false);
     // The mode as given: a worker whose stderr is this one's (processes)
     // decides the same way; one writing to a container log gets no colours
     // unless `always` was asked for.
-    std::env::set_var("FLOTILLA_LOG_COLOR", color.as_str());
-    telemetry
+    put("FLOTILLA_LOG_COLOR", color.as_str().to_string(), false);
+    if let Some(endpoint) = otlp {
+        put("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_string(), true);
+    }
+    env
 }
 
-fn serve_options(a: &ServeArgs) -> ServeOptions {
+fn serve_options(a: &ServeArgs, worker_env: Vec<(String, String)>) -> ServeOptions {
     ServeOptions {
+        worker_env,
         bind: a.bind,
         port: a.port,
         insecure: a.insecure,
         runtime: a.runtime,
         slots: a.slots,
         metrics_port: a.metrics_port,
-        ..ServeOptions::default()
+        advertise_url: a.advertise_url.clone(),
+        token: a.token.clone(),
     }
 }
 
@@ -254,7 +290,14 @@ async fn main() -> Result<()> {
                 cli.color,
                 spec.otlp_endpoint.as_deref(),
             );
-            let opts = serve_options(&args);
+            let workers = worker_env(
+                cli.log_level.as_deref(),
+                "info",
+                cli.log_format,
+                cli.color,
+                spec.otlp_endpoint.as_deref(),
+            );
+            let opts = serve_options(&args, workers);
             let master = flotilla::start(&spec, &opts).await?;
             println!(
                 "flotilla master listening on {} ({} workers); Ctrl-C to stop",
@@ -278,7 +321,14 @@ async fn main() -> Result<()> {
                 cli.color,
                 spec.otlp_endpoint.as_deref(),
             );
-            let opts = serve_options(&serve);
+            let workers = worker_env(
+                cli.log_level.as_deref(),
+                "warn",
+                cli.log_format,
+                cli.color,
+                spec.otlp_endpoint.as_deref(),
+            );
+            let opts = serve_options(&serve, workers);
             let master = flotilla::start(&spec, &opts).await?;
             master.wait_ready(Duration::from_secs(30)).await?;
             let run_opts = RunOptions {

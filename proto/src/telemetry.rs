@@ -118,8 +118,16 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber. `filter` is an `EnvFilter` directive
 /// string (`info`, `flotilla=debug`, ...); `RUST_LOG` wins when set.
-/// Text lines get ANSI colours only as `color` says.
-pub fn init(service: &'static str, filter: &str, format: LogFormat, color: LogColor) -> Telemetry {
+/// Text lines get ANSI colours only as `color` says. Traces are exported
+/// when the standard `OTEL_EXPORTER_OTLP_*ENDPOINT` variables say where, or
+/// else to `otlp_endpoint` (a manifest's setting) when given.
+pub fn init(
+    service: &'static str,
+    filter: &str,
+    format: LogFormat,
+    color: LogColor,
+    otlp_endpoint: Option<&str>,
+) -> Telemetry {
     let directives = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => v,
         _ => filter.to_string(),
@@ -136,7 +144,7 @@ pub fn init(service: &'static str, filter: &str, format: LogFormat, color: LogCo
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let provider = otlp_provider(service);
+    let provider = otlp_provider(service, otlp_endpoint);
     let traces = provider.as_ref().map(|p| {
         let targets = tracing_subscriber::filter::Targets::new()
             .with_target(TRACE_TARGET, tracing::Level::TRACE);
@@ -158,16 +166,22 @@ fn set(key: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn otlp_provider(service: &'static str) -> Option<SdkTracerProvider> {
+fn otlp_provider(service: &'static str, fallback: Option<&str>) -> Option<SdkTracerProvider> {
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
-    let endpoint =
-        set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))?;
-    let exporter = match opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-    {
+    use opentelemetry_otlp::WithExportConfig;
+    let from_env =
+        set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let fallback = fallback.map(str::trim).filter(|e| !e.is_empty());
+    let endpoint = from_env.clone().or(fallback.map(String::from))?;
+    let mut builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+    if from_env.is_none() {
+        // As the SDK does with OTEL_EXPORTER_OTLP_ENDPOINT: the traces path
+        // goes after the base URL.
+        builder = builder.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
+    }
+    let exporter = match builder.build() {
         Ok(e) => e,
         Err(e) => {
             eprintln!("{service}: cannot export traces to {endpoint}: {e}; tracing stays off");

@@ -203,7 +203,7 @@ def test_master_deployment(case):
     assert env["FLOTILLA_POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert env["FLOTILLA_POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
     port = 5000 if values is None else values["service"]["port"]
-    assert env["FLOTILLA_MASTER_URL"] == f"http://demo:{port}"
+    assert env["FLOTILLA_ADVERTISE_URL"] == f"http://demo:{port}"
     if name == "default":
         assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in env
     else:

@@ -298,7 +298,7 @@ async fn main() -> Result<()> {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or_default();
-    let _telemetry = telemetry::init("flotilla-worker", "info", format, color);
+    let _telemetry = telemetry::init("flotilla-worker", "info", format, color, None);
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lock") {
         return locks::cli(&args[1..]).await;

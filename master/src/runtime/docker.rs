@@ -37,7 +37,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+use super::{Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch};
 
 /// The worker image when the manifest names none.
 pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
@@ -483,6 +483,29 @@ impl Inner {
 impl Runtime for DockerRuntime {
     fn name(&self) -> &'static str {
         "docker"
+    }
+
+    /// A master in a container on the workers' network (compose) is
+    /// reached at its advertised URL (`http://master:5000`). A master on the
+    /// host gets a listener of its own on the network's gateway, serving
+    /// only the worker routes (the API stays on its bind address, loopback
+    /// by default).
+    async fn worker_endpoint(
+        &self,
+        advertised: Option<&str>,
+        _api: &str,
+    ) -> Result<WorkerEndpoint, RuntimeError> {
+        if let Some(url) = advertised {
+            return Ok(WorkerEndpoint::Url(url.to_string()));
+        }
+        let network = &self.settings().network;
+        let gateway = self.gateway().ok_or_else(|| RuntimeError::Endpoint(format!(
+            "docker network `{network}` has no gateway address for the workers to reach the master at; set FLOTILLA_ADVERTISE_URL to a URL they can reach"
+        )))?;
+        let listener = tokio::net::TcpListener::bind((gateway, 0)).await.map_err(|e| RuntimeError::Endpoint(format!(
+            "cannot listen on {gateway}, the gateway of docker network `{network}`, for the workers ({e}). If the master runs in a container, set FLOTILLA_ADVERTISE_URL to the URL workers reach it at (e.g. http://master:5000)"
+        )))?;
+        Ok(WorkerEndpoint::Listener(listener))
     }
 
     async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {

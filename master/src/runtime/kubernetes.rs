@@ -50,7 +50,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+use super::{Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch};
 
 /// The worker image when the manifest names none.
 pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
@@ -86,9 +86,6 @@ pub struct KubernetesSettings {
     /// CPU cores per unit of queue capacity (request = limit = capacity x this).
     pub cpu_per_capacity: f64,
     pub memory_bytes: u64,
-    /// `FLOTILLA_MASTER_URL`: where worker pods reach the master (the
-    /// chart's Service). Unset: the address the master gives every runtime.
-    pub master_url: Option<String>,
     /// The longest wait for a deleted pod to be gone before its name is used
     /// again.
     pub delete_timeout: Duration,
@@ -118,8 +115,6 @@ pub enum KubernetesSetupError {
     BadRelease(String),
     #[error("FLOTILLA_NAMESPACE `{0}` is not a Kubernetes namespace name (lowercase letters, digits and '-')")]
     BadNamespace(String),
-    #[error("FLOTILLA_MASTER_URL `{0}` is not an http:// or https:// URL")]
-    BadMasterUrl(String),
     #[error("no Kubernetes configuration: {0}. Inside a cluster the master uses its ServiceAccount (KUBERNETES_SERVICE_HOST is set there); outside, a kubeconfig (KUBECONFIG or ~/.kube/config)")]
     Config(String),
     #[error("cannot list the worker pods of release `{release}` in namespace `{namespace}` at {url}: {source}. The master's ServiceAccount needs get, list, watch, create and delete on pods (the chart's Role)")]
@@ -167,12 +162,6 @@ impl KubernetesSettings {
                 return Err(KubernetesSetupError::BadNamespace(ns.clone()));
             }
         }
-        let master_url = var(env::MASTER_URL).map(|u| u.trim_end_matches('/').to_string());
-        if let Some(url) = &master_url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(KubernetesSetupError::BadMasterUrl(url.clone()));
-            }
-        }
         Ok(KubernetesSettings {
             release,
             namespace,
@@ -180,7 +169,6 @@ impl KubernetesSettings {
             image_pull_policy: spec.image_pull_policy.clone(),
             cpu_per_capacity: spec.worker_resources.cpu_per_capacity,
             memory_bytes: spec.worker_resources.memory_bytes,
-            master_url,
             delete_timeout: Duration::from_secs(60),
             owner: var(ENV_POD_NAME).zip(var(ENV_POD_UID)),
             worker_otlp_endpoint: spec.worker_otlp_endpoint.clone(),
@@ -218,10 +206,7 @@ impl KubernetesSettings {
                 launch.incarnation.to_string(),
             ),
         ]);
-        let master_url = self
-            .master_url
-            .clone()
-            .unwrap_or_else(|| launch.master_url.clone());
+        let master_url = launch.master_url.clone();
         let var = |name: &str, value: String| EnvVar {
             name: name.into(),
             value: Some(value),
@@ -474,9 +459,6 @@ impl KubernetesRuntime {
             .unwrap_or_else(|| config.default_namespace.clone());
         let client =
             Client::try_from(config).map_err(|e| KubernetesSetupError::Config(e.to_string()))?;
-        if settings.master_url.is_none() {
-            warn!("FLOTILLA_MASTER_URL is not set: worker pods are told the master's own listening address, which they reach only if the master runs where they can see it (the Helm chart sets it to its Service)");
-        }
         let inner = Arc::new(Inner {
             pods: Api::namespaced(client, &namespace),
             settings,
@@ -722,6 +704,17 @@ impl Runtime for KubernetesRuntime {
         "kubernetes"
     }
 
+    async fn worker_endpoint(
+        &self,
+        advertised: Option<&str>,
+        api: &str,
+    ) -> Result<WorkerEndpoint, RuntimeError> {
+        if advertised.is_none() {
+            warn!("FLOTILLA_ADVERTISE_URL is not set: worker pods are told the master's own listening address, which they reach only if the master runs where they can see it (the Helm chart sets it to its Service)");
+        }
+        Ok(WorkerEndpoint::Url(advertised.unwrap_or(api).to_string()))
+    }
+
     async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {
         let inner = &self.inner;
         let pod = inner.settings.pod(&launch, &inner.session);
@@ -887,13 +880,11 @@ mod tests {
         let s = KubernetesSettings::from_spec_with(&spec(""), |k| match k {
             "FLOTILLA_RELEASE" => Some("prod".into()),
             "FLOTILLA_NAMESPACE" => Some("jobs".into()),
-            "FLOTILLA_MASTER_URL" => Some("http://prod:5000/".into()),
             _ => None,
         })
         .unwrap();
         assert_eq!(s.pod_name(0), "prod-worker-0");
         assert_eq!(s.namespace.as_deref(), Some("jobs"));
-        assert_eq!(s.master_url.as_deref(), Some("http://prod:5000"));
         assert_eq!(s.owner, None);
     }
 
@@ -927,12 +918,6 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("`My_Release`"), "{err}");
-        let err = KubernetesSettings::from_spec_with(&spec(""), |k| {
-            (k == "FLOTILLA_MASTER_URL").then(|| "flotilla:5000".to_string())
-        })
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("`flotilla:5000`"), "{err}");
     }
 
     #[test]

@@ -94,8 +94,57 @@ pub enum RuntimeEvent {
     },
 }
 
+/// The runtime `kind` for `spec`, connected (an engine or API server that
+/// cannot be reached is an error naming it), its deaths sent to `events`.
+pub async fn connect(
+    kind: crate::manifest::RuntimeKind,
+    spec: &crate::manifest::ClusterSpec,
+    events: tokio::sync::mpsc::UnboundedSender<RuntimeEvent>,
+) -> anyhow::Result<std::sync::Arc<dyn Runtime>> {
+    use crate::manifest::RuntimeKind;
+    Ok(match kind {
+        RuntimeKind::Process => std::sync::Arc::new(process::ProcessRuntime::new(
+            process::find_worker_binary(),
+            events,
+        )),
+        RuntimeKind::Docker => std::sync::Arc::new(
+            docker::DockerRuntime::connect(docker::DockerSettings::from_spec(spec), events).await?,
+        ),
+        RuntimeKind::Kubernetes => std::sync::Arc::new(
+            kubernetes::KubernetesRuntime::connect(
+                kubernetes::KubernetesSettings::from_spec(spec)?,
+                events,
+            )
+            .await?,
+        ),
+    })
+}
+
+/// Where a runtime's workers reach the master.
+pub enum WorkerEndpoint {
+    /// At this URL.
+    Url(String),
+    /// At a listener of the runtime's own (the Docker network's gateway),
+    /// which serves only the worker routes.
+    Listener(tokio::net::TcpListener),
+}
+
+/// Checks the advertised URL (`--advertise-url`, `FLOTILLA_ADVERTISE_URL`):
+/// an `http://` or `https://` URL, returned without a trailing `/`.
+pub fn advertised_url(raw: &str) -> Result<String, RuntimeError> {
+    let url = raw.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(RuntimeError::Endpoint(format!(
+            "FLOTILLA_ADVERTISE_URL `{raw}` is not an http:// or https:// URL"
+        )));
+    }
+    Ok(url.to_string())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
+    #[error("{0}")]
+    Endpoint(String),
     #[error("cannot start worker {worker}: {reason}")]
     Start { worker: WorkerId, reason: String },
     #[error("cannot kill worker {worker}: {reason}")]
@@ -120,6 +169,17 @@ pub trait Runtime: Send + Sync + 'static {
     /// Killing a worker that is not running is not an error.
     async fn kill(&self, worker: WorkerId) -> Result<(), RuntimeError>;
     async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle>;
+    /// Where this runtime's workers reach the master: `advertised` (the one
+    /// setting for every runtime, `FLOTILLA_ADVERTISE_URL`) when given,
+    /// else what the runtime knows; `api` is the API's own address as a
+    /// process on this machine reaches it.
+    async fn worker_endpoint(
+        &self,
+        advertised: Option<&str>,
+        api: &str,
+    ) -> Result<WorkerEndpoint, RuntimeError> {
+        Ok(WorkerEndpoint::Url(advertised.unwrap_or(api).to_string()))
+    }
     /// Kills every worker this runtime started (master shutdown).
     async fn shutdown(&self);
 }
