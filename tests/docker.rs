@@ -566,7 +566,7 @@ async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
     let _ = compose(
         &cmd,
         project,
-        &["down", "--remove-orphans"],
+        &["down", "--remove-orphans", "--volumes"],
         &envs,
         Duration::from_secs(90),
     );
@@ -583,7 +583,13 @@ async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
                 if let Ok(logs) = docker(&["logs", "--tail", "40", "flotilla-master"]) {
                     eprintln!("flotilla-master logs:\n{logs}");
                 }
-                let _ = compose(self.0, self.1, &["down"], self.2, Duration::from_secs(90));
+                let _ = compose(
+                    self.0,
+                    self.1,
+                    &["down", "--volumes"],
+                    self.2,
+                    Duration::from_secs(90),
+                );
                 remove_cluster("flotilla");
             }
         }
@@ -654,7 +660,14 @@ async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
     assert_eq!(task["result"]["response"], 42);
 
     let t_down = Instant::now();
-    compose(&cmd, project, &["down"], &envs, Duration::from_secs(90)).unwrap();
+    compose(
+        &cmd,
+        project,
+        &["down", "--volumes"],
+        &envs,
+        Duration::from_secs(90),
+    )
+    .unwrap();
     println!("FIGURE compose down: {} ms", t_down.elapsed().as_millis());
     assert!(
         cluster_containers("flotilla").is_empty(),
@@ -687,7 +700,10 @@ async fn a_missing_image_says_to_run_build_images() {
         "  runtime: docker\n  image: flotilla-worker:no-such-tag\n",
     );
     let path = temp_file("noimage.yaml", &manifest);
-    let err = flotilla_fails(&["up", path.to_str().unwrap(), "--port", "0"], &[]);
+    let err = flotilla_fails(
+        &["up", path.to_str().unwrap(), "--port", "0", "--ephemeral"],
+        &[],
+    );
     assert!(
         err.contains("flotilla-worker:no-such-tag") && err.contains("docker/build-images.sh"),
         "{err}"
@@ -703,7 +719,7 @@ fn an_unreachable_engine_is_reported_clearly() {
         &docker_manifest("e2e-nodaemon", &[1], 1.0, 5.0),
     );
     let err = flotilla_fails(
-        &["up", path.to_str().unwrap(), "--port", "0"],
+        &["up", path.to_str().unwrap(), "--port", "0", "--ephemeral"],
         &[(
             "DOCKER_HOST",
             "unix:///nonexistent/flotilla-e2e/docker.sock",
@@ -720,6 +736,7 @@ fn an_unreachable_engine_is_reported_clearly() {
             path.to_str().unwrap(),
             "--port",
             "0",
+            "--ephemeral",
             "--runtime",
             "nomad",
         ],

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use flotilla::runtime::kubernetes::{KubernetesRuntime, KubernetesSettings};
 use flotilla::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
 use flotilla_e2e::kube_standin::{describe, KubeApiStandin};
-use flotilla_e2e::{bin, temp_file};
+use flotilla_e2e::{bin, fresh_state_dir, temp_file};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -406,6 +406,8 @@ impl Master {
         cmd.arg("up")
             .arg(&manifest)
             .args(["--port", "0", "--runtime", "kubernetes"])
+            .arg("--state-dir")
+            .arg(fresh_state_dir())
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env(
@@ -562,7 +564,7 @@ async fn standin_api_server_bad_values_fail_at_start_naming_them() {
         let mut cmd = Command::new(bin("flotilla"));
         cmd.arg("up")
             .arg(&path)
-            .args(["--port", "0"])
+            .args(["--port", "0", "--ephemeral"])
             .args(args)
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST");

@@ -73,6 +73,17 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// Waits until what this request changed is durable: nothing is
+/// acknowledged before it is (503 naming the store's problem otherwise).
+async fn durable(cluster: &Cluster) -> ApiResult<()> {
+    cluster.durable().await.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not acknowledged: {e}"),
+        )
+    })
+}
+
 /// A JSON body whose every failure (too large, not JSON, wrong shape) is a
 /// clear `{"error"}`. Content-Type is not required: the seed's clients and
 /// `curl -d` users both get their body read.
@@ -207,8 +218,13 @@ fn worker_routes(cluster: &Arc<Cluster>) -> Router<Arc<Cluster>> {
         .merge(authenticated)
 }
 
-/// The fallback and body limit every listener has.
+/// Every response says which master answered: after a restart, clients
+/// see the number change.
+pub const MASTER_INCARNATION_HEADER: &str = "flotilla-master-incarnation";
+
+/// The fallback, body limit and incarnation header every listener has.
 fn serve(routes: Router<Arc<Cluster>>, cluster: Arc<Cluster>) -> Router {
+    let incarnation = header::HeaderValue::from(cluster.master_incarnation);
     routes
         .fallback(|req: Request| async move {
             ApiError::not_found(format!(
@@ -218,6 +234,14 @@ fn serve(routes: Router<Arc<Cluster>>, cluster: Arc<Cluster>) -> Router {
             ))
         })
         .layer(axum::extract::DefaultBodyLimit::max(DEFAULT_BODY_LIMIT))
+        .layer(middleware::map_response(move |mut resp: Response| {
+            let incarnation = incarnation.clone();
+            async move {
+                resp.headers_mut()
+                    .insert(MASTER_INCARNATION_HEADER, incarnation);
+                resp
+            }
+        }))
         .with_state(cluster)
 }
 
@@ -282,12 +306,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // ----- the seed's endpoints ------------------------------------------------
 
-async fn send(State(cluster): State<Arc<Cluster>>, Body(spec): Body<TaskSpec>) -> Json<Sent> {
+async fn send(
+    State(cluster): State<Arc<Cluster>>,
+    Body(spec): Body<TaskSpec>,
+) -> ApiResult<Json<Sent>> {
     let task_id = cluster.submit(vec![spec])[0];
-    Json(Sent {
+    durable(&cluster).await?;
+    Ok(Json(Sent {
         message: "Instruction received".into(),
         task_id,
-    })
+    }))
 }
 
 /// `/send/{node}`: waits while that node's queue is full (the seed's
@@ -299,10 +327,13 @@ async fn send_to(
 ) -> ApiResult<Json<Sent>> {
     let node = parse_node(&node)?;
     match cluster.submit_to(node, spec).await {
-        Ok(task_id) => Ok(Json(Sent {
-            message: format!("Instruction received for node {node}"),
-            task_id,
-        })),
+        Ok(task_id) => {
+            durable(&cluster).await?;
+            Ok(Json(Sent {
+                message: format!("Instruction received for node {node}"),
+                task_id,
+            }))
+        }
         Err(e @ SubmitError::UnknownWorker(_)) => Err(ApiError::not_found(e.to_string())),
         Err(e @ SubmitError::Full(_)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -340,6 +371,7 @@ async fn create_resource(
     cluster
         .create_resource(&spec.name, kind, value)
         .map_err(|e| ApiError::bad_request(format!("resource `{}`: {e}", spec.name)))?;
+    durable(&cluster).await?;
     Ok(Json(ResourceCreated {
         message: format!("Resource {} created successfully", spec.name),
         name: spec.name,
@@ -420,6 +452,8 @@ async fn lock(
             let (version, committed) = cluster
                 .release_lock(&req.lease, &req.name, req.mode, publish)
                 .map_err(lock_error)?;
+            // A published value is acknowledged once it is durable.
+            durable(&cluster).await?;
             Ok(Json(
                 serde_json::to_value(LockReleased {
                     name: req.name,
@@ -513,9 +547,9 @@ async fn submit_tasks(
         other => vec![deserialize_named::<TaskSpec>(other)
             .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
-    Ok(Json(Submitted {
-        task_ids: cluster.submit(specs),
-    }))
+    let task_ids = cluster.submit(specs);
+    durable(&cluster).await?;
+    Ok(Json(Submitted { task_ids }))
 }
 
 fn wait_param(q: &HashMap<String, String>) -> ApiResult<Duration> {

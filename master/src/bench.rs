@@ -54,19 +54,36 @@ pub async fn start_trace_sink() -> Result<(String, std::sync::Arc<std::sync::ato
 struct Target {
     child: Child,
     client: Client,
+    /// Its state directory (removed when it is done); `None`: `--ephemeral`.
+    state_dir: Option<PathBuf>,
 }
 
 impl Target {
+    /// A durable master (as `flotilla up` is by default), on a fresh state
+    /// directory.
     async fn start(opts: &BenchOptions, manifest: &str) -> Result<Target> {
+        Self::start_with(opts, manifest, false).await
+    }
+
+    async fn start_with(opts: &BenchOptions, manifest: &str, ephemeral: bool) -> Result<Target> {
         let flotilla = &opts.flotilla;
         let dir = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("cluster.yaml");
         std::fs::write(&path, manifest)?;
+        let state_dir = (!ephemeral).then(|| {
+            use rand::Rng;
+            dir.join(format!("state-{:x}", rand::thread_rng().gen::<u64>()))
+        });
+        let state_args: Vec<std::ffi::OsString> = match &state_dir {
+            Some(d) => vec!["--state-dir".into(), d.into()],
+            None => vec!["--ephemeral".into()],
+        };
         let mut child = Command::new(flotilla)
             .args(["--log-level", "error", "up"])
             .arg(&path)
             .args(["--port", "0"])
+            .args(state_args)
             .env_remove("RUST_LOG")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .envs(
@@ -88,6 +105,7 @@ impl Target {
         let t = Target {
             child,
             client: Client::new(&url, std::env::var(flotilla_client::TOKEN_ENV).ok())?,
+            state_dir,
         };
         t.client
             .wait_ready(Duration::from_secs(30))
@@ -149,14 +167,21 @@ impl Drop for Target {
     fn drop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let mut exited = false;
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                exited = true;
+                break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(d) = &self.state_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -249,11 +274,24 @@ async fn batch(t: &Target, n: usize, code: &str) -> Result<f64> {
     Ok((end - start).as_secs_f64())
 }
 
+/// W1 twice, side by side: durable (as `flotilla up` runs by default) and
+/// `--ephemeral`.
 async fn w1(opts: &BenchOptions) -> Result<Value> {
-    let t = Target::start(opts, &manifest(4, 64)).await?;
     let n = 2000;
-    let secs = batch(&t, n, "response = {i}").await?;
-    Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs}))
+    let secs = {
+        let t = Target::start(opts, &manifest(4, 64)).await?;
+        batch(&t, n, "response = {i}").await?
+    };
+    let ephemeral_secs = {
+        let t = Target::start_with(opts, &manifest(4, 64), true).await?;
+        batch(&t, n, "response = {i}").await?
+    };
+    Ok(json!({
+        "tasks_per_s": n as f64 / secs,
+        "seconds": secs,
+        "ephemeral_tasks_per_s": n as f64 / ephemeral_secs,
+        "durable_vs_ephemeral": ephemeral_secs / secs,
+    }))
 }
 
 async fn w2(opts: &BenchOptions) -> Result<Value> {
@@ -412,7 +450,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
         }
         let med = |key: &str| median(runs.iter().filter_map(|r| r[key].as_f64()).collect());
         let summary = match w.as_str() {
-            "W1" => json!({"tasks_per_s": med("tasks_per_s")}),
+            "W1" => json!({
+                "tasks_per_s": med("tasks_per_s"),
+                "ephemeral_tasks_per_s": med("ephemeral_tasks_per_s"),
+                "durable_vs_ephemeral": med("durable_vs_ephemeral"),
+            }),
             "W2" | "locks" => json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")}),
             "W4" => json!({"tasks_per_s": med("tasks_per_s"), "final_total": 1000}),
             "W3" => {

@@ -25,6 +25,7 @@ use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
 use crate::scheduler::{
     LockCallError, Refusal, Scheduler, SubmitError, TaskState, TaskView, WorkerState,
 };
+use crate::store::{Store, StoreError};
 
 /// The most task IDs one listing request looks at (bounds the time it
 /// holds the scheduling state, whatever the filters).
@@ -65,6 +66,10 @@ pub struct Cluster {
     pub cfg: ClusterConfig,
     /// Per-cluster secret the workers authenticate with.
     pub worker_secret: String,
+    /// Which master this is: the store's count of masters on the state
+    /// directory, or the start time (Unix ms) when nothing is kept. Every
+    /// response carries it (`Flotilla-Master-Incarnation`).
+    pub master_incarnation: u64,
     master_url: OnceLock<String>,
     /// Beside the state: counts what its transitions did.
     metrics: Metrics,
@@ -72,25 +77,44 @@ pub struct Cluster {
     failed_starts: Mutex<std::collections::HashMap<WorkerId, u32>>,
     /// Set on shutdown: deaths are then expected, nothing is restarted.
     stopping: std::sync::atomic::AtomicBool,
+    /// The durable state (`None`: ephemeral). Every transition's journal is
+    /// appended to it inside the same critical section, so in order.
+    store: Option<Arc<Store>>,
 }
 
-fn random_secret() -> String {
+pub fn random_secret() -> String {
     use rand::Rng;
     let bytes: [u8; 24] = rand::thread_rng().gen();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl Cluster {
-    pub fn new(cfg: ClusterConfig, runtime: Arc<dyn Runtime>) -> Arc<Self> {
+    /// A cluster; with a `store`, every transition is kept in it and the
+    /// worker secret is the one the store holds.
+    pub fn new(
+        cfg: ClusterConfig,
+        runtime: Arc<dyn Runtime>,
+        store: Option<(Arc<Store>, String, u64)>,
+    ) -> Arc<Self> {
+        let mut sched = Scheduler::new(cfg.max_attempts);
+        let (store, worker_secret, master_incarnation) = match store {
+            Some((store, secret, incarnation)) => {
+                sched.keep_journal();
+                (Some(store), secret, incarnation)
+            }
+            None => (None, random_secret(), crate::scheduler::unix_ms()),
+        };
         Arc::new(Cluster {
-            sched: Mutex::new(Scheduler::new(cfg.max_attempts)),
+            sched: Mutex::new(sched),
             runtime,
             cfg,
-            worker_secret: random_secret(),
+            worker_secret,
+            master_incarnation,
             master_url: OnceLock::new(),
             metrics: Metrics::default(),
             failed_starts: Mutex::new(Default::default()),
             stopping: Default::default(),
+            store,
         })
     }
 
@@ -119,6 +143,20 @@ impl Cluster {
             .map(|h| h.locator)
     }
 
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.as_ref()
+    }
+
+    /// Waits until every transition made so far is durable (at once when
+    /// the state is ephemeral). Submissions, published lock releases and
+    /// results are acknowledged only after this.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        match &self.store {
+            Some(store) => store.flush().await,
+            None => Ok(()),
+        }
+    }
+
     /// The address workers use to reach this master; set once it listens.
     pub fn set_master_url(&self, url: String) {
         let _ = self.master_url.set(url);
@@ -132,12 +170,20 @@ impl Cluster {
     }
 
     /// Runs `f` on the scheduling state: one short critical section. The
-    /// transitions inside fire whatever waits for them.
+    /// transitions inside fire whatever waits for them, and what they
+    /// changed is appended to the store in the same critical section (so in
+    /// order).
     fn with_state<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
         let mut s = self.sched.lock().expect("scheduler lock poisoned");
         let out = f(&mut s);
         for tally in s.drain_tallies() {
             self.metrics.record(tally);
+        }
+        if let Some(store) = &self.store {
+            let ops = s.take_journal();
+            if !ops.is_empty() {
+                store.append(ops);
+            }
         }
         out
     }
@@ -159,18 +205,53 @@ impl Cluster {
         }
     }
 
+    /// The first task ID to hand out (see `Scheduler::set_next_task_id`).
+    pub fn set_next_task_id(&self, next: TaskId) {
+        self.with_state(|s| s.set_next_task_id(next));
+    }
+
+    /// Startup: the manifest's workers, known to the scheduler but not
+    /// started yet (so a restore can give them back their queues).
+    pub fn add_workers_unstarted(&self, capacities: &[usize]) -> Vec<WorkerId> {
+        self.with_state(|s| capacities.iter().map(|&c| s.add_worker(c).0).collect())
+    }
+
+    /// Takes back what the previous master on this state directory left:
+    /// resource values and versions, then tasks and workers (see
+    /// `Scheduler::restore`).
+    pub fn restore(&self, rec: &crate::store::Recovered) -> Result<(), String> {
+        self.with_state(|s| {
+            for r in &rec.resources {
+                s.locks.restore(r)?;
+            }
+            s.restore(rec);
+            Ok(())
+        })
+    }
+
     /// Startup and `/add`: a new worker ID, started by the runtime.
     pub async fn add_worker(
         &self,
         capacity: usize,
     ) -> Result<WorkerId, crate::runtime::RuntimeError> {
-        let (id, inc) = self.with_state(|s| s.add_worker(capacity));
+        let (id, _) = self.with_state(|s| s.add_worker(capacity));
+        self.start_worker(id).await?;
+        Ok(id)
+    }
+
+    /// Starts a worker the scheduler already has (at startup, after the
+    /// state was restored).
+    pub async fn start_worker(&self, id: WorkerId) -> Result<(), crate::runtime::RuntimeError> {
+        let Some((inc, capacity)) =
+            self.with_state(|s| s.worker(id).map(|w| (w.incarnation, w.capacity)))
+        else {
+            return Ok(());
+        };
         info!(
             worker = id,
             capacity, "Node {id} added with capacity {capacity}"
         );
-        self.runtime.start(self.launch(id, inc, capacity)).await?;
-        Ok(id)
+        self.runtime.start(self.launch(id, inc, capacity)).await
     }
 
     /// `/stop/{node}`: kill it for real, then recover as from any death.
@@ -339,7 +420,22 @@ impl Cluster {
                 .wait(Some(Instant::now() + wait))
                 .await;
         }
-        self.with_state(|s| s.task(id))
+        let view = self.with_state(|s| s.task(id))?;
+        if view.state.is_final() {
+            // Never show a result a restart could take back.
+            self.durable_reads().await;
+        }
+        Some(view)
+    }
+
+    /// Client reads of final results wait until they are durable, so what a
+    /// client saw (a result, a place in the completion feed) is still there
+    /// after a restart. A failing store is reported on the writes; reads
+    /// then show what is in memory.
+    async fn durable_reads(&self) {
+        if let Err(e) = self.durable().await {
+            warn!(error = %e, "showing results that are not durable");
+        }
     }
 
     /// `GET /tasks`: one page of the task listing (see `Scheduler::list_tasks`).
@@ -371,7 +467,11 @@ impl Cluster {
                 }
                 page
             });
-            if !tasks.is_empty() || Instant::now() >= deadline {
+            if !tasks.is_empty() {
+                self.durable_reads().await;
+                return (tasks, next);
+            }
+            if Instant::now() >= deadline {
                 return (tasks, next);
             }
             let woken = self
@@ -590,6 +690,13 @@ impl Cluster {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runtime.shutdown().await;
+        if let Some(store) = &self.store {
+            if let Err(e) = store.flush().await {
+                error!(error = %e, "the last changes could not be stored");
+            }
+            let store = store.clone();
+            let _ = tokio::task::spawn_blocking(move || store.close()).await;
+        }
     }
 }
 

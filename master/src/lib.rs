@@ -48,6 +48,12 @@ pub struct ServeOptions {
     /// without the token (for Prometheus). None: /metrics only on the API,
     /// behind the token.
     pub metrics_port: Option<u16>,
+    /// Where the durable state lives (`flotilla up`: `--state-dir`,
+    /// `spec.stateDir` or `.flotilla/<name>`); `None`: nothing is kept.
+    pub state_dir: Option<std::path::PathBuf>,
+    /// With nothing kept: task IDs start from the clock (microseconds since
+    /// the epoch), so a restarted master never hands out an ID again.
+    pub time_based_ids: bool,
 }
 
 impl Default for ServeOptions {
@@ -62,6 +68,8 @@ impl Default for ServeOptions {
             advertise_url: None,
             worker_env: Vec::new(),
             metrics_port: None,
+            state_dir: None,
+            time_based_ids: false,
         }
     }
 }
@@ -138,6 +146,17 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
             opts.bind
         );
     }
+    // The state directory first: a second master on it must refuse before
+    // it touches any worker.
+    let durable = match &opts.state_dir {
+        Some(dir) => {
+            let (store, recovered) =
+                store::Store::open(dir, &spec.name, &cluster::random_secret())?;
+            info!(dir = %dir.display(), fresh = recovered.fresh, tasks = recovered.tasks.len(), "state directory opened");
+            Some((Arc::new(store), recovered))
+        }
+        None => None,
+    };
     let runtime_kind = opts.runtime.unwrap_or(spec.runtime);
     let initial = check(spec, opts.runtime).await?;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -151,12 +170,38 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         worker_env: opts.worker_env.clone(),
         ..ClusterConfig::default()
     };
-    let cluster = Cluster::new(cfg, runtime);
+    let cluster = Cluster::new(
+        cfg,
+        runtime,
+        durable.as_ref().map(|(store, rec)| {
+            (
+                store.clone(),
+                rec.worker_secret.clone(),
+                rec.master_incarnation,
+            )
+        }),
+    );
+    if opts.time_based_ids && durable.is_none() {
+        let micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        cluster.set_next_task_id(micros);
+    }
     for (name, kind, value) in initial {
         cluster
             .create_resource(&name, kind, value)
             .map_err(|e| anyhow::anyhow!("shared resource `{name}`: {e}"))?;
     }
+    // The manifest's workers, not started yet: the restored tasks sent to
+    // a node go back to its queue.
+    let worker_ids = cluster.add_workers_unstarted(&spec.capacities);
+    if let Some((store, rec)) = &durable {
+        cluster
+            .restore(rec)
+            .map_err(|e| anyhow::anyhow!("state directory {}: {e}", store.dir().display()))?;
+    }
+    drop(durable);
     let listener = TcpListener::bind((opts.bind, opts.port))
         .await
         .with_context(|| {
@@ -217,9 +262,8 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     cluster.spawn_health_monitor();
     info!(%addr, runtime = runtime_kind_name(runtime_kind), workers = spec.capacities.len(), "master listening");
     // All at once: a container or pod start is mostly waiting on the engine
-    // or the API server. IDs are still 0..n-1 in manifest order (each is
-    // taken before the first await).
-    let starts = spec.capacities.iter().map(|&c| cluster.add_worker(c));
+    // or the API server.
+    let starts = worker_ids.into_iter().map(|id| cluster.start_worker(id));
     let failed = futures::future::join_all(starts)
         .await
         .into_iter()

@@ -66,6 +66,15 @@ struct ServeArgs {
     /// Only from the environment, so that it never shows in `ps`.
     #[arg(skip = std::env::var("FLOTILLA_TOKEN").ok().filter(|t| !t.is_empty()))]
     token: Option<String>,
+    /// Where the master keeps its durable state (`up` default: the
+    /// manifest's spec.stateDir, else .flotilla/<cluster name>; `run`: none
+    /// unless given).
+    #[arg(long, conflicts_with = "ephemeral")]
+    state_dir: Option<PathBuf>,
+    /// Keep nothing: a master that dies loses its queued tasks, results and
+    /// resource values (task IDs still never repeat: they start from the clock).
+    #[arg(long)]
+    ephemeral: bool,
 }
 
 fn parse_advertise_url(raw: &str) -> Result<String, String> {
@@ -256,7 +265,22 @@ fn serve_options(a: &ServeArgs, worker_env: Vec<(String, String)>) -> ServeOptio
         metrics_port: a.metrics_port,
         advertise_url: a.advertise_url.clone(),
         token: a.token.clone(),
+        state_dir: a.state_dir.clone(),
+        time_based_ids: a.ephemeral,
     }
+}
+
+/// `flotilla up` is durable unless told otherwise.
+fn up_state_dir(a: &ServeArgs, spec: &manifest::ClusterSpec) -> Option<PathBuf> {
+    if a.ephemeral {
+        return None;
+    }
+    Some(
+        a.state_dir
+            .clone()
+            .or_else(|| spec.state_dir.clone())
+            .unwrap_or_else(|| flotilla::store::Store::default_dir(&spec.name)),
+    )
 }
 
 #[tokio::main]
@@ -297,10 +321,15 @@ async fn main() -> Result<()> {
                 cli.color,
                 spec.otlp_endpoint.as_deref(),
             );
-            let opts = serve_options(&args, workers);
+            let mut opts = serve_options(&args, workers);
+            opts.state_dir = up_state_dir(&args, &spec);
             let master = flotilla::start(&spec, &opts).await?;
+            let state = match &opts.state_dir {
+                Some(dir) => format!("state in {}", dir.display()),
+                None => "ephemeral: nothing is kept".into(),
+            };
             println!(
-                "flotilla master listening on {} ({} workers); Ctrl-C to stop",
+                "flotilla master listening on {} ({} workers, {state}); Ctrl-C to stop",
                 master.url(),
                 spec.capacities.len()
             );
@@ -419,8 +448,10 @@ fn print_figures(f: &serde_json::Value) {
     let w = &f["workloads"];
     if let Some(x) = w.get("W1") {
         println!(
-            "W1 throughput: {:.0} tasks/s",
-            x["tasks_per_s"].as_f64().unwrap_or(0.0)
+            "W1 throughput: {:.0} tasks/s durable; {:.0} tasks/s --ephemeral (durable at {:.0}% of it)",
+            x["tasks_per_s"].as_f64().unwrap_or(0.0),
+            x["ephemeral_tasks_per_s"].as_f64().unwrap_or(0.0),
+            100.0 * x["durable_vs_ephemeral"].as_f64().unwrap_or(0.0)
         );
     }
     if let Some(x) = w.get("W2") {

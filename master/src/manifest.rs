@@ -128,6 +128,9 @@ pub struct ClusterSpec {
     /// `spec.fileRoot`: the directory File resources' `path`s must be in.
     /// Unset: no File resource may name a path.
     pub file_root: Option<std::path::PathBuf>,
+    /// `spec.stateDir`: where `flotilla up` keeps the durable state (the
+    /// CLI's `--state-dir` wins; default `.flotilla/<name>`).
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// `spec.workerPods`: copied into every worker pod the Kubernetes runtime
@@ -172,6 +175,7 @@ impl ClusterSpec {
             worker_otlp_endpoint: None,
             worker_pods: WorkerPods::default(),
             file_root: None,
+            state_dir: None,
         }
     }
 }
@@ -268,6 +272,8 @@ struct NativeSpec {
     heartbeat: Option<NativeHeartbeat>,
     #[serde(default)]
     max_attempts: Option<u32>,
+    #[serde(default)]
+    state_dir: Option<String>,
     workers: Vec<NativeWorker>,
     #[serde(default)]
     resources: Vec<NativeResource>,
@@ -461,6 +467,15 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     }
     if let Some(m) = s.max_attempts {
         spec.max_attempts = m;
+    }
+    if let Some(d) = s.state_dir {
+        if d.trim().is_empty() {
+            return Err(
+                "spec.stateDir must not be empty (leave it out for the default .flotilla/<name>)"
+                    .into(),
+            );
+        }
+        spec.state_dir = Some(d.into());
     }
     for w in s.workers {
         for _ in 0..w.replicas {
@@ -786,6 +801,7 @@ spec:
   workerResources: { cpuPerCapacity: 0.5, memory: 256Mi }
   heartbeat: { intervalSeconds: 0.5, timeoutSeconds: 2 }
   maxAttempts: 2
+  stateDir: /var/lib/flotilla/demo
   workers:
     - capacity: 4
       replicas: 2
@@ -800,6 +816,14 @@ spec:
         assert_eq!(spec.heartbeat_interval, Duration::from_millis(500));
         assert_eq!(spec.worker_resources.memory_bytes, 256 << 20);
         assert_eq!(spec.max_attempts, 2);
+        assert_eq!(
+            spec.state_dir.as_deref(),
+            Some(std::path::Path::new("/var/lib/flotilla/demo"))
+        );
+        let err = parse(&text.replace("/var/lib/flotilla/demo", "''"), "n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("spec.stateDir"), "{err}");
         let err = parse(&text.replace("capacity: 8", "capacity: 0"), "n")
             .unwrap_err()
             .to_string();

@@ -54,7 +54,7 @@ fn an_unknown_key_is_named_with_its_line() {
         "unknown.yaml",
         "system:\n  node_quantity: 2\n  node_capacites: [1, 2]\n",
     );
-    let (ok, _, err) = flotilla(&["up", &f, "--port", "0"]);
+    let (ok, _, err) = flotilla(&["up", &f, "--port", "0", "--ephemeral"]);
     assert!(!ok);
     assert!(
         err.contains("node_capacites") && err.contains("line 3"),
@@ -87,7 +87,7 @@ fn binding_beyond_loopback_needs_a_token_or_insecure() {
 #[test]
 fn an_unknown_runtime_is_named() {
     let f = write("ok2.yaml", "system:\n  node_quantity: 1\n");
-    let (ok, _, err) = flotilla(&["up", &f, "--port", "0", "--runtime", "nomad"]);
+    let (ok, _, err) = flotilla(&["up", &f, "--port", "0", "--ephemeral", "--runtime", "nomad"]);
     assert!(!ok);
     assert!(err.contains("nomad"), "{err}");
 }

@@ -60,6 +60,15 @@ pub fn temp_file(name: &str, content: &str) -> PathBuf {
     path
 }
 
+/// A new, empty state directory under the temporary directory.
+pub fn fresh_state_dir() -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::env::temp_dir()
+        .join(format!("flotilla-e2e-{}", std::process::id()))
+        .join(format!("state-{n}"))
+}
+
 /// A running `flotilla up`, killed (with its workers) on drop.
 pub struct Cluster {
     child: Child,
@@ -87,7 +96,18 @@ impl Cluster {
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let path = temp_file(&format!("cluster-{n}.yaml"), manifest);
         let mut cmd = Command::new(bin("flotilla"));
-        cmd.arg("up").arg(&path).args(["--port", "0"]).args(args);
+        cmd.arg("up").arg(&path).args(args);
+        if !args.contains(&"--port") {
+            cmd.args(["--port", "0"]);
+        }
+        // Durable by default, each cluster in a state directory of its own
+        // (tests run in parallel and reuse cluster names).
+        if !args
+            .iter()
+            .any(|a| *a == "--state-dir" || *a == "--ephemeral")
+        {
+            cmd.arg("--state-dir").arg(fresh_state_dir());
+        }
         cmd.env(
             "RUST_LOG",
             std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -135,6 +155,12 @@ impl Cluster {
     /// The master's process ID.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILLs the master's process (only it) and reaps it.
+    pub fn kill_master(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {

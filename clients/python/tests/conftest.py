@@ -55,7 +55,9 @@ class Master:
         full_env.update(env or {})
         full_env.setdefault("RUST_LOG", "warn")
         self.proc = subprocess.Popen(
-            [flotilla_bin(), "up", str(path), "--port", "0"],
+            # Durable, in a state directory of its own (removed with the rest).
+            [flotilla_bin(), "up", str(path), "--port", "0",
+             "--state-dir", str(Path(self.dir.name) / "state")],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -67,6 +67,8 @@ pub struct LockTable {
     next_id: RequestId,
     /// Fencing tokens of write grants revoked by a death, for the error message.
     revoked: HashMap<(String, u64), Owner>,
+    /// Resources whose value or version changed since [`LockTable::take_changed`].
+    changed: std::collections::BTreeSet<String>,
 }
 
 impl LockTable {
@@ -82,6 +84,7 @@ impl LockTable {
         } else {
             kind.check(value)?
         };
+        self.changed.insert(name.to_string());
         self.resources.insert(
             name.to_string(),
             Resource {
@@ -138,12 +141,18 @@ impl LockTable {
             owner,
             tx,
         });
-        Self::pump(name, r);
+        if Self::pump(name, r) {
+            self.changed.insert(name.to_string());
+        }
         Ok(id)
     }
 
     /// Grants from the head of the queue while the head is compatible.
-    fn pump(name: &str, r: &mut Resource) {
+    /// Returns true when it made a write grant: that bumped the version
+    /// (the fencing token), which the durable store must keep.
+    #[must_use]
+    fn pump(name: &str, r: &mut Resource) -> bool {
+        let mut wrote = false;
         while let Some(head) = r.queue.front() {
             let grantable = match head.mode {
                 LockMode::Write => r.writer.is_none() && r.readers.is_empty(),
@@ -156,6 +165,7 @@ impl LockTable {
             let token = match w.mode {
                 LockMode::Write => {
                     r.version += 1;
+                    wrote = true;
                     r.version
                 }
                 LockMode::Read => r.version,
@@ -178,6 +188,7 @@ impl LockTable {
             }
             info!(resource = name, mode = %w.mode, worker = w.owner.worker, task = w.owner.task, token, "Node {} has acquired {} access to resource {name}", w.owner.worker, w.mode);
         }
+        wrote
     }
 
     /// `owner`'s request `id` is going away (timed out, connection closed).
@@ -200,7 +211,9 @@ impl LockTable {
                 r.writer = None;
             }
         }
-        Self::pump(name, r);
+        if Self::pump(name, r) {
+            self.changed.insert(name.to_string());
+        }
     }
 
     /// Releases `owner`'s lock on `name`. A write release with `publish`
@@ -271,7 +284,10 @@ impl LockTable {
         }
         info!(resource = name, %mode, worker = owner.worker, task = owner.task, committed, "Node {} has released {mode} access to resource {name}", owner.worker);
         let version = r.version;
-        Self::pump(name, r);
+        let wrote = Self::pump(name, r);
+        if wrote || committed {
+            self.changed.insert(name.to_string());
+        }
         Ok((version, committed))
     }
 
@@ -305,9 +321,50 @@ impl LockTable {
             let after = r.readers.len() + r.writer.is_some() as usize + r.queue.len();
             if after != before {
                 info!(resource = %name, "Releasing resources held by a {} task", if revoke { "dead worker's" } else { "finished" });
-                Self::pump(name, r);
+                if Self::pump(name, r) {
+                    self.changed.insert(name.clone());
+                }
             }
         }
+    }
+
+    /// The resources whose value or version changed since the last call, as
+    /// the durable store keeps them.
+    pub fn take_changed(&mut self) -> Vec<crate::store::ResourceRecord> {
+        std::mem::take(&mut self.changed)
+            .into_iter()
+            .filter_map(|name| {
+                let r = self.resources.get(&name)?;
+                Some(crate::store::ResourceRecord {
+                    kind: r.kind.name().to_string(),
+                    value: r.value.clone(),
+                    version: r.version,
+                    name,
+                })
+            })
+            .collect()
+    }
+
+    /// A resource as the store kept it: created if the manifest did not
+    /// create it, otherwise its value and version are the stored ones.
+    pub fn restore(&mut self, rec: &crate::store::ResourceRecord) -> Result<(), String> {
+        let kind = ResourceType::parse(&rec.kind)?;
+        if !self.resources.contains_key(&rec.name) {
+            self.create(&rec.name, kind, Value::Null)?;
+        }
+        let r = self.resources.get_mut(&rec.name).expect("just ensured");
+        if r.kind != kind {
+            return Err(format!(
+                "shared resource `{}` is a {} in the manifest but a {} in the state directory",
+                rec.name,
+                r.kind.name(),
+                kind.name()
+            ));
+        }
+        r.value = kind.check(rec.value.clone())?;
+        r.version = rec.version;
+        self.changed.remove(&rec.name);
+        Ok(())
     }
 
     pub fn view(&self, name: &str) -> Option<ResourceView> {

@@ -28,6 +28,7 @@ use policy::WorkerView;
 pub use task::{CrashVerdict, Task};
 
 use crate::resources::locks::{LockError, LockTable, Owner, RequestId};
+use crate::store::{AttemptRecord, Op, Recovered, WorkerRecord};
 use flotilla_proto::{LockGrant, LockMode};
 
 pub use flotilla_proto::api::{NodeView, TaskState, TaskView, WorkerState};
@@ -131,6 +132,19 @@ pub struct Scheduler {
     /// What happened since the owner last looked, for its metrics.
     tallies: Vec<Tally>,
     steals: u64,
+    /// The changes the durable store must keep, in order (`None`: the
+    /// state is ephemeral). The owner drains it after every transition.
+    journal: Option<Vec<Op>>,
+}
+
+/// Appends a store operation when the state is durable; the operation is
+/// not even built otherwise.
+macro_rules! journal {
+    ($self:ident, $op:expr) => {
+        if let Some(j) = $self.journal.as_mut() {
+            j.push($op);
+        }
+    };
 }
 
 /// Something a transition did that the metrics count. The scheduler only
@@ -197,6 +211,7 @@ impl Scheduler {
             lease_of: HashMap::new(),
             tallies: Vec::new(),
             steals: 0,
+            journal: None,
         }
     }
 
@@ -240,6 +255,122 @@ impl Scheduler {
         }
     }
 
+    /// From now on every transition is journaled for the durable store.
+    pub fn keep_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The store operations of the transitions since the last call.
+    pub fn take_journal(&mut self) -> Vec<Op> {
+        let changed = self.locks.take_changed();
+        let Some(j) = self.journal.as_mut() else {
+            return Vec::new();
+        };
+        let mut ops = std::mem::take(j);
+        ops.extend(changed.into_iter().map(Op::Resource));
+        ops
+    }
+
+    /// The first task ID to hand out (a restored counter, or a time-based
+    /// one when nothing is kept).
+    pub fn set_next_task_id(&mut self, next: TaskId) {
+        self.next_task = self.next_task.max(next);
+    }
+
+    fn worker_record(w: &Worker) -> WorkerRecord {
+        WorkerRecord {
+            id: w.id,
+            capacity: w.capacity,
+            incarnation: w.incarnation,
+            restarts: w.restarts,
+            pid: w.pid,
+            handle: None,
+        }
+    }
+
+    /// Takes back what a previous master left in the store. Called after the
+    /// manifest's workers were added (not yet started) and before anything
+    /// else happens. None of the previous master's workers is running any
+    /// more: their open attempts are lost and their grants revoked; every
+    /// unfinished task is queued again in ID order (a task sent to a node
+    /// goes back to that node's queue); finished tasks keep their results
+    /// and their place in the completion feed. A worker the store knows
+    /// keeps its restart count and gets the next incarnation, so nothing an
+    /// old incarnation sends is ever taken for the new one's.
+    pub fn restore(&mut self, rec: &Recovered) {
+        self.set_next_task_id(rec.next_task_id);
+        for wr in &rec.workers {
+            if let Some(w) = self.workers.get_mut(wr.id as usize) {
+                w.incarnation = w.incarnation.max(wr.incarnation + 1);
+                w.restarts = wr.restarts;
+                journal!(self, Op::Worker(Self::worker_record(w)));
+            }
+        }
+        for a in &rec.open_attempts {
+            journal!(
+                self,
+                Op::EndAttempt {
+                    task: a.task,
+                    attempt: a.attempt,
+                    outcome: "lost: the master restarted".into(),
+                }
+            );
+        }
+        for g in &rec.grants {
+            journal!(
+                self,
+                Op::Ungrant {
+                    resource: g.resource.clone(),
+                    request: g.request,
+                }
+            );
+        }
+        let mut finished: Vec<&crate::store::TaskRecord> = Vec::new();
+        for t in &rec.tasks {
+            let state = match t.state.as_str() {
+                "succeeded" => TaskState::Succeeded,
+                "failed" => TaskState::Failed,
+                _ => TaskState::Queued,
+            };
+            let mut task = Task::restored(t, state);
+            if state.is_final() {
+                task.node = t.node;
+                finished.push(t);
+            } else {
+                let target = t.target.filter(|&w| (w as usize) < self.workers.len());
+                match target {
+                    Some(w) => {
+                        task.state = TaskState::Assigned;
+                        task.node = Some(w);
+                        self.workers[w as usize].waiting.push_back(t.id);
+                    }
+                    None => self.master_queue.push_back(t.id),
+                }
+                journal!(
+                    self,
+                    Op::Queue {
+                        id: t.id,
+                        node: target
+                    }
+                );
+            }
+            self.tasks.insert(t.id, task);
+        }
+        finished.sort_by_key(|t| t.feed_pos);
+        self.completions.extend(finished.iter().map(|t| t.id));
+        let queued = rec.tasks.len() - finished.len();
+        if !rec.fresh {
+            info!(
+                queued,
+                finished = finished.len(),
+                lost_attempts = rec.open_attempts.len(),
+                next_task_id = self.next_task,
+                "state restored"
+            );
+        }
+        self.dispatch();
+    }
+
     // ----- workers -------------------------------------------------------
 
     /// A new worker (startup or `/add`): the next ID, first incarnation.
@@ -259,6 +390,10 @@ impl Scheduler {
             pid: None,
             locator: None,
         });
+        journal!(
+            self,
+            Op::Worker(Self::worker_record(&self.workers[id as usize]))
+        );
         self.dispatch();
         (id, 1)
     }
@@ -305,6 +440,7 @@ impl Scheduler {
         w.pid = pid;
         w.locator = locator;
         w.last_heartbeat = Instant::now();
+        journal!(self, Op::Worker(Self::worker_record(w)));
         info!(worker = id, incarnation = inc, "Node {id} activated");
         let capacity = w.capacity;
         fire(&mut self.waiters.registered);
@@ -396,6 +532,13 @@ impl Scheduler {
         for &tid in requeue.iter().rev() {
             self.task_mut(tid).requeue();
             self.master_queue.push_front(tid);
+            journal!(
+                self,
+                Op::Queue {
+                    id: tid,
+                    node: None
+                }
+            );
         }
         self.room_freed();
         self.dispatch();
@@ -416,6 +559,7 @@ impl Scheduler {
         w.restarts += 1;
         w.last_heartbeat = Instant::now();
         let out = (w.incarnation, w.capacity);
+        journal!(self, Op::Worker(Self::worker_record(w)));
         self.dispatch();
         Some(out)
     }
@@ -429,17 +573,27 @@ impl Scheduler {
             .expect("a queued or running task exists")
     }
 
-    fn new_task(&mut self, spec: TaskSpec) -> TaskId {
+    fn new_task(&mut self, spec: TaskSpec, target: Option<WorkerId>) -> TaskId {
         let id = self.next_task;
         self.next_task += 1;
-        self.tasks.insert(id, Task::new(id, spec));
+        let task = Task::new(id, spec);
+        journal!(
+            self,
+            Op::Submit {
+                id,
+                spec: task.spec.clone(),
+                target,
+                submitted_at: task.submitted_at,
+            }
+        );
+        self.tasks.insert(id, task);
         self.tallies.push(Tally::Submitted);
         id
     }
 
     /// `/send`: into the master queue, assigned by round-robin.
     pub fn submit(&mut self, spec: TaskSpec) -> TaskId {
-        let id = self.new_task(spec);
+        let id = self.new_task(spec, None);
         self.master_queue.push_back(id);
         self.dispatch();
         id
@@ -454,7 +608,7 @@ impl Scheduler {
         if w.held() >= w.capacity {
             return Err(SubmitError::Full(worker));
         }
-        let id = self.new_task(spec);
+        let id = self.new_task(spec, Some(worker));
         self.task_mut(id).assign(worker, None);
         let w = &mut self.workers[worker as usize];
         w.waiting.push_back(id);
@@ -529,6 +683,14 @@ impl Scheduler {
             w.running.remove(&slot);
             w.waiting.push_front(a.task_id);
             self.end_attempt(a.task_id, a.attempt);
+            journal!(
+                self,
+                Op::EndAttempt {
+                    task: a.task_id,
+                    attempt: a.attempt,
+                    outcome: "undelivered".into(),
+                }
+            );
             self.task_mut(a.task_id).unhand(worker);
             debug!(
                 task = a.task_id,
@@ -586,6 +748,15 @@ impl Scheduler {
     /// then failed as poison).
     fn crashed(&mut self, tid: TaskId, culprit_host: Option<WorkerId>, error: String) -> bool {
         let max = self.max_attempts;
+        let attempt = self.task_mut(tid).attempts;
+        journal!(
+            self,
+            Op::EndAttempt {
+                task: tid,
+                attempt,
+                outcome: format!("crashed: {error}"),
+            }
+        );
         match self.task_mut(tid).crashed(culprit_host, error, max) {
             CrashVerdict::Retry => {
                 self.tallies.push(Tally::Retried);
@@ -602,6 +773,13 @@ impl Scheduler {
     fn requeue_front(&mut self, tid: TaskId) {
         self.task_mut(tid).requeue();
         self.master_queue.push_front(tid);
+        journal!(
+            self,
+            Op::Queue {
+                id: tid,
+                node: None
+            }
+        );
     }
 
     fn finish(
@@ -614,6 +792,25 @@ impl Scheduler {
         if let Some(ran) = self.task_mut(tid).finish(state, result, error) {
             self.tallies.push(Tally::Finished { ran });
         }
+        let feed_pos = self.completions.len() as u64;
+        let task = &self.tasks[&tid];
+        journal!(
+            self,
+            Op::Finish {
+                id: tid,
+                state: if state == TaskState::Succeeded {
+                    "succeeded".into()
+                } else {
+                    "failed".into()
+                },
+                node: task.node,
+                attempts: task.attempts,
+                result: task.result.clone(),
+                error: task.error.clone(),
+                finished_at: task.finished_at.unwrap_or_default(),
+                feed_pos,
+            }
+        );
         self.completions.push(tid);
         fire(&mut self.waiters.completed);
     }
@@ -724,6 +921,18 @@ impl Scheduler {
                             w.id
                         );
                         w.running.insert(slot, (tid, attempt));
+                        journal!(
+                            self,
+                            Op::Start(AttemptRecord {
+                                task: tid,
+                                attempt,
+                                worker: w.id,
+                                incarnation: w.incarnation,
+                                slot,
+                                started_at: unix_ms(),
+                                outcome: None,
+                            })
+                        );
                         let owner = Owner {
                             worker: w.id,
                             incarnation: w.incarnation,

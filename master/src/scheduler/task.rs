@@ -73,6 +73,20 @@ impl Task {
         }
     }
 
+    /// A task as the durable store kept it, in `state` (queued again, or
+    /// final with its result).
+    pub fn restored(rec: &crate::store::TaskRecord, state: TaskState) -> Task {
+        let mut task = Task::new(rec.id, rec.spec.clone());
+        task.state = state;
+        task.attempts = rec.attempts;
+        task.result = rec.result.clone();
+        task.error = rec.error.clone();
+        task.submitted_at = rec.submitted_at;
+        task.started_at = rec.started_at;
+        task.finished_at = rec.finished_at;
+        task
+    }
+
     /// Placed in `worker`'s queue (by round-robin, `/send/{node}`, or a
     /// steal from `stolen_from`).
     pub fn assign(&mut self, worker: WorkerId, stolen_from: Option<WorkerId>) {

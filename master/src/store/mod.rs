@@ -206,6 +206,9 @@ pub enum Op {
 pub struct Recovered {
     /// True when the directory held no store (a first start).
     pub fresh: bool,
+    /// This master's incarnation: one more than the previous master's on
+    /// this state directory (1 on a first start).
+    pub master_incarnation: u64,
     /// The first ID this master may hand out: above every ID ever handed out.
     pub next_task_id: TaskId,
     pub worker_secret: String,

@@ -458,6 +458,14 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let master_incarnation: u64 = meta("master_incarnation")?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            + 1;
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('master_incarnation', ?1)",
+            [master_incarnation.to_string()],
+        )?;
         let ever: i64 = tx.query_row(
             "SELECT count(*) FROM meta WHERE key = 'first_open_done'",
             [],
@@ -472,6 +480,7 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
         tx.commit()?;
         Ok(Recovered {
             fresh: ever == 0,
+            master_incarnation,
             next_task_id: counter.max(max_id + 1),
             worker_secret,
             tasks,

@@ -63,11 +63,13 @@ fn first_start_creates_a_store_and_the_next_one_finds_it() {
     let dir = tempdir("fresh");
     let (store, rec) = open(&dir, "alpha").unwrap();
     assert!(rec.fresh);
+    assert_eq!(rec.master_incarnation, 1);
     assert_eq!(rec.next_task_id, 1);
     assert_eq!(rec.worker_secret, "secret-1");
     drop(store);
     let (_store, rec) = Store::open(&dir, "alpha", "another").unwrap();
     assert!(!rec.fresh);
+    assert_eq!(rec.master_incarnation, 2, "each master is the next one");
     assert_eq!(
         rec.worker_secret, "secret-1",
         "the secret is the cluster's, kept"

@@ -1,0 +1,282 @@
+//! The master's durable state, end to end: a SIGKILLed master started again
+//! on the same state directory loses no accepted task and no resource
+//! value, hands out no task ID twice; a second master on the directory and
+//! bad state directories are refused with errors that name the way out.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use flotilla_e2e::{flotilla_fails, fresh_state_dir, temp_file, Cluster};
+use serde_json::{json, Value};
+
+fn manifest(name: &str, capacities: &[usize]) -> String {
+    let workers: String = capacities
+        .iter()
+        .map(|c| format!("    - capacity: {c}\n"))
+        .collect();
+    format!(
+        "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata:\n  name: {name}\nspec:\n  heartbeat: {{ intervalSeconds: 1, timeoutSeconds: 10 }}\n  workers:\n{workers}  resources:\n    - {{ name: total, type: Integer, initialValue: 0 }}\n"
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Follows the completion feed from the start until `want` tasks are in it
+/// (or `timeout`); returns every entry, in feed order.
+async fn feed(c: &Cluster, want: usize, timeout: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    let mut all = Vec::new();
+    let mut next = 0u64;
+    while all.len() < want && Instant::now() < deadline {
+        let (status, body) = c
+            .get(&format!("/tasks/finished?after={next}&wait=5"))
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        all.extend(body["tasks"].as_array().unwrap().iter().cloned());
+        next = body["next"].as_u64().unwrap();
+    }
+    all
+}
+
+/// Which master answered (the response header every answer carries).
+async fn master_incarnation(c: &Cluster) -> u64 {
+    let resp = c
+        .http
+        .get(format!("{}/health", c.url))
+        .send()
+        .await
+        .unwrap();
+    resp.headers()["flotilla-master-incarnation"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+const ADD_ONE: &str = "import time\ntotal = request_write_resource('total')\ntotal.value += 1\nrelease_write_resource('total')\ntime.sleep(0.15)\nresponse = total.value";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_master_started_again_loses_no_task_and_no_value() {
+    let dir = fresh_state_dir();
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let port = free_port().to_string();
+    let text = manifest("durable-kill", &[2, 2, 2]);
+    let args = [
+        "--state-dir",
+        dir_arg.as_str(),
+        "--port",
+        port.as_str(),
+        "--slots",
+        "2",
+    ];
+    let mut first = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    assert_eq!(master_incarnation(&first).await, 1);
+    let tasks: Vec<Value> = (0..120)
+        .map(|_| json!({"type": "python", "command": ADD_ONE}))
+        .collect();
+    let (status, body) = first
+        .post("/tasks", json!({ "tasks": tasks }))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<u64> = body["task_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 120);
+
+    let before = feed(&first, 40, Duration::from_secs(60)).await;
+    assert!(before.len() >= 40, "only {} finished", before.len());
+    let (_, res) = first.get("/resources/total").await.unwrap();
+    let version_before = res["version"].as_u64().unwrap();
+    first.kill_master(); // SIGKILL, the master only
+
+    let second = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    assert_eq!(
+        master_incarnation(&second).await,
+        2,
+        "another master answers"
+    );
+    let after = feed(&second, 120, Duration::from_secs(120)).await;
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for t in &after {
+        *seen.entry(t["id"].as_u64().unwrap()).or_default() += 1;
+        assert_eq!(t["state"], "succeeded", "{t}");
+    }
+    for id in &ids {
+        assert_eq!(
+            seen.get(id),
+            Some(&1),
+            "task {id} must be in the completion feed exactly once"
+        );
+    }
+    assert_eq!(after.len(), 120, "nothing else in the feed");
+    // A result from before the kill is still there, the same.
+    let early = &before[0];
+    let (status, got) = second
+        .get(&format!("/tasks/{}", early["id"]))
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(got["result"], early["result"]);
+
+    // Every increment committed before the kill survived. The workers did
+    // not survive their master (they are started again), so an attempt
+    // that had published its increment but not yet reported is run again:
+    // at most one extra increment per slot busy at the kill (6 slots).
+    let (_, res) = second.get("/resources/total").await.unwrap();
+    let value = res["value"].as_u64().unwrap();
+    let version = res["version"].as_u64().unwrap();
+    assert!((120..=126).contains(&value), "total is {value}");
+    assert!(version >= version_before && version >= value, "{res}");
+
+    // IDs go on from where they were: none is handed out again.
+    let new_id = second.send_python("response = 1").await.unwrap();
+    assert!(new_id > *ids.iter().max().unwrap(), "{new_id}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_master_on_the_state_directory_is_refused_naming_the_first() {
+    let dir = fresh_state_dir();
+    let dir_arg = dir.to_str().unwrap();
+    let text = manifest("durable-lock", &[1]);
+    let first = Cluster::start_with(&text, &["--state-dir", dir_arg], &[])
+        .await
+        .unwrap();
+    let path = temp_file("durable-lock.yaml", &text);
+    let err = flotilla_fails(
+        &[
+            "up",
+            path.to_str().unwrap(),
+            "--port",
+            "0",
+            "--state-dir",
+            dir_arg,
+        ],
+        &[],
+    );
+    assert!(err.contains("in use by another master"), "{err}");
+    assert!(err.contains(&format!("pid {}", first.pid())), "{err}");
+    assert!(err.contains(dir_arg), "{err}");
+    // The first one is untouched.
+    assert_eq!(
+        first.run_python("response = 6 * 7").await["result"]["response"],
+        42
+    );
+    let nodes = first.nodes().await.unwrap();
+    assert_eq!(nodes[0]["restarts"], 0);
+    assert_eq!(nodes[0]["incarnation"], 1);
+    drop(first);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn up_fails(manifest_path: &Path, state_dir: &Path) -> String {
+    flotilla_fails(
+        &[
+            "up",
+            manifest_path.to_str().unwrap(),
+            "--port",
+            "0",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_state_directories_are_refused_with_the_way_out_and_kept() {
+    // A store of cluster `durable-bad`, with a finished task in it.
+    let dir = fresh_state_dir();
+    let text = manifest("durable-bad", &[1]);
+    let c = Cluster::start_with(&text, &["--state-dir", dir.to_str().unwrap()], &[])
+        .await
+        .unwrap();
+    assert_eq!(c.run_python("response = 1").await["result"]["response"], 1);
+    drop(c); // SIGINT: a clean stop
+    let db = dir.join("state.sqlite");
+    let size = std::fs::metadata(&db).unwrap().len();
+
+    // Another cluster's manifest on it.
+    let other = temp_file("durable-other.yaml", &manifest("durable-other", &[1]));
+    let err = up_fails(&other, &dir);
+    assert!(
+        err.contains("belongs to cluster `durable-bad`, not `durable-other`"),
+        "{err}"
+    );
+    assert!(err.contains(dir.to_str().unwrap()), "{err}");
+
+    // Written by a newer version (python3's sqlite3 stands for it).
+    let set_version = |v: i64| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                &format!(
+                    "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('PRAGMA user_version={v}'); c.commit(); c.close()"
+                ),
+                db.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    set_version(99);
+    let path = temp_file("durable-bad.yaml", &text);
+    let err = up_fails(&path, &dir);
+    assert!(err.contains("newer Flotilla"), "{err}");
+    assert!(err.contains("store format 99"), "{err}");
+    set_version(1);
+
+    // Damaged: cut short.
+    let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.set_len(50).unwrap();
+    drop(f);
+    let err = up_fails(&path, &dir);
+    assert!(
+        err.contains("damaged") && err.contains("truncated"),
+        "{err}"
+    );
+    assert!(err.contains("nothing was deleted"), "{err}");
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 50, "kept as it was");
+    assert!(size > 50);
+
+    // Not a directory at all.
+    let file = temp_file("durable-not-a-dir", "hello");
+    let err = up_fails(&path, &file);
+    assert!(err.contains("not a directory"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "hello");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn task_ids_never_repeat_even_when_nothing_is_kept() {
+    let text = manifest("durable-ephemeral", &[1]);
+    let first = Cluster::start_with(&text, &["--ephemeral"], &[])
+        .await
+        .unwrap();
+    let a = first.send_python("response = 1").await.unwrap();
+    drop(first);
+    let second = Cluster::start_with(&text, &["--ephemeral"], &[])
+        .await
+        .unwrap();
+    let b = second.send_python("response = 1").await.unwrap();
+    assert!(
+        b > a,
+        "the restarted ephemeral master handed out {b} after {a}"
+    );
+    assert!(
+        b < (1u64 << 53),
+        "IDs stay exact in JSON clients (2^53): {b}"
+    );
+}
