@@ -20,6 +20,8 @@ fn up_with_stderr_to_a_file(name: &str, args: &[&str]) -> String {
         .arg("up")
         .arg(&manifest)
         .args(["--port", "0"])
+        .arg("--state-dir")
+        .arg(fresh_state_dir())
         .args(args)
         .env("RUST_LOG", "info")
         .env_remove("NO_COLOR")

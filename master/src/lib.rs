@@ -146,7 +146,9 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
             opts.bind
         );
     }
-    // The state directory first: a second master on it must refuse before
+    // A bad manifest is refused before anything is created.
+    let initial = check(spec, opts.runtime).await?;
+    // Then the state directory: a second master on it must refuse before
     // it touches any worker.
     let durable = match &opts.state_dir {
         Some(dir) => {
@@ -158,7 +160,6 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         None => None,
     };
     let runtime_kind = opts.runtime.unwrap_or(spec.runtime);
-    let initial = check(spec, opts.runtime).await?;
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime = runtime::connect(runtime_kind, spec, events_tx).await?;
     let cfg = ClusterConfig {
