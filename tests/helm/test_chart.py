@@ -152,7 +152,9 @@ def test_lint_is_clean(values):
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
-BASE_KINDS = ["ConfigMap", "Deployment", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount"]
+BASE_KINDS = [
+    "ConfigMap", "Deployment", "PersistentVolumeClaim", "Role", "RoleBinding", "Secret", "Service", "ServiceAccount",
+]
 OPTIONAL_KINDS = ["Ingress", "NetworkPolicy/demo-master", "NetworkPolicy/demo-workers", "ServiceMonitor"]
 
 
@@ -194,8 +196,20 @@ def test_master_deployment(case):
     metrics_port = 9464 if name != "full" else 9100
     assert container["args"] == [
         "up", "/etc/flotilla/cluster.yaml", "--bind", "0.0.0.0", "--port", "5000", "--runtime", "kubernetes",
-        "--metrics-port", str(metrics_port),
+        "--state-dir", "/var/lib/flotilla/state", "--metrics-port", str(metrics_port),
     ]
+    # The durable state on the release's claim (Recreate: one pod mounts it at a time).
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/flotilla/state"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    claim = objects["PersistentVolumeClaim"]
+    assert volumes["state"]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    # The non-root master can write the claim's files.
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    assert pod_security["fsGroup"] == pod_security["runAsGroup"]
+
     env = env_of(container)
     assert env["FLOTILLA_TOKEN"] == {"secretKeyRef": {"name": objects["Secret"]["metadata"]["name"], "key": "token"}}
     assert env["FLOTILLA_RELEASE"] == "demo"
@@ -246,10 +260,10 @@ def test_default_cluster_manifest_is_the_native_form():
             "resources": [],
         },
     }
-    mount, tmp = master_container(objects)["volumeMounts"]
+    mount, tmp, _state = master_container(objects)["volumeMounts"]
     assert mount["mountPath"] == "/etc/flotilla"
     assert tmp["mountPath"] == "/tmp"
-    volume, tmp_volume = objects["Deployment"]["spec"]["template"]["spec"]["volumes"]
+    volume, tmp_volume, _state = objects["Deployment"]["spec"]["template"]["spec"]["volumes"]
     assert volume == {"name": mount["name"], "configMap": {"name": objects["ConfigMap"]["metadata"]["name"]}}
     assert tmp_volume == {"name": tmp["name"], "emptyDir": {"sizeLimit": "64Mi"}}
 
@@ -537,7 +551,7 @@ def test_plain_manifests_validate():
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         kinds.append(obj["kind"])
     # The token Secret is left out on purpose (see render-manifests.py).
-    assert kinds == ["ServiceAccount", "ConfigMap", "Role", "RoleBinding", "Service", "Deployment"]
+    assert kinds == ["ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Role", "RoleBinding", "Service", "Deployment"]
 
 
 def test_plain_manifests_match_a_fresh_render():
@@ -548,3 +562,15 @@ def test_plain_manifests_match_a_fresh_render():
         diff = "".join(difflib.unified_diff(
             current.splitlines(True), text.splitlines(True), f"manifests/kubernetes/{name}", "fresh render"))
         assert not diff, f"stale: run .venv-chart/bin/python charts/render-manifests.py\n{diff}"
+
+
+def test_without_persistence_the_state_is_on_an_empty_dir():
+    objects, _ = render({"persistence": {"enabled": False}})
+    assert "PersistentVolumeClaim" not in objects
+    volumes = {v["name"]: v for v in objects["Deployment"]["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"] == {"name": "state", "emptyDir": {}}
+    # A storage class and size reach the claim.
+    objects, _ = render({"persistence": {"storageClass": "fast", "size": "5Gi"}})
+    claim = objects["PersistentVolumeClaim"]["spec"]
+    assert claim["storageClassName"] == "fast"
+    assert claim["resources"]["requests"]["storage"] == "5Gi"
