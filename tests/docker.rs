@@ -12,17 +12,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use flotilla_e2e::docker::*;
+use flotilla_e2e::situations::{self, held, Runtime};
 use flotilla_e2e::*;
 use serde_json::{json, Value};
-
-const LONG: &str = "import time\ntime.sleep(30)\nresponse = 'done'";
-
-fn held(nodes: &[Value]) -> Vec<u64> {
-    nodes
-        .iter()
-        .map(|n| n["queued"].as_u64().unwrap() + n["running"].as_u64().unwrap())
-        .collect()
-}
 
 /// Starts a Docker cluster after removing anything an earlier, interrupted
 /// run of the same test left.
@@ -37,16 +29,17 @@ fn node(nodes: &[Value], id: usize) -> &Value {
     &nodes[id]
 }
 
-/// Seed test 1 on containers: capacities 3, 4, 5 and 11 long tasks end as
-/// 3, 4, 4. Each worker is a container named `<cluster>-worker-<id>` with
-/// its identity in labels and environment, and `docker inspect` shows a CPU
-/// quota of capacity x cpuPerCapacity and the memory limit.
+/// Seed test 1 on containers (the body of `situations`): capacities 3, 4,
+/// 5 and 11 long tasks end as 3, 4, 4. Each worker is a container named
+/// `<cluster>-worker-<id>` with its identity in labels and environment, and
+/// `docker inspect` shows a CPU quota of capacity x cpuPerCapacity and the
+/// memory limit; the master removes its containers when it stops.
 #[tokio::test(flavor = "multi_thread")]
 async fn round_robin_on_containers_and_the_cpu_quota_follows_capacity() {
     let Some(_d) = DockerTest::begin("round_robin").await else {
         return;
     };
-    let c = start("e2e-rr", &[3, 4, 5], 1.0, 5.0).await;
+    let c = situations::round_robin_3_4_4(Runtime::Docker, "e2e-rr").await;
     for (id, capacity) in [3u64, 4, 5].into_iter().enumerate() {
         let name = format!("e2e-rr-worker-{id}");
         let ct = inspect(&name).unwrap_or_else(|| panic!("container {name} exists"));
@@ -64,17 +57,7 @@ async fn round_robin_on_containers_and_the_cpu_quota_follows_capacity() {
         let networks = ct["NetworkSettings"]["Networks"].as_object().unwrap();
         assert!(networks.contains_key("e2e-rr"), "{networks:?}");
     }
-    let health = c.health().await.unwrap();
-    assert_eq!(health["runtime"], "docker");
-    for _ in 0..11 {
-        c.send_python(LONG).await.unwrap();
-    }
-    let nodes = c.nodes().await.unwrap();
-    assert_eq!(held(&nodes), vec![3, 4, 4], "{nodes:?}");
-    c.send_python(LONG).await.unwrap();
-    c.send_python(LONG).await.unwrap();
-    assert_eq!(held(&c.nodes().await.unwrap()), vec![3, 4, 5]);
-    assert_eq!(c.health().await.unwrap()["master_queue"], 1);
+    assert_eq!(c.health().await.unwrap()["runtime"], "docker");
     drop(c);
     assert!(
         cluster_containers("e2e-rr").is_empty(),
@@ -88,31 +71,17 @@ async fn idle_containers_steal_work_sent_to_node_0() {
     let Some(_d) = DockerTest::begin("stealing").await else {
         return;
     };
-    let c = start("e2e-steal", &[5, 5, 5], 1.0, 5.0).await;
-    let mut ids = Vec::new();
-    for i in 0..5 {
-        ids.push(
-            c.send_to_path(
-                "/send/0",
-                &format!("import time\ntime.sleep(1.5)\nresponse = {i}"),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    let mut nodes_used = HashSet::new();
-    for (i, id) in ids.iter().enumerate() {
-        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(t["state"], "succeeded", "{t}");
-        assert_eq!(t["result"]["response"], i as u64);
-        nodes_used.insert(t["node"].as_u64().unwrap());
-    }
-    assert_eq!(
-        nodes_used.len(),
-        3,
-        "all three containers worked: {nodes_used:?}"
-    );
-    assert!(c.health().await.unwrap()["steals"].as_u64().unwrap() >= 2);
+    situations::idle_workers_steal_from_node_0(Runtime::Docker, "e2e-steal", 3, 5).await;
+}
+
+/// Seed test 3 (example 2) on containers: a task that calls exit() on node
+/// 1 is retried in another container, where it survives.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_exits_on_node_1_survives_in_another_container() {
+    let Some(_d) = DockerTest::begin("exit").await else {
+        return;
+    };
+    situations::a_task_that_exits_on_node_1_survives_elsewhere(Runtime::Docker, "e2e-exit").await;
 }
 
 /// Seed test 4 on containers: `/add` starts a new container, which receives
@@ -122,27 +91,11 @@ async fn add_starts_a_container_that_receives_work() {
     let Some(_d) = DockerTest::begin("add").await else {
         return;
     };
-    let c = start("e2e-add", &[1, 1], 1.0, 5.0).await;
-    c.send_python(LONG).await.unwrap();
-    c.send_python(LONG).await.unwrap();
-    let mut start_times = Vec::new();
-    for expected in [2u64, 3] {
-        let t0 = Instant::now();
-        let (status, body) = c.post("/add", json!({"max_capacity": 4})).await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(body["node_id"], expected);
-        assert_eq!(
-            body["message"],
-            format!("Node {expected} added successfully")
-        );
-        c.wait_until(Duration::from_secs(30), |n| {
-            n.len() as u64 > expected && n[expected as usize]["state"] == "active"
-        })
-        .await
-        .unwrap();
-        start_times.push(t0.elapsed());
-        let ct = inspect(&format!("e2e-add-worker-{expected}")).expect("the new container");
-        assert_eq!(label(&ct, "dev.flotilla.worker"), expected.to_string());
+    let (_c, start_times) =
+        situations::added_workers_receive_work(Runtime::Docker, "e2e-add", 4).await;
+    for id in [2, 3] {
+        let ct = inspect(&format!("e2e-add-worker-{id}")).expect("the new container");
+        assert_eq!(label(&ct, "dev.flotilla.worker"), id.to_string());
         assert_eq!(ct["HostConfig"]["NanoCpus"].as_u64(), Some(1_000_000_000));
     }
     println!(
@@ -152,15 +105,6 @@ async fn add_starts_a_container_that_receives_work() {
             .map(Duration::as_millis)
             .collect::<Vec<_>>()
     );
-    let a = c.send_python("response = self.node_id").await.unwrap();
-    let b = c.send_python("response = self.node_id").await.unwrap();
-    let mut nodes = HashSet::new();
-    for id in [a, b] {
-        let t = c.wait_task(id, Duration::from_secs(30)).await.unwrap();
-        assert_eq!(t["result"]["response"], t["node"]);
-        nodes.insert(t["node"].as_u64().unwrap());
-    }
-    assert_eq!(nodes, HashSet::from([2, 3]));
 }
 
 /// Seed test 3 on containers: `/stop/0` kills the container; its tasks are
@@ -171,48 +115,20 @@ async fn stop_kills_the_container_and_it_comes_back_under_the_same_name() {
     let Some(_d) = DockerTest::begin("stop").await else {
         return;
     };
-    let c = start("e2e-stop", &[5, 5, 5], 1.0, 5.0).await;
-    let old = inspect("e2e-stop-worker-0").unwrap();
-    let old_id = old["Id"].as_str().unwrap().to_string();
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        ids.push(
-            c.send_python(&format!("import time\ntime.sleep(0.8)\nresponse = {i}"))
-                .await
-                .unwrap(),
-        );
-    }
-    assert!(held(&c.nodes().await.unwrap())[0] >= 3);
-    let (status, body) = c.post("/stop/0", json!({})).await.unwrap();
-    assert_eq!(
-        (status, body["message"].as_str().unwrap()),
-        (200, "Node 0 stopped successfully")
-    );
-    assert!(
-        inspect(&old_id).is_none(),
-        "the old container is gone once /stop answers"
-    );
-    for (i, id) in ids.iter().enumerate() {
-        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(t["state"], "succeeded", "{t}");
-        assert_eq!(t["result"]["response"], i as u64);
-    }
-    let nodes = c
-        .wait_until(Duration::from_secs(20), |n| {
-            n[0]["state"] == "active" && n[0]["incarnation"] == 2
-        })
-        .await
-        .unwrap();
-    assert_eq!(node(&nodes, 0)["restarts"], 1);
-    assert_eq!(node(&nodes, 0)["capacity"], 5);
+    let c = Runtime::Docker.start("e2e-stop", &[5, 5, 5]).await;
+    let old_id = inspect("e2e-stop-worker-0").unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_c, nodes) = situations::stop_node_0(c).await;
+    assert!(inspect(&old_id).is_none(), "the old container is gone");
+    assert_eq!(node(&nodes, 0)["incarnation"], 2);
     let new = inspect("e2e-stop-worker-0").expect("the container is back under its name");
     assert_ne!(new["Id"].as_str().unwrap(), old_id);
     assert_eq!(label(&new, "dev.flotilla.worker"), "0");
     assert_eq!(label(&new, "dev.flotilla.incarnation"), "2");
     assert!(has_env(&new, "FLOTILLA_WORKER_ID=0"));
     assert!(has_env(&new, "FLOTILLA_INCARNATION=2"));
-    let executed: u64 = nodes.iter().map(|n| n["executed"].as_u64().unwrap()).sum();
-    assert_eq!(executed, 10, "exactly one final result per task");
     assert_eq!(
         cluster_containers("e2e-stop").len(),
         3,

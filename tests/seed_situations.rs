@@ -2,173 +2,50 @@
 //! fault cases (a paused worker, a task that kills its worker,
 //! poison tasks).
 
-use std::collections::HashSet;
 use std::time::Duration;
 
+use flotilla_e2e::situations::{self, Runtime};
 use flotilla_e2e::*;
 use serde_json::{json, Value};
-
-const LONG: &str = "import time\ntime.sleep(30)\nresponse = 'done'";
-
-fn held(nodes: &[Value]) -> Vec<u64> {
-    nodes
-        .iter()
-        .map(|n| n["queued"].as_u64().unwrap() + n["running"].as_u64().unwrap())
-        .collect()
-}
 
 /// Seed test 1: capacities 3, 4, 5 and 11 long tasks end as 3, 4, 4.
 #[tokio::test(flavor = "multi_thread")]
 async fn round_robin_fills_capacities_3_4_5_as_3_4_4() {
-    let c = Cluster::start(&seed_manifest(&[3, 4, 5])).await.unwrap();
-    for _ in 0..11 {
-        c.send_python(LONG).await.unwrap();
-    }
-    let nodes = c.nodes().await.unwrap();
-    assert_eq!(held(&nodes), vec![3, 4, 4], "{nodes:?}");
-    // A full cluster keeps the rest in the master queue.
-    c.send_python(LONG).await.unwrap();
-    c.send_python(LONG).await.unwrap();
-    let nodes = c.nodes().await.unwrap();
-    assert_eq!(held(&nodes), vec![3, 4, 5]);
-    assert_eq!(c.health().await.unwrap()["master_queue"], 1);
+    situations::round_robin_3_4_4(Runtime::Process, "rr").await;
 }
 
 /// Seed test 5: tasks sent to node 0 are stolen by idle nodes 1..4.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_nodes_steal_work_sent_to_node_0() {
-    let c = Cluster::start(&seed_manifest(&[5, 5, 5, 5, 5]))
-        .await
-        .unwrap();
-    let mut ids = Vec::new();
-    for i in 0..7 {
-        ids.push(
-            c.send_to_path(
-                "/send/0",
-                &format!("import time\ntime.sleep(1.5)\nresponse = {i}"),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    let mut nodes_used = HashSet::new();
-    for (i, id) in ids.iter().enumerate() {
-        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(t["state"], "succeeded", "{t}");
-        assert_eq!(t["result"]["response"], i as u64);
-        nodes_used.insert(t["node"].as_u64().unwrap());
-    }
-    assert_eq!(nodes_used.len(), 5, "all five nodes worked: {nodes_used:?}");
-    assert!(c.health().await.unwrap()["steals"].as_u64().unwrap() >= 4);
+    situations::idle_workers_steal_from_node_0(Runtime::Process, "steal", 5, 7).await;
 }
 
 /// Seed test 3 (example 1): kill node 0 mid-queue; nothing is lost, node 0
-/// comes back with the same ID and capacity.
+/// comes back with the same ID and capacity, as a new process.
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_node_0_mid_queue_loses_no_task() {
-    let c = Cluster::start(&seed_manifest(&[5, 5, 5])).await.unwrap();
+    let c = Runtime::Process.start("stop", &[5, 5, 5]).await;
     let old_pid = c.nodes().await.unwrap()[0]["pid"].as_u64().unwrap();
-    let mut ids = Vec::new();
-    for i in 0..10 {
-        ids.push(
-            c.send_python(&format!("import time\ntime.sleep(0.8)\nresponse = {i}"))
-                .await
-                .unwrap(),
-        );
-    }
-    let before = c.nodes().await.unwrap();
-    assert!(held(&before)[0] >= 3, "node 0 holds a queue: {before:?}");
-    let (status, body) = c.post("/stop/0", json!({})).await.unwrap();
-    assert_eq!(
-        (status, body["message"].as_str().unwrap()),
-        (200, "Node 0 stopped successfully")
-    );
-    // The process is really gone.
-    assert!(
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), None).is_err() || {
-            std::thread::sleep(Duration::from_millis(200));
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), None).is_err()
-        }
-    );
-    for (i, id) in ids.iter().enumerate() {
-        let t = c.wait_task(*id, Duration::from_secs(60)).await.unwrap();
-        assert_eq!(t["state"], "succeeded", "{t}");
-        assert_eq!(
-            t["result"]["response"], i as u64,
-            "each task has its own result"
-        );
-    }
-    let nodes = c
-        .wait_until(Duration::from_secs(10), |n| n[0]["state"] == "active")
-        .await
-        .unwrap();
-    assert_eq!(nodes[0]["restarts"], 1);
-    assert_eq!(nodes[0]["capacity"], 5);
-    assert_eq!(nodes[0]["incarnation"], 2);
+    let (_c, nodes) = situations::stop_node_0(c).await;
+    // The old process is really gone, and node 0 is a new one.
+    let gone =
+        |pid: u64| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_err();
+    assert!(gone(old_pid), "the stopped worker's process is gone");
     assert_ne!(nodes[0]["pid"].as_u64().unwrap(), old_pid);
-    let executed: u64 = nodes.iter().map(|n| n["executed"].as_u64().unwrap()).sum();
-    assert_eq!(executed, 10, "exactly one final result per task");
 }
 
 /// Seed test 3 (example 2): a task that calls exit() on node 1 ends its
 /// interpreter; it is retried on another node, where it survives.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_task_that_exits_its_interpreter_is_retried_elsewhere() {
-    let c = Cluster::start(&seed_manifest(&[5, 5, 5, 5, 5]))
-        .await
-        .unwrap();
-    let code = "if self.node_id == 1:\n\tprint(\"Me voy a suicidar\")\n\texit()\nelse:\n\tprint(\"Sobreviví\")";
-    let id = c.send_to_path("/send/1", code).await.unwrap();
-    let t = c.wait_task(id, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(t["state"], "succeeded", "{t}");
-    assert_eq!(t["attempts"], 2);
-    assert_ne!(t["node"], 1);
-    assert_eq!(t["result"]["stdout"], "Sobreviví\n");
-    assert_eq!(t["result"]["response"], "No result returned.");
-    // Node 1 is still there and still works.
-    let id = c
-        .send_to_path("/send/1", "response = self.node_id")
-        .await
-        .unwrap();
-    let t = c.wait_task(id, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(
-        (t["node"].as_u64(), t["result"]["response"].as_u64()),
-        (Some(1), Some(1))
-    );
+    situations::a_task_that_exits_on_node_1_survives_elsewhere(Runtime::Process, "exit").await;
 }
 
-/// Seed test 4: nodes added with /add immediately receive work.
+/// Seed test 4: nodes added with /add immediately receive work; `/add`
+/// without a body adds the seed's default capacity, 10.
 #[tokio::test(flavor = "multi_thread")]
 async fn added_nodes_receive_work() {
-    let c = Cluster::start(&seed_manifest(&[1, 1])).await.unwrap();
-    c.send_python(LONG).await.unwrap();
-    c.send_python(LONG).await.unwrap();
-    for expected in [2, 3] {
-        let (status, body) = c.post("/add", json!({"max_capacity": 5})).await.unwrap();
-        assert_eq!(status, 200, "{body}");
-        assert_eq!(
-            body["message"],
-            format!("Node {expected} added successfully")
-        );
-        assert_eq!(body["node_id"], expected);
-    }
-    c.wait_until(Duration::from_secs(20), |n| {
-        n.len() == 4 && n.iter().all(|n| n["state"] == "active")
-    })
-    .await
-    .unwrap();
-    let a = c.send_python("response = self.node_id").await.unwrap();
-    let b = c.send_python("response = self.node_id").await.unwrap();
-    let mut nodes = HashSet::new();
-    for id in [a, b] {
-        let t = c.wait_task(id, Duration::from_secs(20)).await.unwrap();
-        assert_eq!(t["result"]["response"], t["node"]);
-        nodes.insert(t["node"].as_u64().unwrap());
-    }
-    assert_eq!(nodes, HashSet::from([2, 3]));
-    let nodes = c.nodes().await.unwrap();
-    assert_eq!(nodes[2]["capacity"], 5);
-    // /add without a body: the seed's default capacity 10.
+    let (c, _) = situations::added_workers_receive_work(Runtime::Process, "add", 5).await;
     let (status, body) = c.post_raw("/add", "").await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(c.nodes().await.unwrap()[4]["capacity"], 10);

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 
 pub mod docker;
+pub mod situations;
 
 /// The workspace's target directory holding the built binaries.
 pub fn bin(name: &str) -> PathBuf {
