@@ -357,7 +357,7 @@ async fn create_resource(
     State(cluster): State<Arc<Cluster>>,
     Body(body): Body<ResourceBody>,
 ) -> ApiResult<Json<ResourceCreated>> {
-    let kind = ResourceType::parse(&body.kind).map_err(ApiError::bad_request)?;
+    let kind = ResourceType::parse(&body.kind).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let spec = body.values.into_spec(body.name, kind);
     // A path here would be a path on the master's machine, chosen by a
     // client: the API takes contents only (the manifest may name files).

@@ -557,7 +557,7 @@ impl Cluster {
         name: &str,
         kind: ResourceType,
         value: Value,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::resources::ResourceError> {
         self.with_state(|s| s.locks.create(name, kind, value))
     }
 

@@ -129,9 +129,7 @@ pub async fn check(
     spec: &ClusterSpec,
     runtime: Option<RuntimeKind>,
 ) -> Result<Vec<InitialResource>> {
-    let values = resources::initial_values(&spec.resources, spec.file_root.as_deref())
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let values = resources::initial_values(&spec.resources, spec.file_root.as_deref()).await?;
     if runtime.unwrap_or(spec.runtime) == RuntimeKind::Kubernetes {
         runtime::kubernetes::KubernetesSettings::from_spec(spec)?;
     }

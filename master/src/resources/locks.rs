@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::ResourceType;
+use super::{ResourceError, ResourceType};
 
 pub use flotilla_proto::api::{Holder, Owner, ResourceView};
 
@@ -72,12 +72,17 @@ pub struct LockTable {
 }
 
 impl LockTable {
-    pub fn create(&mut self, name: &str, kind: ResourceType, value: Value) -> Result<(), String> {
+    pub fn create(
+        &mut self,
+        name: &str,
+        kind: ResourceType,
+        value: Value,
+    ) -> Result<(), ResourceError> {
         if self.resources.contains_key(name) {
-            return Err(LockError::Duplicate(name.to_string()).to_string());
+            return Err(ResourceError::Duplicate(name.to_string()));
         }
         if name.is_empty() {
-            return Err("a shared resource needs a non-empty name".into());
+            return Err(ResourceError::EmptyName);
         }
         let value = if value.is_null() {
             kind.zero()
@@ -267,9 +272,9 @@ impl LockTable {
                             });
                         }
                     }
-                    let value = r.kind.check(value).map_err(|reason| LockError::WrongType {
+                    let value = r.kind.check(value).map_err(|e| LockError::WrongType {
                         name: name.into(),
-                        reason,
+                        reason: e.to_string(),
                     })?;
                     r.value = value;
                     committed = true;
@@ -547,10 +552,12 @@ mod tests {
         assert!(t
             .create("total", ResourceType::Integer, json!(1))
             .unwrap_err()
+            .to_string()
             .contains("already exists"));
         assert!(t
             .create("x", ResourceType::List, json!({}))
             .unwrap_err()
+            .to_string()
             .contains("List"));
     }
 

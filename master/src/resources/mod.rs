@@ -47,17 +47,11 @@ impl ResourceType {
         serde_variant::to_variant_name(&self).expect("a unit variant has a name")
     }
 
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub fn parse(raw: &str) -> Result<Self, ResourceError> {
         Self::ALL
             .into_iter()
             .find(|t| t.name() == raw)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
-                format!(
-                    "unknown resource type `{raw}`: expected one of {}",
-                    names.join(", ")
-                )
-            })
+            .ok_or_else(|| ResourceError::UnknownType(raw.to_string()))
     }
 
     /// The value a resource of this type starts with when none is given.
@@ -74,7 +68,7 @@ impl ResourceType {
 
     /// Checks (and normalises) a value for this type: an `Integer` holds a
     /// whole number, a `Float` any number, a `File` its text content...
-    pub fn check(self, value: Value) -> Result<Value, String> {
+    pub fn check(self, value: Value) -> Result<Value, ResourceError> {
         let ok = match (self, &value) {
             (ResourceType::Integer, Value::Number(n)) => n.is_i64() || n.is_u64(),
             (ResourceType::Float, Value::Number(_)) => true,
@@ -87,13 +81,37 @@ impl ResourceType {
         if ok {
             Ok(value)
         } else {
-            Err(format!(
-                "a {} resource cannot hold {}",
-                self.name(),
-                describe(&value)
-            ))
+            Err(ResourceError::WrongValue {
+                kind: self.name(),
+                what: describe(&value),
+            })
         }
     }
+}
+
+/// What is wrong with a shared resource or a value given for one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResourceError {
+    #[error("unknown resource type `{0}`: expected one of {names}", names = type_names())]
+    UnknownType(String),
+    #[error("a {kind} resource cannot hold {what}")]
+    WrongValue { kind: &'static str, what: String },
+    #[error("shared resource `{0}` already exists")]
+    Duplicate(String),
+    #[error("a shared resource needs a non-empty name")]
+    EmptyName,
+    #[error("File resource `{name}`: {reason}")]
+    File { name: String, reason: String },
+    #[error("shared resource `{name}`: {source}")]
+    Initial {
+        name: String,
+        source: Box<ResourceError>,
+    },
+}
+
+fn type_names() -> String {
+    let names: Vec<&str> = ResourceType::ALL.iter().map(|t| t.name()).collect();
+    names.join(", ")
 }
 
 /// `the string "x"`, `the number 1.5`... for error messages.
@@ -127,32 +145,36 @@ pub const FILE_MAX_BYTES: u64 = 1 << 20;
 pub async fn initial_values(
     resources: &[ResourceSpec],
     file_root: Option<&std::path::Path>,
-) -> Result<Vec<(String, ResourceType, Value)>, String> {
+) -> Result<Vec<(String, ResourceType, Value)>, ResourceError> {
     let mut out = Vec::with_capacity(resources.len());
     for r in resources {
         let value = match &r.path {
             Some(path) => {
                 // manifest::validate made sure a path comes with a root.
-                let root = file_root.map(|p| p.to_path_buf()).ok_or_else(|| {
-                    format!(
-                        "File resource `{}`: values.path needs spec.fileRoot",
-                        r.name
-                    )
-                })?;
+                let file_error = |reason: String| ResourceError::File {
+                    name: r.name.clone(),
+                    reason,
+                };
+                let root = file_root
+                    .map(|p| p.to_path_buf())
+                    .ok_or_else(|| file_error("values.path needs spec.fileRoot".into()))?;
                 let path = path.clone();
                 let text = tokio::task::spawn_blocking(move || {
                     read_confined(&root, &path, FILE_MAX_BYTES)
                 })
                 .await
-                .map_err(|e| format!("File resource `{}`: the read failed: {e}", r.name))?
-                .map_err(|e| format!("File resource `{}`: {e}", r.name))?;
+                .map_err(|e| file_error(format!("the read failed: {e}")))?
+                .map_err(file_error)?;
                 Value::String(text)
             }
             None if r.initial_value.is_null() => r.kind.zero(),
             None => r
                 .kind
                 .check(r.initial_value.clone())
-                .map_err(|e| format!("shared resource `{}`: {e}", r.name))?,
+                .map_err(|e| ResourceError::Initial {
+                    name: r.name.clone(),
+                    source: Box::new(e),
+                })?,
         };
         out.push((r.name.clone(), r.kind, value));
     }
@@ -235,7 +257,10 @@ mod tests {
     #[test]
     fn values_are_checked_against_their_type() {
         assert!(ResourceType::Integer.check(json!(3)).is_ok());
-        let err = ResourceType::Integer.check(json!("3")).unwrap_err();
+        let err = ResourceType::Integer
+            .check(json!("3"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("Integer") && err.contains("string"), "{err}");
         assert!(ResourceType::Integer.check(json!(1.5)).is_err());
         assert!(ResourceType::Float.check(json!(1)).is_ok());
@@ -244,6 +269,7 @@ mod tests {
         assert!(ResourceType::Boolean.check(json!(0)).is_err());
         assert!(ResourceType::parse("Integr")
             .unwrap_err()
+            .to_string()
             .contains("Integr"));
     }
 
