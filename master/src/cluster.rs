@@ -219,7 +219,10 @@ impl Cluster {
     /// Takes back what the previous master on this state directory left:
     /// resource values and versions, then tasks and workers (see
     /// `Scheduler::restore`).
-    pub fn restore(&self, rec: &crate::store::Recovered) -> Result<(), String> {
+    pub fn restore(
+        &self,
+        rec: &crate::store::Recovered,
+    ) -> Result<(), crate::resources::ResourceError> {
         self.with_state(|s| {
             for r in &rec.resources {
                 s.locks.restore(r)?;

@@ -352,19 +352,18 @@ impl LockTable {
 
     /// A resource as the store kept it: created if the manifest did not
     /// create it, otherwise its value and version are the stored ones.
-    pub fn restore(&mut self, rec: &crate::store::ResourceRecord) -> Result<(), String> {
+    pub fn restore(&mut self, rec: &crate::store::ResourceRecord) -> Result<(), ResourceError> {
         let kind = ResourceType::parse(&rec.kind)?;
         if !self.resources.contains_key(&rec.name) {
             self.create(&rec.name, kind, Value::Null)?;
         }
         let r = self.resources.get_mut(&rec.name).expect("just ensured");
         if r.kind != kind {
-            return Err(format!(
-                "shared resource `{}` is a {} in the manifest but a {} in the state directory",
-                rec.name,
-                r.kind.name(),
-                kind.name()
-            ));
+            return Err(ResourceError::KindChanged {
+                name: rec.name.clone(),
+                manifest: r.kind.name(),
+                stored: kind.name(),
+            });
         }
         r.value = kind.check(rec.value.clone())?;
         r.version = rec.version;

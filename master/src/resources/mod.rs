@@ -100,6 +100,12 @@ pub enum ResourceError {
     Duplicate(String),
     #[error("a shared resource needs a non-empty name")]
     EmptyName,
+    #[error("shared resource `{name}` is a {manifest} in the manifest but a {stored} in the state directory")]
+    KindChanged {
+        name: String,
+        manifest: &'static str,
+        stored: &'static str,
+    },
     #[error("File resource `{name}`: {reason}")]
     File { name: String, reason: String },
     #[error("shared resource `{name}`: {source}")]
