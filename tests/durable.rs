@@ -377,3 +377,102 @@ async fn sigkilled_during_heavy_submission_ten_times_nothing_acknowledged_is_los
     drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `flotilla up --ephemeral` with its stderr in a file; returns the child,
+/// its URL and the log path.
+fn up_ephemeral(name: &str, extra: &[&str]) -> (std::process::Child, String, std::path::PathBuf) {
+    use std::io::BufRead;
+    let path = temp_file(&format!("{name}.yaml"), &manifest(name, &[1]));
+    let log = temp_file(&format!("{name}.log"), "");
+    let mut child = std::process::Command::new(flotilla_e2e::bin("flotilla"))
+        .args(["up", path.to_str().unwrap(), "--port", "0", "--ephemeral"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    (child, url, log)
+}
+
+fn sigterm(child: &std::process::Child) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_without_a_store_drains_the_accepted_tasks_then_exits() {
+    let http = reqwest::Client::new();
+    let (mut child, url, log) = up_ephemeral("durable-drain", &[]);
+    let tasks: Vec<Value> = (0..4)
+        .map(|_| json!({"type": "python", "command": "import time\ntime.sleep(0.3)\nresponse = 1"}))
+        .collect();
+    let resp = http
+        .post(format!("{url}/tasks"))
+        .json(&json!({ "tasks": tasks }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sigterm(&child);
+    // Refused while draining, with a reason.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = http
+            .post(format!("{url}/send"))
+            .json(&json!({"type": "python", "command": "response = 1"}))
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 503 {
+            let body: Value = resp.json().await.unwrap();
+            assert!(
+                body["error"].as_str().unwrap().contains("shutting down"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("drained: every accepted task finished"),
+        "{text}"
+    );
+
+    // A drain that runs out of time says what it dropped.
+    let (mut child, url, log) = up_ephemeral("durable-drop", &["--drain-seconds", "0.5"]);
+    let resp = http
+        .post(format!("{url}/tasks"))
+        .json(&json!({"tasks": [
+            {"type": "python", "command": "import time\ntime.sleep(20)"},
+            {"type": "python", "command": "import time\ntime.sleep(20)"},
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("dropping 2 unfinished tasks"), "{text}");
+}

@@ -75,6 +75,17 @@ type ApiResult<T> = Result<T, ApiError>;
 
 /// Waits until what this request changed is durable: nothing is
 /// acknowledged before it is (503 naming the store's problem otherwise).
+/// New tasks are refused while the master drains (SIGTERM with --ephemeral).
+fn accepting(cluster: &Cluster) -> ApiResult<()> {
+    if cluster.accepting() {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the master is shutting down (SIGTERM): it finishes the accepted tasks and takes no new ones",
+    ))
+}
+
 async fn durable(cluster: &Cluster) -> ApiResult<()> {
     cluster.durable().await.map_err(|e| {
         ApiError::new(
@@ -310,6 +321,7 @@ async fn send(
     State(cluster): State<Arc<Cluster>>,
     Body(spec): Body<TaskSpec>,
 ) -> ApiResult<Json<Sent>> {
+    accepting(&cluster)?;
     let task_id = cluster.submit(vec![spec])[0];
     durable(&cluster).await?;
     Ok(Json(Sent {
@@ -326,6 +338,7 @@ async fn send_to(
     Body(spec): Body<TaskSpec>,
 ) -> ApiResult<Json<Sent>> {
     let node = parse_node(&node)?;
+    accepting(&cluster)?;
     match cluster.submit_to(node, spec).await {
         Ok(task_id) => {
             durable(&cluster).await?;
@@ -547,6 +560,7 @@ async fn submit_tasks(
         other => vec![deserialize_named::<TaskSpec>(other)
             .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
+    accepting(&cluster)?;
     let task_ids = cluster.submit(specs);
     durable(&cluster).await?;
     Ok(Json(Submitted { task_ids }))

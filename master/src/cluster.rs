@@ -77,6 +77,8 @@ pub struct Cluster {
     failed_starts: Mutex<std::collections::HashMap<WorkerId, u32>>,
     /// Set on shutdown: deaths are then expected, nothing is restarted.
     stopping: std::sync::atomic::AtomicBool,
+    /// Set by a drain: new tasks are refused.
+    draining: std::sync::atomic::AtomicBool,
     /// The durable state (`None`: ephemeral). Every transition's journal is
     /// appended to it inside the same critical section, so in order.
     store: Option<Arc<Store>>,
@@ -114,6 +116,7 @@ impl Cluster {
             metrics: Metrics::default(),
             failed_starts: Mutex::new(Default::default()),
             stopping: Default::default(),
+            draining: Default::default(),
             store,
         })
     }
@@ -202,6 +205,44 @@ impl Cluster {
             master_url: self.master_url(),
             secret: self.worker_secret.clone(),
             inherited_env: self.cfg.worker_env.clone(),
+        }
+    }
+
+    /// Accepted tasks not final yet.
+    pub fn unfinished(&self) -> usize {
+        self.with_state(|s| s.unfinished())
+    }
+
+    /// Whether new tasks are accepted (not while draining).
+    pub fn accepting(&self) -> bool {
+        !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// SIGTERM without a store: refuse new tasks and wait up to `limit` for
+    /// the accepted ones to finish. Returns how many are still unfinished.
+    pub async fn drain(&self, limit: Duration) -> usize {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + limit;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let left = self.with_state(|s| {
+                let left = s.unfinished();
+                if left > 0 {
+                    s.wait_for_completion(tx);
+                }
+                left
+            });
+            if left == 0 || Instant::now() >= deadline {
+                return left;
+            }
+            let woken = self
+                .pending(rx, |s, _| s.forget_abandoned_waiters())
+                .wait(Some(deadline))
+                .await;
+            if matches!(woken, Woken::TimedOut) {
+                return self.unfinished();
+            }
         }
     }
 

@@ -75,6 +75,10 @@ struct ServeArgs {
     /// resource values (task IDs still never repeat: they start from the clock).
     #[arg(long)]
     ephemeral: bool,
+    /// With --ephemeral, how long SIGTERM lets accepted tasks finish
+    /// (new ones are refused meanwhile) before the master exits.
+    #[arg(long, default_value_t = 30.0)]
+    drain_seconds: f64,
 }
 
 fn parse_advertise_url(raw: &str) -> Result<String, String> {
@@ -333,7 +337,30 @@ async fn main() -> Result<()> {
                 master.url(),
                 spec.capacities.len()
             );
-            stop_signal().await?;
+            let signal = stop_signal().await?;
+            let unfinished = master.cluster.unfinished();
+            match (signal, &opts.state_dir) {
+                (Stop::Interrupt, _) => {
+                    eprintln!("Ctrl-C: stopping the master and its workers");
+                }
+                (Stop::Terminate, Some(dir)) => {
+                    tracing::info!(unfinished, dir = %dir.display(), "SIGTERM: stopping; the unfinished tasks are kept in the state directory for the next master");
+                }
+                (Stop::Terminate, None) => {
+                    let drain = Duration::from_secs_f64(args.drain_seconds.max(0.0));
+                    tracing::info!(
+                        unfinished,
+                        ?drain,
+                        "SIGTERM: not accepting tasks any more; letting the accepted ones finish"
+                    );
+                    let left = master.cluster.drain(drain).await;
+                    if left == 0 {
+                        tracing::info!("drained: every accepted task finished");
+                    } else {
+                        tracing::warn!(dropped = left, "drain time is up: dropping {left} unfinished tasks (nothing is kept with --ephemeral)");
+                    }
+                }
+            }
             master.shutdown().await;
         }
         Command::Run {
@@ -429,15 +456,24 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Ctrl-C or SIGTERM (`docker stop`, `docker-compose down`): either way
-/// the master removes its workers before it exits.
-async fn stop_signal() -> Result<()> {
+/// How the master was asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Ctrl-C in a terminal.
+    Interrupt,
+    /// SIGTERM: systemd, `docker stop`, Kubernetes.
+    Terminate,
+}
+
+/// Ctrl-C or SIGTERM. Either way the master removes its workers before it
+/// exits; on SIGTERM a durable master keeps its unfinished tasks for the
+/// next one, an ephemeral one drains first (`--drain-seconds`).
+async fn stop_signal() -> Result<Stop> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
+    Ok(tokio::select! {
+        r = tokio::signal::ctrl_c() => { r?; Stop::Interrupt }
+        _ = term.recv() => Stop::Terminate,
+    })
 }
 
 fn print_figures(f: &serde_json::Value) {

@@ -271,6 +271,11 @@ impl Scheduler {
         ops
     }
 
+    /// Accepted tasks that are not final.
+    pub fn unfinished(&self) -> usize {
+        self.tasks.len() - self.completions.len()
+    }
+
     /// The first task ID to hand out (a restored counter, or a time-based
     /// one when nothing is kept).
     pub fn set_next_task_id(&mut self, next: TaskId) {
