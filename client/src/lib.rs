@@ -211,9 +211,20 @@ impl Client {
     ) -> Result<T> {
         let (status, value) = self.send_raw(method.clone(), path, body, timeout).await?;
         if !(200..300).contains(&status) {
-            let message = serde_json::from_value::<ErrorBody>(value.clone())
-                .map(|e| e.error)
-                .unwrap_or_else(|_| value.to_string());
+            let message = match serde_json::from_value::<ErrorBody>(value.clone()) {
+                Ok(e) => e.error,
+                Err(_) => match &value {
+                    Value::String(s) if s.trim().is_empty() => {
+                        reqwest::StatusCode::from_u16(status)
+                            .ok()
+                            .and_then(|s| s.canonical_reason())
+                            .unwrap_or("no message")
+                            .to_string()
+                    }
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+            };
             if status == 401 {
                 return Err(Error::Unauthorized {
                     url: self.base.clone(),
