@@ -476,7 +476,12 @@ async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
     };
     let project = "flotilla-e2e";
     let token = format!("e2e-{}-{}", std::process::id(), rand_suffix());
-    let envs = [("FLOTILLA_TOKEN", token.as_str()), ("RUST_LOG", "info")];
+    let gid = docker_socket_gid();
+    let envs = [
+        ("FLOTILLA_TOKEN", token.as_str()),
+        ("FLOTILLA_DOCKER_GID", gid.as_str()),
+        ("RUST_LOG", "info"),
+    ];
     // The compose file names its container and network: clear what an
     // interrupted earlier run may have left.
     let _ = compose(
@@ -544,7 +549,43 @@ async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
         let ct = inspect(&format!("flotilla-worker-{id}")).expect("worker container");
         assert_eq!(label(&ct, "dev.flotilla.cluster"), "flotilla");
         assert!(has_env(&ct, "FLOTILLA_MASTER_URL=http://master:5000"));
+        assert_hardened(&ct);
+        // Only the master has the Docker socket; no worker ever sees it.
+        assert_eq!(
+            ct["Mounts"].as_array().map(Vec::len),
+            Some(0),
+            "{}",
+            ct["Mounts"]
+        );
     }
+    // The master: not root, the socket's group only, no capability, a
+    // read-only image, and nothing of the token reaches the workers.
+    let master = inspect("flotilla-master").expect("master container");
+    assert_eq!(master["Config"]["User"], "10001:10001");
+    assert_eq!(master["HostConfig"]["GroupAdd"], json!([gid]));
+    assert_eq!(master["HostConfig"]["CapDrop"], json!(["ALL"]));
+    assert_eq!(master["HostConfig"]["ReadonlyRootfs"], true);
+    assert!(master["HostConfig"]["SecurityOpt"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|o| o.as_str().unwrap().starts_with("no-new-privileges")));
+    for id in 0..2 {
+        let ct = inspect(&format!("flotilla-worker-{id}")).unwrap();
+        let env = ct["Config"]["Env"].to_string();
+        assert!(
+            !env.contains(token.as_str()) && !env.contains("FLOTILLA_TOKEN"),
+            "{env}"
+        );
+    }
+    // Prometheus scrapes without the token, on loopback only.
+    let scrape = http
+        .get("http://127.0.0.1:9464/metrics")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(scrape.status(), 200);
+    assert!(scrape.text().await.unwrap().contains("flotilla_tasks"));
     let refused = http
         .post(format!("{base}/send"))
         .json(&json!({"type": "python", "command": "response = 1"}))
@@ -659,4 +700,260 @@ fn an_unreachable_engine_is_reported_clearly() {
         &[],
     );
     assert!(err.contains("nomad"), "{err}");
+}
+
+/// The group of the Docker socket, for compose's FLOTILLA_DOCKER_GID.
+fn docker_socket_gid() -> String {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/var/run/docker.sock")
+        .map(|m| m.gid().to_string())
+        .unwrap_or_else(|_| "0".into())
+}
+
+/// What every worker container must have: no capability, no privilege
+/// gain, a PID limit, a read-only image with a size-limited /tmp, not root.
+fn assert_hardened(ct: &Value) {
+    let host = &ct["HostConfig"];
+    assert_eq!(host["CapDrop"], json!(["ALL"]), "{host}");
+    assert!(
+        host["CapAdd"].is_null() || host["CapAdd"] == json!([]),
+        "{host}"
+    );
+    assert_eq!(
+        host["SecurityOpt"],
+        json!(["no-new-privileges:true"]),
+        "{host}"
+    );
+    assert!(
+        host["PidsLimit"]
+            .as_i64()
+            .is_some_and(|n| n > 0 && n <= 1024),
+        "{host}"
+    );
+    assert_eq!(host["ReadonlyRootfs"], true, "{host}");
+    assert_eq!(host["Privileged"], false);
+    let tmp = host["Tmpfs"]["/tmp"].as_str().expect("a tmpfs on /tmp");
+    assert!(tmp.contains("size="), "{tmp}");
+    assert_eq!(ct["Config"]["User"], "10001:10001");
+}
+
+/// `docker compose up` without FLOTILLA_TOKEN refuses, saying how to make one.
+#[tokio::test(flavor = "multi_thread")]
+async fn compose_without_a_token_refuses_and_says_how_to_make_one() {
+    let Some(_d) = DockerTest::begin("compose_no_token").await else {
+        return;
+    };
+    let Some(cmd) = compose_command() else {
+        assert!(
+            !docker_required(),
+            "docker-compose (or docker compose) is required here"
+        );
+        return;
+    };
+    let gid = docker_socket_gid();
+    let mut c = std::process::Command::new(&cmd[0]);
+    c.args(&cmd[1..])
+        .arg("-f")
+        .arg(compose_file())
+        .args(["-p", "flotilla-e2e-notoken", "up", "-d"])
+        .env_remove("FLOTILLA_TOKEN")
+        .env("FLOTILLA_DOCKER_GID", &gid);
+    let out = c.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("FLOTILLA_TOKEN") && text.contains("openssl rand"),
+        "{text}"
+    );
+    assert!(inspect("flotilla-master").is_none(), "nothing was started");
+    // And without the socket's group: refused the same way, naming it.
+    let mut c = std::process::Command::new(&cmd[0]);
+    c.args(&cmd[1..])
+        .arg("-f")
+        .arg(compose_file())
+        .args(["-p", "flotilla-e2e-notoken", "up", "-d"])
+        .env("FLOTILLA_TOKEN", "x")
+        .env_remove("FLOTILLA_DOCKER_GID");
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success());
+    assert!(
+        text.contains("FLOTILLA_DOCKER_GID") && text.contains("stat -c %g"),
+        "{text}"
+    );
+}
+
+/// Worker containers are hardened, and task code lives with it: it is not
+/// root, cannot write the image, can write /tmp; /nodes shows the
+/// container, not a PID inside it.
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_containers_are_hardened_and_tasks_still_write_tmp() {
+    let Some(_d) = DockerTest::begin("hardened").await else {
+        return;
+    };
+    let c = start("e2e-hard", &[1], 1.0, 5.0).await;
+    let ct = inspect("e2e-hard-worker-0").expect("the worker container");
+    assert_hardened(&ct);
+    assert_eq!(ct["Mounts"].as_array().map(Vec::len), Some(0));
+    let t = c
+        .run_python(concat!(
+            "import os\n",
+            "open('/tmp/scratch.txt', 'w').write('ok')\n",
+            "try:\n",
+            "    open('/usr/local/bin/flotilla-worker', 'ab')\n",
+            "    image = 'writable'\n",
+            "except OSError as e:\n",
+            "    image = type(e).__name__\n",
+            "try:\n",
+            "    open(os.path.expanduser('~/x'), 'w')\n",
+            "    home = 'writable'\n",
+            "except OSError as e:\n",
+            "    home = type(e).__name__\n",
+            "response = [open('/tmp/scratch.txt').read(), os.getuid(), image, home]\n",
+        ))
+        .await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let r = &t["result"]["response"];
+    assert_eq!(r[0], "ok", "{t}");
+    assert_eq!(r[1], 10001, "{t}");
+    assert_ne!(r[2], "writable", "{t}");
+    assert_ne!(r[3], "writable", "{t}");
+    // No credential anywhere task code can look: its environment, every
+    // process's environ and cmdline in the container (tini's included).
+    let t = c
+        .run_python(concat!(
+            "import os, re, glob\n",
+            "seen = [v for v in os.environ.values()]\n",
+            "denied = 0\n",
+            "for p in glob.glob('/proc/[0-9]*/environ') + glob.glob('/proc/[0-9]*/cmdline'):\n",
+            "    try:\n",
+            "        seen.append(open(p, 'rb').read().decode('utf-8', 'replace'))\n",
+            "    except OSError:\n",
+            "        denied += 1\n",
+            "text = '\\n'.join(seen)\n",
+            "response = [bool(re.search(r'\\d+\\.\\d+\\.[0-9a-f]{64}', text)), 'FLOTILLA_WORKER_SECRET' in text, denied]\n",
+        ))
+        .await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let r = &t["result"]["response"];
+    assert_eq!(r[0], false, "a worker credential is readable by tasks: {t}");
+    assert_eq!(r[1], false, "{t}");
+    assert!(
+        r[2].as_u64().unwrap() >= 1,
+        "the worker's own /proc is closed to tasks: {t}"
+    );
+    // A fork bomb stops at the PID limit, and the worker survives it.
+    let t = c
+        .run_python(concat!(
+            "import subprocess\n",
+            "procs = []\n",
+            "try:\n",
+            "    for _ in range(2000):\n",
+            "        procs.append(subprocess.Popen(['sleep', '30']))\n",
+            "    response = 'unbounded'\n",
+            "except OSError as e:\n",
+            "    response = 'limited'\n",
+            "finally:\n",
+            "    for p in procs:\n",
+            "        p.kill()\n",
+            "        p.wait()\n",
+        ))
+        .await;
+    assert_eq!(t["result"]["response"], "limited", "{t}");
+    assert_eq!(c.run_python("response = 1").await["state"], "succeeded");
+    let nodes = c.nodes().await.unwrap();
+    let id = ct["Id"].as_str().unwrap();
+    let locator = nodes[0]["locator"].as_str().unwrap();
+    assert!(
+        locator.contains("e2e-hard-worker-0") && locator.contains(&id[..12]),
+        "{locator}"
+    );
+    assert!(nodes[0]["pid"].is_null(), "{}", nodes[0]);
+}
+
+/// Master on the host, workers in containers, a local OTLP receiver: the
+/// workers' spans arrive, though the endpoint the master was given is a
+/// loopback address (rewritten to the network's gateway for them).
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_spans_reach_a_collector_on_the_host() {
+    let Some(_d) = DockerTest::begin("telemetry").await else {
+        return;
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let services: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let sink = services.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let req = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                for rs in req.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| r.attributes.iter())
+                        .find(|a| a.key == "service.name")
+                        .and_then(|a| a.value.as_ref())
+                        .map(|v| format!("{:?}", v.value))
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for span in ss.spans {
+                            sink.lock().unwrap().push((service.clone(), span.name));
+                        }
+                    }
+                }
+                (
+                    [("content-type", "application/x-protobuf")],
+                    Vec::<u8>::new(),
+                )
+            }
+        }),
+    );
+    // On every interface: the workers reach it at the gateway's address.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let endpoint = format!("http://127.0.0.1:{port}");
+    remove_cluster("e2e-otel");
+    let c = Cluster::start_with(
+        &docker_manifest("e2e-otel", &[2], 1.0, 5.0),
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await
+    .unwrap();
+    let ct = inspect("e2e-otel-worker-0").unwrap();
+    assert!(!has_env(
+        &ct,
+        &format!("OTEL_EXPORTER_OTLP_ENDPOINT={endpoint}")
+    ));
+    for _ in 0..5 {
+        assert_eq!(c.run_python("response = 1").await["state"], "succeeded");
+    }
+    poll_until(Duration::from_secs(30), "worker spans", || {
+        let services = services.clone();
+        async move {
+            let seen = services.lock().unwrap().clone();
+            let worker = seen
+                .iter()
+                .filter(|(s, n)| s.contains("flotilla-worker") && n == "running")
+                .count();
+            let master = seen
+                .iter()
+                .filter(|(s, _)| s.contains("flotilla-master"))
+                .count();
+            (worker >= 5 && master > 0).then_some(())
+        }
+    })
+    .await
+    .unwrap();
 }

@@ -435,3 +435,41 @@ async fn the_service_name_comes_from_otel_service_name() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Logs at INFO carry IDs, states and sizes, never task data: a response,
+/// printed output, a traceback or the code itself show up only at DEBUG.
+#[tokio::test(flavor = "multi_thread")]
+async fn info_logs_carry_no_task_data() {
+    let marker = "MARKER-7f3a91";
+    let scenario = format!(
+        "system:\n  node_quantity: 1\n  requests:\n    - endpoint: http://localhost:5000/send\n      body: {{ type: python, command: \"print('{marker}-out')\\nresponse = '{marker}-response'\" }}\n    - endpoint: http://localhost:5000/send\n      body: {{ type: python, command: \"raise ValueError('{marker}-error')\" }}\n    - endpoint: http://localhost:5000/send\n      body: {{ type: shell, command: \"echo {marker}-shell; exit 3\" }}\n"
+    );
+    let path = temp_file("no-task-data.yaml", &scenario);
+    let run = |level: &str| {
+        std::process::Command::new(bin("flotilla"))
+            .args(["--log-level", level, "run"])
+            .arg(&path)
+            .args(["--port", "0", "--timeout", "60", "--json"])
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap()
+    };
+    let out = run("info");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The results are the user's: they are in the report...
+    assert!(stdout.contains(&format!("{marker}-response")), "{stdout}");
+    // ...and in no log line.
+    assert!(
+        stderr.contains("finished task") && stderr.contains("response_bytes"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(marker),
+        "task data in INFO logs:\n{stderr}"
+    );
+    // At DEBUG the content is there, for whoever asks for it.
+    let out = run("debug");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("{marker}-response")), "{stderr}");
+}

@@ -222,7 +222,7 @@ fn worker_routes(cluster: &Arc<Cluster>) -> Router<Arc<Cluster>> {
         .route(routes::POLL, post(poll))
         .layer(middleware::from_fn_with_state(
             cluster.clone(),
-            require_worker_secret,
+            require_worker_credential,
         ));
     Router::new()
         .route(routes::LOCK, post(lock))
@@ -291,20 +291,55 @@ async fn require_token(
     next.run(req).await
 }
 
-async fn require_worker_secret(
+/// The worker incarnation a request speaks for: taken from its credential,
+/// never from its body.
+#[derive(Clone, Copy, Debug)]
+struct WorkerIdentity {
+    worker: WorkerId,
+    incarnation: flotilla_proto::Incarnation,
+}
+
+impl WorkerIdentity {
+    /// The body must name the worker the credential was issued to.
+    fn check(&self, worker: WorkerId, incarnation: flotilla_proto::Incarnation) -> ApiResult<()> {
+        if (worker, incarnation) == (self.worker, self.incarnation) {
+            return Ok(());
+        }
+        warn!(
+            credential_worker = self.worker,
+            credential_incarnation = self.incarnation,
+            body_worker = worker,
+            body_incarnation = incarnation,
+            "a worker call named another worker than its credential; refused"
+        );
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "this credential is node {} incarnation {}'s; it cannot speak for node {worker} incarnation {incarnation}",
+                self.worker, self.incarnation
+            ),
+        ))
+    }
+}
+
+async fn require_worker_credential(
     State(cluster): State<Arc<Cluster>>,
-    req: Request,
+    mut req: Request,
     next: Next,
 ) -> Response {
-    match bearer(&req) {
-        Some(got) if constant_time_eq(got.as_bytes(), cluster.worker_secret.as_bytes()) => {
+    match bearer(&req).and_then(|c| cluster.verify_credential(c)) {
+        Some((worker, incarnation)) => {
+            req.extensions_mut().insert(WorkerIdentity {
+                worker,
+                incarnation,
+            });
             next.run(req).await
         }
-        _ => {
-            warn!(path = %req.uri().path(), "worker call without the cluster secret refused");
+        None => {
+            warn!(path = %req.uri().path(), "worker call without a valid worker credential refused");
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "worker routes need the cluster's worker secret",
+                "worker routes need the credential the master gave this worker incarnation",
             )
             .into_response()
         }
@@ -699,6 +734,7 @@ fn refusal(r: Refusal) -> ApiError {
         Refusal::UnknownWorker(_) => StatusCode::NOT_FOUND,
         Refusal::Stale { .. } => StatusCode::CONFLICT,
         Refusal::NotRegistered(_) => StatusCode::PRECONDITION_REQUIRED,
+        Refusal::BadSlot { .. } | Refusal::BadSlots { .. } => StatusCode::BAD_REQUEST,
     };
     if matches!(r, Refusal::Stale { .. }) {
         info!("{r}: refusing a message from a replaced incarnation");
@@ -708,14 +744,16 @@ fn refusal(r: Refusal) -> ApiError {
 
 async fn register(
     State(cluster): State<Arc<Cluster>>,
+    axum::Extension(identity): axum::Extension<WorkerIdentity>,
     Body(r): Body<Register>,
 ) -> ApiResult<Json<RegisterReply>> {
+    identity.check(r.worker_id, r.incarnation)?;
     // Where it runs, as the runtime knows it (outside a container the PID
     // the worker reports means something; inside, it is always 7 or so).
     let locator = cluster.locate(r.worker_id, r.incarnation).await;
     let pid = (cluster.runtime_name() == "process").then_some(r.pid);
     let capacity = cluster
-        .register(r.worker_id, r.incarnation, pid, locator)
+        .register(r.worker_id, r.incarnation, r.slots, pid, locator)
         .map_err(refusal)?;
     info!(
         worker = r.worker_id,
@@ -732,8 +770,10 @@ async fn register(
 
 async fn heartbeat(
     State(cluster): State<Arc<Cluster>>,
+    axum::Extension(identity): axum::Extension<WorkerIdentity>,
     Body(h): Body<Heartbeat>,
 ) -> ApiResult<StatusCode> {
+    identity.check(h.worker_id, h.incarnation)?;
     cluster
         .heartbeat(h.worker_id, h.incarnation)
         .map_err(refusal)?;
@@ -743,9 +783,11 @@ async fn heartbeat(
 
 async fn poll(
     State(cluster): State<Arc<Cluster>>,
+    axum::Extension(identity): axum::Extension<WorkerIdentity>,
     headers: HeaderMap,
     Body(p): Body<Poll>,
 ) -> ApiResult<Response> {
+    identity.check(p.worker_id, p.incarnation)?;
     if let Some(report) = &p.report {
         // The result's delivery joins the task's trace (the worker's span is its parent).
         let span = tracing::info_span!(target: TRACE_TARGET, "result received", task.id = report.task_id,

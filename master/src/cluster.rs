@@ -64,7 +64,9 @@ pub struct Cluster {
     sched: Mutex<Scheduler>,
     runtime: Arc<dyn Runtime>,
     pub cfg: ClusterConfig,
-    /// Per-cluster secret the workers authenticate with.
+    /// The cluster's key for worker credentials. Never sent anywhere: each
+    /// worker incarnation gets its own credential derived from it (see
+    /// [`Cluster::worker_credential`]).
     pub worker_secret: String,
     /// Which master this is: the store's count of masters on the state
     /// directory, or the start time (Unix ms) when nothing is kept. Every
@@ -191,6 +193,45 @@ impl Cluster {
         out
     }
 
+    fn credential_key(&self) -> ring::hmac::Key {
+        ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.worker_secret.as_bytes())
+    }
+
+    /// The credential of one worker incarnation: `<id>.<incarnation>.<HMAC of
+    /// both under the cluster key>`. It names the one worker it speaks for,
+    /// and a new incarnation's credential says nothing about the old one's.
+    pub fn worker_credential(&self, worker: WorkerId, incarnation: Incarnation) -> String {
+        let tag = ring::hmac::sign(
+            &self.credential_key(),
+            format!("{worker}/{incarnation}").as_bytes(),
+        );
+        let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("{worker}.{incarnation}.{hex}")
+    }
+
+    /// The worker incarnation a credential was issued to, if it is genuine
+    /// (checked in constant time by `ring`).
+    pub fn verify_credential(&self, credential: &str) -> Option<(WorkerId, Incarnation)> {
+        let mut parts = credential.splitn(3, '.');
+        let worker: WorkerId = parts.next()?.parse().ok()?;
+        let incarnation: Incarnation = parts.next()?.parse().ok()?;
+        let hex = parts.next()?;
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let tag: Vec<u8> = (0..32)
+            .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+            .collect::<Result<_, _>>()
+            .ok()?;
+        ring::hmac::verify(
+            &self.credential_key(),
+            format!("{worker}/{incarnation}").as_bytes(),
+            &tag,
+        )
+        .ok()
+        .map(|()| (worker, incarnation))
+    }
+
     fn launch(
         &self,
         worker_id: WorkerId,
@@ -203,7 +244,7 @@ impl Cluster {
             capacity,
             slots: self.cfg.slots.min(capacity as u32).max(1),
             master_url: self.master_url(),
-            secret: self.worker_secret.clone(),
+            secret: self.worker_credential(worker_id, incarnation),
             inherited_env: self.cfg.worker_env.clone(),
         }
     }
@@ -667,14 +708,29 @@ impl Cluster {
     // ----- the worker protocol ------------------------------------------
 
     /// A worker registered: its capacity.
+    /// A worker says hello with the slots it runs: at least 1, at most what
+    /// the master gives a worker of its capacity (what it started it with).
     pub fn register(
         &self,
         id: WorkerId,
         inc: Incarnation,
+        slots: u32,
         pid: Option<u32>,
         locator: Option<String>,
     ) -> Result<usize, Refusal> {
-        let capacity = self.with_state(|s| s.register(id, inc, pid, locator))?;
+        let most = self.cfg.slots;
+        let capacity = self.with_state(|s| {
+            let capacity = s.worker(id).map(|w| w.capacity).unwrap_or(0);
+            let most = most.min(capacity as u32).max(1);
+            if slots == 0 || slots > most {
+                return Err(Refusal::BadSlots {
+                    worker: id,
+                    asked: slots,
+                    most,
+                });
+            }
+            s.register(id, inc, slots, pid, locator)
+        })?;
         self.started_ok(id);
         Ok(capacity)
     }
@@ -810,5 +866,41 @@ impl<T: Send> Drop for Pending<'_, T> {
         let sent = rx.try_recv().ok();
         drop(rx);
         self.cluster.with_state(|s| undo(s, sent));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credential_speaks_for_one_worker_incarnation_only() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let runtime = Arc::new(crate::runtime::process::ProcessRuntime::new(
+            "flotilla-worker".into(),
+            tx,
+        ));
+        let c = Cluster::new(ClusterConfig::default(), runtime, None);
+        let cred = c.worker_credential(3, 7);
+        assert!(cred.starts_with("3.7."), "{cred}");
+        assert_eq!(c.verify_credential(&cred), Some((3, 7)));
+        // Naming another worker or incarnation with the same tag fails.
+        let tag = cred.rsplit('.').next().unwrap();
+        assert_eq!(c.verify_credential(&format!("4.7.{tag}")), None);
+        assert_eq!(c.verify_credential(&format!("3.8.{tag}")), None);
+        assert_ne!(c.worker_credential(3, 8), cred);
+        // Garbage, a truncated tag, another cluster's credential.
+        for bad in ["", "3.7", "3.7.zz", &cred[..cred.len() - 2], "x.7.00"] {
+            assert_eq!(c.verify_credential(bad), None, "{bad}");
+        }
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let other = Cluster::new(
+            ClusterConfig::default(),
+            Arc::new(crate::runtime::process::ProcessRuntime::new("w".into(), tx)),
+            None,
+        );
+        assert_eq!(other.verify_credential(&cred), None);
+        // The cluster key itself is not a credential.
+        assert_eq!(c.verify_credential(&c.worker_secret), None);
     }
 }

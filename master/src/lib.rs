@@ -118,6 +118,41 @@ impl Master {
     }
 }
 
+/// Keeps the API token out of reach of other processes of the same user
+/// (the process runtime's workers and tasks): the master becomes
+/// non-dumpable (its /proc/<pid>/environ and memory are then readable by
+/// root alone), and the token's bytes in its initial environment block, the
+/// one /proc/<pid>/environ shows, are overwritten, after a heap copy is put
+/// back in the environment for whatever reads `FLOTILLA_TOKEN` later. Call
+/// it first thing in `main`, before anything reads the environment on
+/// another thread.
+pub fn protect_token() {
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_dumpable(false);
+    const KEY: &[u8] = b"FLOTILLA_TOKEN=";
+    let Some(value) = std::env::var_os("FLOTILLA_TOKEN") else {
+        return;
+    };
+    extern "C" {
+        static mut environ: *const *mut std::ffi::c_char;
+    }
+    // SAFETY: `environ` is the C library's NULL-terminated array of
+    // NUL-terminated strings; each entry is only overwritten within its
+    // own length, while no other thread reads the environment.
+    unsafe {
+        let mut entry = environ;
+        while !entry.is_null() && !(*entry).is_null() {
+            let s = std::ffi::CStr::from_ptr(*entry);
+            let len = s.to_bytes().len();
+            if s.to_bytes().starts_with(KEY) {
+                std::ptr::write_bytes((*entry).add(KEY.len()), b'x', len - KEY.len());
+            }
+            entry = entry.add(1);
+        }
+    }
+    std::env::set_var("FLOTILLA_TOKEN", value);
+}
+
 /// A shared resource as the cluster starts with it: name, type, value.
 pub type InitialResource = (String, resources::ResourceType, serde_json::Value);
 

@@ -289,6 +289,7 @@ fn up_state_dir(a: &ServeArgs, spec: &manifest::ClusterSpec) -> Option<PathBuf> 
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    flotilla::protect_token();
     let cli = Cli::parse();
     match cli.command {
         Command::Completions { shell } => {

@@ -179,4 +179,5 @@ fn file_resources_read_only_regular_files_under_the_file_root() {
         "system:\n  node_quantity: 1\n  shared_resources:\n    - name: f\n      type: File\n      values: { path: /etc/hostname }\n",
     );
     both_refuse(&f, &["spec.fileRoot"]);
+    std::fs::remove_dir_all(&root).unwrap();
 }

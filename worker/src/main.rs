@@ -52,11 +52,34 @@ impl Config {
             master_url: var(env::MASTER_URL)?.trim_end_matches('/').to_string(),
             worker_id: parse_var(env::WORKER_ID, None)?,
             incarnation: parse_var(env::INCARNATION, None)?,
-            secret: var(env::WORKER_SECRET)?,
+            secret: credential()?,
             slots: parse_var(env::SLOTS, Some(1))?.max(1),
             python: std::env::var(env::PYTHON).unwrap_or_else(|_| "python3".to_string()),
         })
     }
+}
+
+/// This incarnation's credential, kept out of everything task code can read:
+/// the first line on stdin (how the master's process runtime hands it over),
+/// or `FLOTILLA_WORKER_SECRET`, which is then removed from the environment
+/// the tasks inherit. (The worker is also made non-dumpable, so that a task
+/// of the same user cannot read it from /proc/<worker>/environ or mem.)
+fn credential() -> Result<String> {
+    if let Ok(v) = std::env::var(env::WORKER_SECRET) {
+        std::env::remove_var(env::WORKER_SECRET);
+        if !v.trim().is_empty() {
+            return Ok(v.trim().to_string());
+        }
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("cannot read the worker credential from stdin")?;
+    let line = line.trim();
+    if line.is_empty() {
+        anyhow::bail!("no worker credential: FLOTILLA_WORKER_SECRET is not set and stdin gave none (flotilla-worker is started by the master's runtime, which hands it over)");
+    }
+    Ok(line.to_string())
 }
 
 /// Children of the worker (interpreters, shell commands) die with it, so a
@@ -303,6 +326,10 @@ async fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("lock") {
         return locks::cli(&args[1..]).await;
     }
+    // Before anything else reads or spawns: no task (same user) may read this
+    // process's memory or /proc/<pid>/environ, where the credential was.
+    #[cfg(target_os = "linux")]
+    nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE, 0)")?;
     let cfg = Config::from_env()?;
     python::check_python(&cfg.python)?;
     let http = reqwest::Client::builder()

@@ -320,6 +320,7 @@ mod tests {
         assert!(read_confined(&root, "sub", 100)
             .unwrap_err()
             .contains("a directory"));
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
@@ -330,6 +331,7 @@ mod tests {
         // Would hang forever if it waited for a writer.
         let err = read_confined(&root, "pipe", 100).unwrap_err();
         assert!(err.contains("a FIFO"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

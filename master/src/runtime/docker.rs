@@ -27,8 +27,8 @@ use bollard::models::{
     RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder,
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder, EventsOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
 use flotilla_proto::{env, Incarnation, WorkerId};
@@ -49,6 +49,15 @@ pub const LABEL_INCARNATION: &str = "dev.flotilla.incarnation";
 /// Longest wait for one engine call (the event stream is not bounded by it).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The user worker containers run as: the image's unprivileged `flotilla`.
+pub const WORKER_USER: &str = "10001:10001";
+/// The most processes (threads included) one worker container may have: a
+/// fork bomb in a task stops there, not at the host's limit.
+pub const PIDS_LIMIT: i64 = 512;
+/// The size of the writable `/tmp` (a tmpfs, counted in the memory limit);
+/// the rest of the root filesystem is read-only.
+pub const TMP_SIZE_BYTES: u64 = 128 << 20;
+
 /// What the manifest says about the worker containers.
 #[derive(Clone, Debug)]
 pub struct DockerSettings {
@@ -59,6 +68,9 @@ pub struct DockerSettings {
     /// CPU cores per unit of queue capacity (`NanoCpus` = capacity x this x 1e9).
     pub cpu_per_capacity: f64,
     pub memory_bytes: u64,
+    /// `spec.telemetry.workerOtlpEndpoint`: replaces the OTLP endpoint the
+    /// workers inherit from the master.
+    pub worker_otlp_endpoint: Option<String>,
 }
 
 impl DockerSettings {
@@ -70,6 +82,7 @@ impl DockerSettings {
             network: spec.network.clone().unwrap_or_else(|| spec.name.clone()),
             cpu_per_capacity: spec.worker_resources.cpu_per_capacity,
             memory_bytes: spec.worker_resources.memory_bytes,
+            worker_otlp_endpoint: spec.worker_otlp_endpoint.clone(),
         }
     }
 
@@ -114,6 +127,9 @@ struct Tracked {
 struct Inner {
     docker: Docker,
     settings: DockerSettings,
+    /// The network's gateway: where a loopback OTLP endpoint of the master's
+    /// is reached from a container.
+    gateway: Option<IpAddr>,
     /// CPUs the engine has: the most a quota can be.
     engine_cpus: u32,
     containers: Mutex<HashMap<WorkerId, Tracked>>,
@@ -193,6 +209,7 @@ impl DockerRuntime {
         let inner = Arc::new(Inner {
             docker,
             settings,
+            gateway,
             engine_cpus,
             containers: Mutex::new(HashMap::new()),
             events,
@@ -331,11 +348,22 @@ impl Inner {
             format!("{}={}", env::MASTER_URL, launch.master_url),
             format!("{}={}", env::WORKER_ID, launch.worker_id),
             format!("{}={}", env::INCARNATION, launch.incarnation),
-            format!("{}={}", env::WORKER_SECRET, launch.secret),
             format!("{}={}", env::SLOTS, launch.slots),
         ];
-        // The worker logs and traces as its master does, as process workers do.
-        envs.extend(launch.inherited_env.iter().map(|(k, v)| format!("{k}={v}")));
+        // The worker logs and traces as its master does, as process workers
+        // do; a trace endpoint on the master's loopback is not the
+        // container's: it becomes the network's gateway (the host).
+        envs.extend(launch.inherited_env.iter().map(|(k, v)| {
+            let v = match k.as_str() {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" | "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" => self
+                    .settings
+                    .worker_otlp_endpoint
+                    .clone()
+                    .unwrap_or_else(|| super::loopback_to(v, self.gateway)),
+                _ => v.clone(),
+            };
+            format!("{k}={v}")
+        }));
         let labels = HashMap::from([
             (LABEL_CLUSTER.to_string(), s.cluster.clone()),
             (LABEL_WORKER.to_string(), launch.worker_id.to_string()),
@@ -349,8 +377,27 @@ impl Inner {
             image: Some(s.image.clone()),
             env: Some(envs),
             labels: Some(labels),
+            // Tasks run arbitrary code: never as root, whatever the image says.
+            user: Some(WORKER_USER.into()),
+            // The credential arrives on stdin (see `start`), never in the
+            // environment, which every process in the container (tini as
+            // PID 1 included) would show in /proc/<pid>/environ.
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            attach_stdin: Some(true),
             host_config: Some(HostConfig {
                 network_mode: Some(s.network.clone()),
+                // Nothing a worker does needs a capability, nor gaining one
+                // through a setuid binary.
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                pids_limit: Some(PIDS_LIMIT),
+                // Nothing in the image can be changed; tasks write to /tmp.
+                readonly_rootfs: Some(true),
+                tmpfs: Some(HashMap::from([(
+                    "/tmp".to_string(),
+                    format!("rw,nosuid,nodev,size={TMP_SIZE_BYTES},mode=1777"),
+                )])),
                 nano_cpus: Some(s.nano_cpus(launch.capacity, self.engine_cpus)),
                 memory: Some(memory),
                 // No swap beyond the limit: the limit is the limit.
@@ -548,14 +595,50 @@ impl Runtime for DockerRuntime {
                 container_id: created.id.clone(),
             },
         );
-        if let Err(e) = inner.docker.start_container(&created.id, None).await {
+        // Attached before it starts, so the worker's first read finds the
+        // credential; detaching then closes its stdin (stdin_once).
+        let attach = inner
+            .docker
+            .attach_container(
+                &created.id,
+                Some(
+                    AttachContainerOptionsBuilder::default()
+                        .stdin(true)
+                        .stream(true)
+                        .build(),
+                ),
+            )
+            .await;
+        let started = match attach {
+            Err(e) => Err(format!("cannot attach to container {name}: {e}")),
+            Ok(mut attached) => match inner.docker.start_container(&created.id, None).await {
+                Err(e) => Err(format!("cannot start container {name}: {e}")),
+                Ok(()) => {
+                    use tokio::io::AsyncWriteExt;
+                    let line = format!("{}\n", launch.secret);
+                    let handover = async {
+                        attached.input.write_all(line.as_bytes()).await?;
+                        attached.input.flush().await?;
+                        attached.input.shutdown().await
+                    };
+                    match tokio::time::timeout(CALL_TIMEOUT, handover).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => {
+                            Err(format!("cannot hand container {name} its credential: {e}"))
+                        }
+                        Err(_) => Err(format!("handing container {name} its credential timed out")),
+                    }
+                }
+            },
+        };
+        if let Err(reason) = started {
             inner
                 .containers
                 .lock()
                 .expect("containers lock")
                 .remove(&launch.worker_id);
             let _ = inner.remove(&created.id).await;
-            return Err(fail(format!("cannot start container {name}: {e}")));
+            return Err(fail(reason));
         }
         info!(
             worker = launch.worker_id,
@@ -635,6 +718,7 @@ mod tests {
             network: "demo".into(),
             cpu_per_capacity: 0.25,
             memory_bytes: 512 << 20,
+            worker_otlp_endpoint: None,
         }
     }
 
@@ -677,6 +761,7 @@ mod tests {
             )
             .unwrap(),
             settings: settings(),
+            gateway: Some(IpAddr::from([172, 18, 0, 1])),
             engine_cpus: 4,
             containers: Mutex::new(HashMap::new()),
             events: tx,
@@ -689,19 +774,30 @@ mod tests {
             slots: 1,
             master_url: "http://172.18.0.1:4321".into(),
             secret: "s3cret".into(),
-            inherited_env: vec![("RUST_LOG".into(), "debug".into())],
+            inherited_env: vec![
+                ("RUST_LOG".into(), "debug".into()),
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                    "http://127.0.0.1:4318".into(),
+                ),
+            ],
         });
         let env = body.env.unwrap();
         for expected in [
             "FLOTILLA_MASTER_URL=http://172.18.0.1:4321",
             "FLOTILLA_WORKER_ID=2",
             "FLOTILLA_INCARNATION=3",
-            "FLOTILLA_WORKER_SECRET=s3cret",
             "FLOTILLA_SLOTS=1",
             "RUST_LOG=debug",
+            // The master's loopback is the host: the gateway, from the container.
+            "OTEL_EXPORTER_OTLP_ENDPOINT=http://172.18.0.1:4318",
         ] {
             assert!(env.iter().any(|e| e == expected), "{expected} in {env:?}");
         }
+        // The credential goes on stdin, never in the environment.
+        assert!(!env.iter().any(|e| e.contains("s3cret")), "{env:?}");
+        assert_eq!(body.open_stdin, Some(true));
+        assert_eq!(body.stdin_once, Some(true));
         let labels = body.labels.unwrap();
         assert_eq!(labels[LABEL_CLUSTER], "demo");
         assert_eq!(labels[LABEL_WORKER], "2");
@@ -710,5 +806,51 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(2_000_000_000));
         assert_eq!(host.memory, Some(512 << 20));
         assert_eq!(host.network_mode.as_deref(), Some("demo"));
+        // Hardened: no capability, no privilege gain, bounded processes,
+        // read-only image, a size-limited /tmp, never root.
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(
+            host.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        assert_eq!(host.pids_limit, Some(PIDS_LIMIT));
+        assert_eq!(host.readonly_rootfs, Some(true));
+        assert!(host.tmpfs.unwrap()["/tmp"].contains(&format!("size={TMP_SIZE_BYTES}")));
+        assert_eq!(body.user.as_deref(), Some(WORKER_USER));
+    }
+
+    #[test]
+    fn a_worker_otlp_endpoint_replaces_the_inherited_one() {
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut settings = settings();
+        settings.worker_otlp_endpoint = Some("http://collector:4318".into());
+        let inner = Inner {
+            docker: Docker::connect_with_http(
+                "http://127.0.0.1:1",
+                1,
+                bollard::API_DEFAULT_VERSION,
+            )
+            .unwrap(),
+            settings,
+            gateway: Some(IpAddr::from([172, 18, 0, 1])),
+            engine_cpus: 4,
+            containers: Mutex::new(HashMap::new()),
+            events: tx,
+            stopping: AtomicBool::new(false),
+        };
+        let body = inner.create_body(&WorkerLaunch {
+            worker_id: 0,
+            incarnation: 1,
+            capacity: 1,
+            slots: 1,
+            master_url: "http://172.18.0.1:4321".into(),
+            secret: "s".into(),
+            inherited_env: vec![(
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                "http://127.0.0.1:4318".into(),
+            )],
+        });
+        let env = body.env.unwrap();
+        assert!(env.contains(&"OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318".to_string()));
     }
 }

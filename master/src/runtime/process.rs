@@ -14,7 +14,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
 
@@ -66,10 +66,10 @@ impl Runtime for ProcessRuntime {
             .env(env::MASTER_URL, &launch.master_url)
             .env(env::WORKER_ID, launch.worker_id.to_string())
             .env(env::INCARNATION, launch.incarnation.to_string())
-            .env(env::WORKER_SECRET, &launch.secret)
             .env(env::SLOTS, launch.slots.to_string())
             .envs(launch.inherited_env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            // The credential goes on stdin, never in the environment.
+            .stdin(Stdio::piped())
             .process_group(0);
         #[cfg(target_os = "linux")]
         unsafe {
@@ -82,6 +82,13 @@ impl Runtime for ProcessRuntime {
             worker: launch.worker_id,
             reason: format!("{}: {e}", self.worker_bin.display()),
         })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            use tokio::io::AsyncWriteExt;
+            let line = format!("{}\n", launch.secret);
+            if let Err(e) = stdin.write_all(line.as_bytes()).await {
+                warn!(worker = launch.worker_id, error = %e, "could not hand the worker its credential");
+            }
+        }
         let pid = child.id().unwrap_or(0);
         info!(
             worker = launch.worker_id,

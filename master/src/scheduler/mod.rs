@@ -58,6 +58,9 @@ pub struct Worker {
     /// What the runtime runs it in, as the runtime tells it: `pid 123`,
     /// `container flotilla-worker-0 (3f2a...)`, `pod ns/name`.
     pub locator: Option<String>,
+    /// How many slots (tasks at once) it registered with; polls name one
+    /// of 0..slots.
+    pub slots: u32,
 }
 
 impl Worker {
@@ -83,6 +86,18 @@ pub enum Refusal {
     },
     #[error("node {0} must register before polling")]
     NotRegistered(WorkerId),
+    #[error("node {worker} has no slot {slot}: its slots are 0..{slots}")]
+    BadSlot {
+        worker: WorkerId,
+        slot: u32,
+        slots: u32,
+    },
+    #[error("node {worker} asks for {asked} slots; it may have 1 to {most}")]
+    BadSlots {
+        worker: WorkerId,
+        asked: u32,
+        most: u32,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -394,6 +409,7 @@ impl Scheduler {
             last_heartbeat: Instant::now(),
             pid: None,
             locator: None,
+            slots: 1,
         });
         journal!(
             self,
@@ -436,12 +452,14 @@ impl Scheduler {
         &mut self,
         id: WorkerId,
         inc: Incarnation,
+        slots: u32,
         pid: Option<u32>,
         locator: Option<String>,
     ) -> Result<usize, Refusal> {
         self.check(id, inc)?;
         let w = &mut self.workers[id as usize];
         w.state = WorkerState::Active;
+        w.slots = slots;
         w.pid = pid;
         w.locator = locator;
         w.last_heartbeat = Instant::now();
@@ -641,6 +659,13 @@ impl Scheduler {
         if w.state != WorkerState::Active {
             return Err(Refusal::NotRegistered(worker));
         }
+        if slot >= w.slots {
+            return Err(Refusal::BadSlot {
+                worker,
+                slot,
+                slots: w.slots,
+            });
+        }
         if let Some(report) = report {
             self.record(worker, slot, report);
         }
@@ -725,7 +750,16 @@ impl Scheduler {
         let tid = report.task_id;
         match report.outcome {
             Outcome::Succeeded { result } => {
+                // INFO carries IDs, states and sizes; the content (task
+                // data) only at DEBUG.
                 info!(
+                    task = tid,
+                    worker,
+                    response_bytes = result.response.to_string().len(),
+                    stdout_bytes = result.stdout.len(),
+                    "Node {worker} finished task {tid}"
+                );
+                debug!(
                     task = tid,
                     worker,
                     "Node {worker} response: {}",
@@ -735,7 +769,13 @@ impl Scheduler {
                 self.finish(tid, TaskState::Succeeded, Some(result), None);
             }
             Outcome::Failed { result, error } => {
-                info!(task = tid, worker, %error, "Node {worker} task failed");
+                info!(
+                    task = tid,
+                    worker,
+                    error_bytes = error.len(),
+                    "Node {worker} task {tid} failed"
+                );
+                debug!(task = tid, worker, %error, "Node {worker} task {tid} failed");
                 self.workers[worker as usize].executed += 1;
                 self.finish(tid, TaskState::Failed, Some(result), Some(error));
             }

@@ -24,7 +24,7 @@ fn cluster(caps: &[usize]) -> Scheduler {
     let mut s = Scheduler::new(3);
     for &c in caps {
         let (id, inc) = s.add_worker(c);
-        s.register(id, inc, None, None).unwrap();
+        s.register(id, inc, c as u32, None, None).unwrap();
     }
     s
 }
@@ -126,7 +126,7 @@ fn a_dead_worker_s_tasks_go_to_the_front_of_the_master_queue_in_order() {
         s.master_queue.iter().copied().collect::<Vec<_>>(),
         vec![t[4]]
     );
-    s.register(0, 2, None, None).unwrap();
+    s.register(0, 2, 1, None, None).unwrap();
     let mut rx0 = poll(&mut s, 0, 0, None);
     assert_eq!(rx0.try_recv().unwrap().task_id, t[0]);
     // Its old incarnation is refused.
@@ -266,7 +266,7 @@ proptest! {
                 Op::Poll(w, crash) => {
                     let w = (w % n) as WorkerId;
                     let wk = s.worker(w).unwrap();
-                    if wk.state == WorkerState::Starting { let inc = wk.incarnation; s.register(w, inc, None, None).unwrap(); }
+                    if wk.state == WorkerState::Starting { let inc = wk.incarnation; s.register(w, inc, 1, None, None).unwrap(); }
                     if s.worker(w).unwrap().state != WorkerState::Active { continue; }
                     let rep = pending.get_mut(&w).and_then(|rx| rx.try_recv().ok()).map(|a| TaskReport {
                         task_id: a.task_id, attempt: a.attempt,
@@ -340,4 +340,22 @@ fn the_task_listing_filters_pages_and_bounds_its_scan() {
     let (page, next) = s.list_tasks(3, Some(TaskState::Failed), None, 100, 3);
     assert!(page.is_empty());
     assert_eq!(next, None);
+}
+
+#[test]
+fn a_poll_for_a_slot_the_worker_does_not_have_is_refused() {
+    let mut s = Scheduler::new(3);
+    let (id, inc) = s.add_worker(4);
+    s.register(id, inc, 2, None, None).unwrap();
+    let (tx, _rx) = oneshot::channel();
+    assert_eq!(
+        s.poll(id, inc, 2, None, tx).unwrap_err(),
+        Refusal::BadSlot {
+            worker: id,
+            slot: 2,
+            slots: 2
+        }
+    );
+    let (tx, _rx) = oneshot::channel();
+    assert!(s.poll(id, inc, 1, None, tx).is_ok());
 }
