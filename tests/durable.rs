@@ -476,3 +476,51 @@ async fn sigterm_without_a_store_drains_the_accepted_tasks_then_exits() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("dropping 2 unfinished tasks"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_past_their_ttl_answer_410_and_the_feed_keeps_its_positions() {
+    let dir = fresh_state_dir();
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let text = manifest("durable-ttl", &[1]).replace("spec:\n", "spec:\n  resultTtlSeconds: 1\n");
+    let args = ["--state-dir", dir_arg.as_str()];
+    let c = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    let first = c.run_python("response = 1").await;
+    let id = first["id"].as_u64().unwrap();
+    assert_eq!(c.get(&format!("/tasks/{id}")).await.unwrap().0, 200);
+    // Gone once the TTL has passed (the expiry runs every quarter of it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (status, body) = loop {
+        let (status, body) = c.get(&format!("/tasks/{id}?wait=0")).await.unwrap();
+        if status != 200 || Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status, 410, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("expired"),
+        "{body}"
+    );
+    // An ID never handed out is still a 404.
+    assert_eq!(c.get("/tasks/999999").await.unwrap().0, 404);
+    // The feed keeps its positions: the expired entry is skipped, not renumbered.
+    let (_, feed) = c.get("/tasks/finished?after=0").await.unwrap();
+    assert_eq!(feed["next"], 1, "{feed}");
+    assert_eq!(feed["tasks"].as_array().unwrap().len(), 0, "{feed}");
+    drop(c);
+
+    // After a restart: still expired, and the feed goes on at position 1.
+    let c = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    assert_eq!(c.get(&format!("/tasks/{id}")).await.unwrap().0, 410);
+    let second = c.run_python("response = 2").await;
+    assert!(second["id"].as_u64().unwrap() > id);
+    let (_, feed) = c.get("/tasks/finished?after=0&wait=10").await.unwrap();
+    // Position 1 (not renumbered to 0); the entry itself may have expired
+    // already (its TTL is 1 s), the position stays.
+    assert_eq!(feed["next"], 2, "{feed}");
+    for t in feed["tasks"].as_array().unwrap() {
+        assert_eq!(t["id"], second["id"], "{feed}");
+    }
+    drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -624,6 +624,13 @@ async fn get_task(
     let wait = wait_param(&q)?;
     match cluster.wait_task(task_id, wait).await {
         Some(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
+        None if cluster.expired(task_id) => Err(ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "task {task_id}'s result expired: results are kept for {}s after the task finishes (spec.resultTtlSeconds)",
+                cluster.cfg.result_ttl.as_secs_f64()
+            ),
+        )),
         None => Err(ApiError::not_found(format!(
             "task {task_id} does not exist"
         ))),

@@ -44,6 +44,8 @@ pub struct ClusterConfig {
     /// The environment every worker gets from its master (log and trace
     /// settings).
     pub worker_env: Vec<(String, String)>,
+    /// How long a finished task stays readable (`spec.resultTtlSeconds`).
+    pub result_ttl: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -56,6 +58,7 @@ impl Default for ClusterConfig {
             poll_hold: Duration::from_secs(25),
             slots: 1,
             worker_env: Vec::new(),
+            result_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -247,6 +250,34 @@ impl Cluster {
             secret: self.worker_credential(worker_id, incarnation),
             inherited_env: self.cfg.worker_env.clone(),
         }
+    }
+
+    /// Forgets finished tasks older than the result TTL, in memory and in
+    /// the store, every quarter of the TTL (at most every minute). Each pass
+    /// takes only the expired tasks off the front of the completion feed, so
+    /// it does not hold up dispatch; the store deletes and compacts on its
+    /// writer thread.
+    pub fn spawn_result_expiry(self: &Arc<Self>) {
+        let me = self.clone();
+        let ttl = self.cfg.result_ttl;
+        let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let cutoff = crate::scheduler::unix_ms().saturating_sub(ttl.as_millis() as u64);
+                let expired = me.with_state(|s| s.expire_results(cutoff));
+                if expired > 0 {
+                    info!(expired, "results past their TTL forgotten");
+                }
+            }
+        });
+    }
+
+    /// Whether `id` was handed out (by this master, or one before it on the
+    /// same state directory) and is no longer kept: its result expired.
+    pub fn expired(&self, id: TaskId) -> bool {
+        self.with_state(|s| s.was_expired(id))
     }
 
     /// Accepted tasks not final yet.

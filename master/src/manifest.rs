@@ -128,6 +128,9 @@ pub struct ClusterSpec {
     /// `spec.fileRoot`: the directory File resources' `path`s must be in.
     /// Unset: no File resource may name a path.
     pub file_root: Option<std::path::PathBuf>,
+    /// `spec.resultTtlSeconds`: how long a finished task's result stays
+    /// readable (default 24 h); past it `GET /tasks/{id}` answers 410.
+    pub result_ttl: Duration,
     /// `spec.stateDir`: where `flotilla up` keeps the durable state (the
     /// CLI's `--state-dir` wins; default `.flotilla/<name>`).
     pub state_dir: Option<std::path::PathBuf>,
@@ -176,6 +179,7 @@ impl ClusterSpec {
             worker_pods: WorkerPods::default(),
             file_root: None,
             state_dir: None,
+            result_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -274,6 +278,8 @@ struct NativeSpec {
     max_attempts: Option<u32>,
     #[serde(default)]
     state_dir: Option<String>,
+    #[serde(default)]
+    result_ttl_seconds: Option<f64>,
     workers: Vec<NativeWorker>,
     #[serde(default)]
     resources: Vec<NativeResource>,
@@ -467,6 +473,9 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     }
     if let Some(m) = s.max_attempts {
         spec.max_attempts = m;
+    }
+    if let Some(t) = s.result_ttl_seconds {
+        spec.result_ttl = seconds("spec.resultTtlSeconds", t)?;
     }
     if let Some(d) = s.state_dir {
         if d.trim().is_empty() {

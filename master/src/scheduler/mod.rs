@@ -147,6 +147,13 @@ pub struct Scheduler {
     /// What happened since the owner last looked, for its metrics.
     tallies: Vec<Tally>,
     steals: u64,
+    /// The first ID this master (or the first one on its state directory)
+    /// handed out: IDs from here to `next_task` not in `tasks` expired.
+    first_task: TaskId,
+    /// Completion-feed positions before this one are expired.
+    expired: usize,
+    /// Accepted tasks not final yet.
+    open_tasks: usize,
     /// The changes the durable store must keep, in order (`None`: the
     /// state is ephemeral). The owner drains it after every transition.
     journal: Option<Vec<Op>>,
@@ -226,6 +233,9 @@ impl Scheduler {
             lease_of: HashMap::new(),
             tallies: Vec::new(),
             steals: 0,
+            first_task: 1,
+            expired: 0,
+            open_tasks: 0,
             journal: None,
         }
     }
@@ -288,12 +298,42 @@ impl Scheduler {
 
     /// Accepted tasks that are not final.
     pub fn unfinished(&self) -> usize {
-        self.tasks.len() - self.completions.len()
+        self.open_tasks
+    }
+
+    /// Forgets the finished tasks that finished before `cutoff` (Unix ms):
+    /// they leave the front of the completion feed (its positions stay) and
+    /// the store. Returns how many.
+    pub fn expire_results(&mut self, cutoff: u64) -> usize {
+        let before = self.expired;
+        while let Some(&id) = self.completions.get(self.expired) {
+            let Some(task) = self.tasks.get(&id) else {
+                self.expired += 1; // a position whose task expired before a restart
+                continue;
+            };
+            if task.finished_at.is_some_and(|f| f >= cutoff) {
+                break;
+            }
+            self.tasks.remove(&id);
+            self.expired += 1;
+        }
+        if self.expired > before {
+            journal!(self, Op::Expire { before: cutoff });
+        }
+        self.expired - before
+    }
+
+    /// `id` was handed out and is gone: its result expired.
+    pub fn was_expired(&self, id: TaskId) -> bool {
+        id >= self.first_task && id < self.next_task && !self.tasks.contains_key(&id)
     }
 
     /// The first task ID to hand out (a restored counter, or a time-based
     /// one when nothing is kept).
     pub fn set_next_task_id(&mut self, next: TaskId) {
+        if self.tasks.is_empty() && self.next_task == self.first_task {
+            self.first_task = self.first_task.max(next);
+        }
         self.next_task = self.next_task.max(next);
     }
 
@@ -318,7 +358,8 @@ impl Scheduler {
     /// keeps its restart count and gets the next incarnation, so nothing an
     /// old incarnation sends is ever taken for the new one's.
     pub fn restore(&mut self, rec: &Recovered) {
-        self.set_next_task_id(rec.next_task_id);
+        // IDs from 1 were handed out on this state directory.
+        self.next_task = self.next_task.max(rec.next_task_id);
         for wr in &rec.workers {
             if let Some(w) = self.workers.get_mut(wr.id as usize) {
                 w.incarnation = w.incarnation.max(wr.incarnation + 1);
@@ -376,8 +417,24 @@ impl Scheduler {
             }
             self.tasks.insert(t.id, task);
         }
-        finished.sort_by_key(|t| t.feed_pos);
-        self.completions.extend(finished.iter().map(|t| t.id));
+        // The feed keeps its positions: those of expired results stay, empty.
+        let len = finished
+            .iter()
+            .filter_map(|t| t.feed_pos)
+            .max()
+            .map_or(0, |p| p as usize + 1)
+            .max(finished.len())
+            .max(rec.feed_len as usize);
+        self.completions = vec![0; len];
+        let mut unplaced = Vec::new();
+        for t in &finished {
+            match t.feed_pos {
+                Some(p) if self.completions[p as usize] == 0 => self.completions[p as usize] = t.id,
+                _ => unplaced.push(t.id),
+            }
+        }
+        self.completions.extend(unplaced);
+        self.open_tasks = rec.tasks.len() - finished.len();
         let queued = rec.tasks.len() - finished.len();
         if !rec.fresh {
             info!(
@@ -610,6 +667,7 @@ impl Scheduler {
             }
         );
         self.tasks.insert(id, task);
+        self.open_tasks += 1;
         self.tallies.push(Tally::Submitted);
         id
     }
@@ -857,6 +915,7 @@ impl Scheduler {
             }
         );
         self.completions.push(tid);
+        self.open_tasks -= 1;
         fire(&mut self.waiters.completed);
     }
 

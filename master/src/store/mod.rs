@@ -211,6 +211,9 @@ pub struct Recovered {
     pub master_incarnation: u64,
     /// The first ID this master may hand out: above every ID ever handed out.
     pub next_task_id: TaskId,
+    /// The completion feed's length (expired entries included): the next
+    /// completion goes at this position.
+    pub feed_len: u64,
     pub worker_secret: String,
     /// Every task still in the store, by ID.
     pub tasks: Vec<TaskRecord>,

@@ -385,6 +385,7 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
             .and_then(|v| v.parse().ok())
             .unwrap_or(1);
         let worker_secret = meta("worker_secret")?.unwrap_or_default();
+        let feed_len: u64 = meta("feed_len")?.and_then(|v| v.parse().ok()).unwrap_or(0);
         let tasks = tx
             .prepare("SELECT * FROM tasks ORDER BY id")?
             .query_map([], task_from_row)?
@@ -481,6 +482,7 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
         Ok(Recovered {
             fresh: ever == 0,
             master_incarnation,
+            feed_len,
             next_task_id: counter.max(max_id + 1),
             worker_secret,
             tasks,

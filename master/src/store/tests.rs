@@ -270,6 +270,7 @@ fn expired_results_are_gone_but_their_ids_are_never_handed_out_again() {
     let (_s, rec) = open(&dir, "alpha").unwrap();
     assert!(rec.tasks.is_empty());
     assert_eq!(rec.next_task_id, 6);
+    assert_eq!(rec.feed_len, 5, "the feed's positions outlive its entries");
 }
 
 #[test]

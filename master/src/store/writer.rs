@@ -74,13 +74,25 @@ pub(super) fn run(
 fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     let mut max_id = 0u64;
+    let mut feed_len = 0u64;
     for Msg::Ops { ops, .. } in batch {
         for op in ops {
-            if let Op::Submit { id, .. } = op {
-                max_id = max_id.max(*id);
+            match op {
+                Op::Submit { id, .. } => max_id = max_id.max(*id),
+                Op::Finish { feed_pos, .. } => feed_len = feed_len.max(feed_pos + 1),
+                _ => {}
             }
             apply(&tx, op)?;
         }
+    }
+    if feed_len > 0 {
+        // The feed's length outlives its expired entries: positions never
+        // move, even after a restart.
+        tx.prepare_cached(
+            "INSERT INTO meta (key, value) VALUES ('feed_len', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = CAST(max(CAST(value AS INTEGER), ?1) AS TEXT)",
+        )?
+        .execute([feed_len as i64])?;
     }
     if max_id > 0 {
         tx.prepare_cached(
