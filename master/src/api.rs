@@ -35,6 +35,9 @@ use crate::scheduler::{LockCallError, Refusal, SubmitError};
 
 /// Request bodies larger than this are refused with 413 (1 MiB by default).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
+/// The worker routes' own limit: a task's report within the worker's
+/// output and result limits always fits (see `flotilla_proto::limits`).
+pub const WORKER_BODY_LIMIT: usize = flotilla_proto::limits::REPORT_BODY;
 /// The longest a `?wait=` long-poll may be held.
 const MAX_WAIT: Duration = Duration::from_secs(300);
 
@@ -110,11 +113,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
 }
 
 async fn read_body<S: Send + Sync>(req: Request, state: &S) -> ApiResult<Bytes> {
+    let path = req.uri().path();
+    let limit = if path.starts_with("/internal/") && path != routes::LOCK {
+        WORKER_BODY_LIMIT
+    } else {
+        DEFAULT_BODY_LIMIT
+    };
     Bytes::from_request(req, state).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body is larger than the limit of {DEFAULT_BODY_LIMIT} bytes"),
+                format!("request body is larger than the limit of {limit} bytes"),
             )
         } else {
             ApiError::bad_request(format!("cannot read the request body: {rejection}"))
@@ -220,6 +229,7 @@ fn worker_routes(cluster: &Arc<Cluster>) -> Router<Arc<Cluster>> {
         .route(routes::REGISTER, post(register))
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::POLL, post(poll))
+        .layer(axum::extract::DefaultBodyLimit::max(WORKER_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             cluster.clone(),
             require_worker_credential,

@@ -26,6 +26,31 @@ pub mod routes {
     pub const HEARTBEAT: &str = "/internal/heartbeat";
     pub const POLL: &str = "/internal/poll";
     pub const LOCK: &str = "/internal/lock";
+    /// Long-poll, one per worker: the master answers with the attempts the
+    /// worker must stop (cancelled tasks).
+    pub const CONTROL: &str = "/internal/control";
+}
+
+/// Size limits of what a task sends back. A worker keeps a task's output and
+/// result within them, so that its report always fits the master's body
+/// limit for worker calls ([`limits::REPORT_BODY`]).
+pub mod limits {
+    /// Captured stdout (and stderr, for shell tasks) kept per task, and the
+    /// length a Python traceback is cut to: 1 MiB each by default.
+    pub const DEFAULT_OUTPUT: u64 = 1 << 20;
+    /// The largest result (`response`, JSON-encoded): 8 MiB by default.
+    pub const DEFAULT_RESULT: u64 = 8 << 20;
+    /// The most a worker puts in one report. A report that would be larger
+    /// (configured limits too high, output full of characters JSON escapes
+    /// six-fold) is replaced by a failure naming its size.
+    pub const REPORT: u64 = 48 << 20;
+    /// The master's body limit on worker routes: a report plus the poll
+    /// around it.
+    pub const REPORT_BODY: usize = (REPORT as usize) + (1 << 20);
+    /// Worker environment variables overriding the output and result limits
+    /// (bytes; the result limit is capped below [`REPORT`]).
+    pub const OUTPUT_ENV: &str = "FLOTILLA_MAX_OUTPUT_BYTES";
+    pub const RESULT_ENV: &str = "FLOTILLA_MAX_RESULT_BYTES";
 }
 
 /// Environment variables through which a runtime tells a worker who it is.
@@ -149,10 +174,39 @@ pub struct Assignment {
     pub spec: TaskSpec,
     /// A secret naming this attempt, for its lock calls.
     pub lease: String,
+    /// Seconds the attempt may run before the worker stops it (the task's
+    /// `timeout`, else the cluster's `taskTimeoutSeconds`); none: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<f64>,
     /// W3C trace context of the master's attempt span; travels in the
     /// `traceparent` header of the poll's answer, not in the body.
     #[serde(skip)]
     pub traceparent: Option<String>,
+}
+
+/// `POST /internal/control`: a worker waits for instructions about the
+/// attempts it runs.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ControlPoll {
+    pub worker_id: WorkerId,
+    pub incarnation: Incarnation,
+}
+
+/// One attempt a worker must stop at once (its slot's interpreter or shell
+/// process group is killed, the slot starts fresh). Its report is not
+/// wanted: the master has already decided the task's fate.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct StopAttempt {
+    pub task_id: TaskId,
+    pub attempt: Attempt,
+    pub reason: String,
+}
+
+/// The master's answer to a control poll.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct Control {
+    #[serde(default)]
+    pub stop: Vec<StopAttempt>,
 }
 
 /// Error body used by every endpoint: `{"error": "..."}` (the seed's shape).
@@ -262,4 +316,6 @@ pub struct LockReleased {
 }
 
 pub mod api;
+pub mod reap;
+pub mod runner;
 pub mod telemetry;

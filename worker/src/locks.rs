@@ -8,25 +8,11 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use flotilla_proto::runner::ToRunner;
 use flotilla_proto::telemetry::{traceparent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{routes, LockAction, LockMode, LockRequest};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tracing::info_span;
-
-/// What the interpreter sends (the lease is added here).
-#[derive(Deserialize)]
-struct TaskLockCall {
-    action: LockAction,
-    name: String,
-    mode: LockMode,
-    #[serde(default)]
-    value: Option<Value>,
-    #[serde(default)]
-    token: Option<u64>,
-    #[serde(default)]
-    timeout_s: Option<f64>,
-}
 
 pub struct LockProxy<'a> {
     pub http: &'a reqwest::Client,
@@ -39,21 +25,25 @@ pub struct LockProxy<'a> {
 }
 
 impl LockProxy<'_> {
-    /// Forwards one call; the reply is `{"ok": true, "body": ...}` or
-    /// `{"ok": false, "error": "..."}` for the interpreter.
-    pub async fn call(&self, msg: Value) -> Value {
-        let call: TaskLockCall = match serde_json::from_value(msg) {
-            Ok(c) => c,
-            Err(e) => return json!({"ok": false, "error": format!("bad lock call: {e}")}),
-        };
+    /// Forwards one call of the task's; the answer is the interpreter's
+    /// `lock_reply`.
+    pub async fn call(
+        &self,
+        action: LockAction,
+        name: String,
+        mode: LockMode,
+        value: Option<Value>,
+        token: Option<u64>,
+        timeout_s: Option<f64>,
+    ) -> ToRunner {
         let req = LockRequest {
             lease: self.lease.to_string(),
-            action: call.action,
-            name: call.name,
-            mode: call.mode,
-            value: call.value,
-            token: call.token,
-            timeout_s: call.timeout_s,
+            action,
+            name,
+            mode,
+            value,
+            token,
+            timeout_s,
         };
         let span = match req.action {
             LockAction::Acquire => {
@@ -78,9 +68,17 @@ impl LockProxy<'_> {
                         .expect("lock spans")
                         .insert(req.name.clone(), held);
                 }
-                json!({"ok": true, "body": body})
+                ToRunner::LockReply {
+                    ok: true,
+                    body: Some(body),
+                    error: None,
+                }
             }
-            Err(e) => json!({"ok": false, "error": format!("{e:#}")}),
+            Err(e) => ToRunner::LockReply {
+                ok: false,
+                body: None,
+                error: Some(format!("{e:#}")),
+            },
         }
     }
 }

@@ -8,6 +8,8 @@
 //! one task per slot, so a dead worker can lose nothing the master does not
 //! already know about.
 
+mod cleanup;
+mod limits;
 mod locks;
 mod python;
 mod shell;
@@ -18,10 +20,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use flotilla_proto::telemetry::{self, adopt_parent, traceparent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{
-    env, routes, Assignment, Heartbeat, Incarnation, Poll, Register, RegisterReply, TaskKind,
-    TaskReport, WorkerId,
+    env, routes, Assignment, Attempt, Control, ControlPoll, Heartbeat, Incarnation, Outcome, Poll,
+    Register, RegisterReply, StopAttempt, TaskId, TaskKind, TaskReport, TaskResult, WorkerId,
 };
 use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::cleanup::Cleaner;
+use crate::limits::Limits;
+use crate::python::Interpreter;
 use tracing::{debug, error, info, info_span, warn};
 
 struct Config {
@@ -31,6 +39,7 @@ struct Config {
     secret: String,
     slots: u32,
     python: String,
+    limits: Limits,
 }
 
 fn var(name: &str) -> Result<String> {
@@ -55,6 +64,7 @@ impl Config {
             secret: credential()?,
             slots: parse_var(env::SLOTS, Some(1))?.max(1),
             python: std::env::var(env::PYTHON).unwrap_or_else(|_| "python3".to_string()),
+            limits: Limits::from_env()?,
         })
     }
 }
@@ -100,6 +110,30 @@ struct Worker {
     /// PATH for shell tasks: this binary's folder first, so that
     /// `flotilla-worker lock ...` is found.
     task_path: String,
+    cleaner: Arc<Cleaner>,
+    /// Attempts the master told this worker to stop (the most recent ones);
+    /// each slot watches for its own.
+    stops: watch::Sender<Vec<StopAttempt>>,
+}
+
+/// How many recent stop orders are remembered (an order may arrive before
+/// its attempt reached the slot).
+const STOPS_KEPT: usize = 256;
+
+/// How an attempt ended on the slot.
+enum End {
+    Ran(Outcome),
+    TimedOut(f64),
+    Stopped(String),
+}
+
+/// `1` for whole seconds, `0.5` otherwise.
+fn seconds(s: f64) -> String {
+    if s.fract() == 0.0 && s.abs() < 1e15 {
+        format!("{}", s as i64)
+    } else {
+        format!("{s}")
+    }
 }
 
 /// What the master said about this process.
@@ -175,27 +209,111 @@ impl Worker {
         }
     }
 
-    async fn slot(
-        self: Arc<Self>,
-        slot: u32,
-        mut interpreter: Option<python::Interpreter>,
-    ) -> Verdict {
+    /// Waits for the master's stop orders (task cancels) and passes them to
+    /// the slots.
+    async fn control(self: Arc<Self>) -> Verdict {
+        let body = ControlPoll {
+            worker_id: self.cfg.worker_id,
+            incarnation: self.cfg.incarnation,
+        };
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.post(routes::CONTROL, &body).await {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    backoff = Duration::from_millis(50);
+                    match resp.json::<Control>().await {
+                        Ok(control) => {
+                            for stop in control.stop {
+                                info!(task = stop.task_id, attempt = stop.attempt, reason = %stop.reason, "stopping a task");
+                                self.stops.send_modify(|kept| {
+                                    kept.push(stop);
+                                    if kept.len() > STOPS_KEPT {
+                                        kept.remove(0);
+                                    }
+                                });
+                            }
+                        }
+                        Err(e) => error!(error = %e, "unreadable control answer from the master"),
+                    }
+                }
+                Ok(resp) if resp.status() == StatusCode::NO_CONTENT => {}
+                Ok(resp) if resp.status() == StatusCode::CONFLICT => return Verdict::Superseded,
+                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                    // A master without the control channel: nothing will be cancelled.
+                    info!("the master has no control channel; task cancels will not reach this worker");
+                    return std::future::pending().await;
+                }
+                Ok(resp) => {
+                    warn!(status = %resp.status(), "control poll refused by the master");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    debug!(error = %e, "control poll could not reach the master");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    /// Starts an interpreter for `slot` in the background.
+    fn warm(self: &Arc<Self>, slot: u32) -> tokio::task::JoinHandle<Result<Interpreter>> {
+        let w = self.clone();
+        tokio::spawn(async move {
+            Interpreter::start(
+                &w.cfg.python,
+                w.cfg.worker_id,
+                slot,
+                &w.cleaner,
+                &w.cfg.limits,
+            )
+            .await
+        })
+    }
+
+    /// The poll's body, with the report checked against the size the master
+    /// accepts.
+    fn poll_body(&self, slot: u32, report: &mut Option<TaskReport>) -> Vec<u8> {
+        let mut poll = Poll {
+            worker_id: self.cfg.worker_id,
+            incarnation: self.cfg.incarnation,
+            slot,
+            report: report.take(),
+        };
+        let body = serde_json::to_vec(&poll).expect("serialisable");
+        if body.len() as u64 <= flotilla_proto::limits::REPORT {
+            *report = poll.report;
+            return body;
+        }
+        let r = poll.report.take().expect("only a report can be this large");
+        let error = format!(
+            "the task's report is {} bytes, over the limit of {} bytes",
+            body.len(),
+            flotilla_proto::limits::REPORT
+        );
+        warn!(task = r.task_id, %error, "report replaced");
+        poll.report = Some(failed_report(r.task_id, r.attempt, error));
+        *report = poll.report.clone();
+        serde_json::to_vec(&poll).expect("serialisable")
+    }
+
+    async fn slot(self: Arc<Self>, slot: u32, mut interpreter: Option<Interpreter>) -> Verdict {
         let mut report: Option<TaskReport> = None;
         // The finished task's span context, sent with its report.
         let mut report_trace: Option<String> = None;
+        // Whether the pending report already replaces one the master refused.
+        let mut replaced = false;
+        let mut warming: Option<tokio::task::JoinHandle<Result<Interpreter>>> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let poll = Poll {
-                worker_id: self.cfg.worker_id,
-                incarnation: self.cfg.incarnation,
-                slot,
-                report: report.clone(),
-            };
+            let body = self.poll_body(slot, &mut report);
             let mut call = self
                 .http
                 .post(self.url(routes::POLL))
                 .bearer_auth(&self.cfg.secret)
-                .json(&poll);
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
             if let Some(tp) = &report_trace {
                 call = call.header(TRACEPARENT, tp);
             }
@@ -214,6 +332,7 @@ impl Worker {
                 StatusCode::OK => {
                     report = None;
                     report_trace = None;
+                    replaced = false;
                     let parent = resp
                         .headers()
                         .get(TRACEPARENT)
@@ -229,30 +348,138 @@ impl Worker {
                     let span = info_span!(target: TRACE_TARGET, "running", task.id = assignment.task_id,
                         task.attempt = assignment.attempt, task.kind = %assignment.spec.kind, worker.id = self.cfg.worker_id);
                     adopt_parent(&span, parent.as_deref());
-                    report = Some(self.execute(&mut interpreter, assignment, &span).await);
+                    if assignment.spec.kind == TaskKind::Python && interpreter.is_none() {
+                        if let Some(w) = warming.take() {
+                            interpreter = w.await.ok().and_then(|r| r.ok());
+                        }
+                    }
+                    let (task_id, attempt) = (assignment.task_id, assignment.attempt);
+                    match self
+                        .attempt(slot, &mut interpreter, assignment, &span)
+                        .await
+                    {
+                        End::Ran(outcome) => {
+                            report = Some(TaskReport {
+                                task_id,
+                                attempt,
+                                outcome,
+                            })
+                        }
+                        End::TimedOut(after) => {
+                            let error = format!("timed out after {} s", seconds(after));
+                            warn!(
+                                task = task_id,
+                                attempt, "{error}; its processes were killed"
+                            );
+                            report = Some(failed_report(task_id, attempt, error));
+                        }
+                        End::Stopped(reason) => {
+                            info!(task = task_id, attempt, %reason, "task stopped");
+                        }
+                    }
+                    if interpreter.is_none() && warming.is_none() {
+                        warming = Some(self.warm(slot));
+                    }
                     report_trace = traceparent(&span);
                 }
                 StatusCode::NO_CONTENT => {
                     report = None;
                     report_trace = None;
+                    replaced = false;
                 }
                 StatusCode::CONFLICT => return Verdict::Superseded,
                 status => {
-                    // The report stays pending; a refusal here is a bug worth seeing.
                     let text = resp.text().await.unwrap_or_default();
-                    error!(%status, %text, "poll refused by the master");
-                    tokio::time::sleep(backoff).await;
+                    let text: String = text.chars().take(500).collect();
+                    match report.take() {
+                        Some(r) if !replaced => {
+                            // Never retried as is: the task ends with the refusal.
+                            let error =
+                                format!("the master refused this task's report ({status}): {text}");
+                            error!(task = r.task_id, %error, "report refused");
+                            report = Some(failed_report(r.task_id, r.attempt, error));
+                            replaced = true;
+                        }
+                        Some(r) => {
+                            error!(task = r.task_id, %status, %text, "the replacement report was refused too; dropping it");
+                            replaced = false;
+                        }
+                        None => {
+                            error!(%status, %text, "poll refused by the master");
+                            tokio::time::sleep(backoff).await;
+                        }
+                    }
                 }
             }
         }
     }
 
-    async fn execute(
+    /// Runs one attempt on `slot` until it ends, times out, or the master
+    /// stops it; in the last two cases the slot's interpreter (or the
+    /// shell's process group) is killed.
+    async fn attempt(
         &self,
-        interpreter: &mut Option<python::Interpreter>,
+        slot: u32,
+        interpreter: &mut Option<Interpreter>,
         a: Assignment,
         span: &tracing::Span,
-    ) -> TaskReport {
+    ) -> End {
+        let tag = format!(
+            "w{}.{}-s{}-t{}.{}",
+            self.cfg.worker_id, self.cfg.incarnation, slot, a.task_id, a.attempt
+        );
+        self.cleaner.task_started(slot, &tag);
+        let key: (TaskId, Attempt) = (a.task_id, a.attempt);
+        let timeout = a
+            .timeout_s
+            .and_then(|t| Duration::try_from_secs_f64(t).ok().map(|d| (t, d)));
+        let mut stops = self.stops.subscribe();
+        let end = {
+            let run = self.execute(slot, interpreter, &a, &tag, span);
+            let deadline = async {
+                match timeout {
+                    Some((_, d)) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stopped = async {
+                let found = stops
+                    .wait_for(|kept| kept.iter().any(|s| (s.task_id, s.attempt) == key))
+                    .await
+                    .ok()
+                    .and_then(|kept| {
+                        kept.iter()
+                            .find(|s| (s.task_id, s.attempt) == key)
+                            .map(|s| s.reason.clone())
+                    });
+                match found {
+                    Some(reason) => reason,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                outcome = run => End::Ran(outcome),
+                _ = deadline => End::TimedOut(timeout.map(|(t, _)| t).unwrap_or_default()),
+                reason = stopped => End::Stopped(reason),
+            }
+        };
+        if !matches!(end, End::Ran(_)) {
+            if let Some(interp) = interpreter.take() {
+                interp.kill(&self.cleaner, slot).await;
+            }
+        }
+        self.cleaner.task_ended(slot);
+        end
+    }
+
+    async fn execute(
+        &self,
+        slot: u32,
+        interpreter: &mut Option<Interpreter>,
+        a: &Assignment,
+        tag: &str,
+        span: &tracing::Span,
+    ) -> Outcome {
         debug!(task = a.task_id, attempt = a.attempt, kind = %a.spec.kind, "running task");
         let proxy = locks::LockProxy {
             http: &self.http,
@@ -261,53 +488,75 @@ impl Worker {
             span,
             held: Default::default(),
         };
-        let outcome = match a.spec.kind {
+        let limits = &self.cfg.limits;
+        match a.spec.kind {
             TaskKind::Shell => {
                 let env = [
                     (env::LEASE, a.lease.clone()),
                     (env::LOCK_URL, self.cfg.master_url.clone()),
                     ("FLOTILLA_TASK_ID", a.task_id.to_string()),
                     ("FLOTILLA_ATTEMPT", a.attempt.to_string()),
+                    (cleanup::TAG_ENV, tag.to_string()),
                     (env::WORKER_ID, self.cfg.worker_id.to_string()),
                     ("PATH", self.task_path.clone()),
                 ];
-                shell::run(&a.spec.command, &env).await
+                shell::run(&a.spec.command, &env, limits, &self.cleaner, slot).await
             }
             TaskKind::Python => {
                 if interpreter.is_none() {
-                    match python::Interpreter::start(&self.cfg.python, self.cfg.worker_id).await {
+                    match Interpreter::start(
+                        &self.cfg.python,
+                        self.cfg.worker_id,
+                        slot,
+                        &self.cleaner,
+                        limits,
+                    )
+                    .await
+                    {
                         Ok(i) => *interpreter = Some(i),
                         Err(e) => {
-                            return TaskReport {
-                                task_id: a.task_id,
-                                attempt: a.attempt,
-                                outcome: flotilla_proto::Outcome::Crashed {
-                                    error: format!("{e:#}"),
-                                    stdout: String::new(),
-                                },
+                            return Outcome::Crashed {
+                                error: format!("{e:#}"),
+                                stdout: String::new(),
                             }
                         }
                     }
                 }
                 let interp = interpreter.as_mut().expect("started above");
-                match interp.run(&a.spec.command, &proxy).await {
+                let request =
+                    python::run_request(&a.spec.command, a.task_id, a.attempt, tag, limits);
+                match interp.run(request, limits, &proxy).await {
                     Ok(outcome) => outcome,
                     Err(crash) => {
                         warn!(
                             task = a.task_id,
                             "the task ended its Python interpreter; starting a fresh one"
                         );
-                        *interpreter = None;
+                        if let Some(gone) = interpreter.take() {
+                            self.cleaner.interpreter_gone(slot, gone.pid());
+                        }
                         crash
                     }
                 }
             }
-        };
-        TaskReport {
-            task_id: a.task_id,
-            attempt: a.attempt,
-            outcome,
         }
+    }
+}
+
+/// A report that ends the attempt as failed with `error`.
+fn failed_report(task_id: TaskId, attempt: Attempt, error: String) -> TaskReport {
+    TaskReport {
+        task_id,
+        attempt,
+        outcome: Outcome::Failed {
+            result: TaskResult {
+                response: Value::String(error.clone()),
+                stdout: String::new(),
+                exit_code: None,
+                stderr: None,
+            },
+            error,
+        },
     }
 }
 
@@ -332,6 +581,11 @@ async fn main() -> Result<()> {
     nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE, 0)")?;
     let cfg = Config::from_env()?;
     python::check_python(&cfg.python)?;
+    // Processes that escape a task's process group stay ours to end.
+    if let Err(e) = flotilla_proto::reap::become_subreaper() {
+        warn!(error = %e, "cannot become a child subreaper; processes that escape a task with setsid may outlive it");
+    }
+    let cleaner = Cleaner::new(cfg.slots);
     let http = reqwest::Client::builder()
         .pool_idle_timeout(Duration::from_secs(90))
         .tcp_nodelay(true)
@@ -348,18 +602,26 @@ async fn main() -> Result<()> {
         cfg,
         http,
         task_path,
+        cleaner: cleaner.clone(),
+        stops: watch::channel(Vec::new()).0,
     });
-    // Warm before registering: an active worker runs its first task at once.
-    let mut interpreters = Vec::new();
-    for _ in 0..worker.cfg.slots {
-        interpreters.push(match python::Interpreter::start(&worker.cfg.python, worker.cfg.worker_id).await {
-            Ok(i) => Some(i),
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot start the Python interpreter yet; will retry per task");
-                None
+    tokio::spawn(cleaner.run());
+    // Warm (all interpreters at once) before registering: an active worker
+    // runs its first task at once, and its queue is not stolen from while
+    // it warms up.
+    let warm = futures::future::join_all((0..worker.cfg.slots).map(|slot| {
+        let w = &worker;
+        async move {
+            match Interpreter::start(&w.cfg.python, w.cfg.worker_id, slot, &w.cleaner, &w.cfg.limits).await {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot start the Python interpreter yet; will retry per task");
+                    None
+                }
             }
-        });
-    }
+        }
+    }));
+    let interpreters = warm.await;
     let reply = worker.register().await?;
     let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
     info!(
@@ -377,6 +639,7 @@ async fn main() -> Result<()> {
             .clone()
             .heartbeats(Duration::from_millis(reply.heartbeat_interval_ms)),
     );
+    tasks.spawn(worker.clone().control());
     for (slot, interpreter) in interpreters.into_iter().enumerate() {
         tasks.spawn(worker.clone().slot(slot as u32, interpreter));
     }

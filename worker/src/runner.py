@@ -2,10 +2,15 @@
 # that execs each task in a fresh namespace. It talks to its worker over
 # framed JSON lines on duplicated stdin/stdout descriptors; fd 0 and fd 1 are
 # then pointed away so that nothing a task does can corrupt the protocol.
+# The messages are typed in the Rust crate flotilla-proto (module `runner`):
+# worker -> runner: {"op": "run" | "lock_reply"}; runner -> worker:
+# {"op": "ready" | "lock" | "done" | "exit"}.
 import builtins
 import io
 import json
+import math
 import os
+import re
 import sys
 import traceback
 
@@ -21,7 +26,7 @@ NO_RESULT = "No result returned."
 
 
 def _send(msg):
-    _proto_out.write(json.dumps(msg) + "\n")
+    _proto_out.write(json.dumps(msg, ensure_ascii=False) + "\n")
     _proto_out.flush()
 
 
@@ -32,25 +37,126 @@ def _recv():
     return json.loads(line)
 
 
+# ----- faithful results --------------------------------------------------
+# JSON cannot carry everything Python computes. The documented forms:
+#   NaN, inf, -inf           -> the strings "NaN", "Infinity", "-Infinity"
+#   an int outside [-2**63, 2**64) -> its decimal string ("18446744073709551617")
+#   a lone surrogate in a string   -> the six characters "\\udcff" (backslash escape)
+#   tuples -> lists; dict keys -> strings (as json does); anything else -> repr()
+_INT_MIN, _INT_MAX = -(2 ** 63), 2 ** 64 - 1
+_LONG_DIGITS = re.compile(r"\d{19}")
+
+
+def _clean_str(s):
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _faithful(v):
+    if v is None or v is True or v is False:
+        return v
+    if isinstance(v, int):
+        v = int(v)
+        return v if _INT_MIN <= v <= _INT_MAX else str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "NaN"
+        if math.isinf(v):
+            return "Infinity" if v > 0 else "-Infinity"
+        return float(v)
+    if isinstance(v, str):
+        return _clean_str(str(v))
+    if isinstance(v, (list, tuple)):
+        return [_faithful(x) for x in v]
+    if isinstance(v, dict):
+        out = {}
+        for k, x in v.items():
+            if isinstance(k, str):
+                key = _clean_str(k)
+            elif k is None or isinstance(k, (bool, int, float)):
+                key = json.dumps(_faithful(k)).strip('"')
+            else:
+                return _clean_str(repr(v))
+            out[key] = _faithful(x)
+        return out
+    return _clean_str(repr(v))
+
+
+def _encode_response(value):
+    """The response's JSON text, in its faithful form."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")
+        if not _LONG_DIGITS.search(text):
+            return text
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+        pass
+    try:
+        return json.dumps(_faithful(value), ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        try:
+            return json.dumps(_clean_str(repr(value)), ensure_ascii=False)
+        except Exception:
+            return json.dumps("<a %s that cannot be represented>" % type(value).__name__)
+
+
+# ----- bounded output ------------------------------------------------------
+class _Capture(io.TextIOBase):
+    """sys.stdout during a task: keeps the first `limit` characters and
+    counts the rest."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.parts = []
+        self.kept = 0
+        self.dropped = 0
+
+    def writable(self):
+        return True
+
+    def write(self, s):
+        if not isinstance(s, str):
+            raise TypeError("write() argument must be str, not %s" % type(s).__name__)
+        room = self.limit - self.kept
+        if len(s) <= room:
+            self.parts.append(s)
+            self.kept += len(s)
+        else:
+            if room > 0:
+                self.parts.append(s[:room])
+                self.kept += room
+            self.dropped += len(s) - max(room, 0)
+        return len(s)
+
+    def getvalue(self):
+        return _clean_str("".join(self.parts))
+
+
+def _cut(text, limit):
+    if len(text) <= limit:
+        return text
+    return text[:limit] + ("\n[flotilla: truncated, %d more characters dropped (limit %d)]"
+                           % (len(text) - limit, limit))
+
+
 class Node:
     """What task code sees as `self` (the seed ran tasks inside its Node class)."""
 
     def __init__(self, node_id):
         self.node_id = node_id
+        # The running task's ID and attempt number (1 for the first run; a
+        # task whose worker died runs again with the next one).
+        self.task_id = None
+        self.attempt = None
 
     def __repr__(self):
         return "Node(%d)" % self.node_id
 
 
 _NODE = Node(int(os.environ.get("FLOTILLA_WORKER_ID", "0")))
-
-
-def _jsonable(value):
-    try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 def _task_namespace():
@@ -167,6 +273,8 @@ _held = {}
 def _lock_call(**request):
     _send(dict(op="lock", **request))
     reply = _recv()
+    if reply.get("op") != "lock_reply":
+        os._exit(70)  # the worker and the runner disagree: start afresh
     if not reply.get("ok"):
         raise ResourceError(reply.get("error", "lock call failed"))
     return reply["body"]
@@ -256,29 +364,58 @@ _TASK_API = {
 }
 
 
-def _run(code):
+def _run(msg):
     _held.clear()
-    out = io.StringIO()
+    limits = msg["limits"]
+    out = _Capture(limits["output"])
+    os.environ["FLOTILLA_TASK_TAG"] = msg["tag"]
+    os.environ["FLOTILLA_TASK_ID"] = str(msg["task_id"])
+    os.environ["FLOTILLA_ATTEMPT"] = str(msg["attempt"])
+    _NODE.task_id, _NODE.attempt = msg["task_id"], msg["attempt"]
     sys.stdout = out
     ns = _task_namespace()
     try:
-        exec(compile(code, "<task>", "exec"), ns)
+        exec(compile(msg["code"], "<task>", "exec"), ns)
     except SystemExit as e:
         sys.stdout = _real_stdout
         status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        _send({"op": "exit", "code": status, "stdout": out.getvalue()})
-        os._exit(status)
+        _send({"op": "exit", "code": max(-(2 ** 31), min(status, 2 ** 31 - 1)),
+               "stdout": out.getvalue(), "stdout_dropped": out.dropped})
+        os._exit(status & 0xFF)
     except BaseException as e:  # the traceback is the task's result, not a crash
         sys.stdout = _real_stdout
-        tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
-        text = "".join(traceback.format_exception(type(e), e, tb))
-        summary = "".join(traceback.format_exception_only(type(e), e)).strip()
-        _send({"op": "done", "ok": False, "error": summary, "traceback": text,
-               "stdout": out.getvalue()})
+        try:
+            tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
+            text = "".join(traceback.format_exception(type(e), e, tb))
+            summary = "".join(traceback.format_exception_only(type(e), e)).strip()
+        except BaseException:  # a hostile __str__ / __repr__
+            text = summary = "%s (its message could not be formatted)" % type(e).__name__
+        ended = {"status": "raised", "error": _clean_str(_cut(summary, 4096)),
+                 "traceback": _clean_str(_cut(text, limits["output"]))}
+        _send({"op": "done", "ended": ended, "stdout": out.getvalue(),
+               "stdout_dropped": out.dropped})
         return
     sys.stdout = _real_stdout
     response = ns.get("response", NO_RESULT)
-    _send({"op": "done", "ok": True, "response": _jsonable(response), "stdout": out.getvalue()})
+    limit = limits["result"]
+    if isinstance(response, (str, bytes)) and len(response) > limit:
+        ended = {"status": "too_large", "size": len(response) + 2, "limit": limit}
+    else:
+        text = _encode_response(response)
+        size = len(text.encode("utf-8"))
+        if size > limit:
+            ended = {"status": "too_large", "size": size, "limit": limit}
+        else:
+            ended = None
+    stdout = out.getvalue()
+    if ended is None:
+        # The response is spliced in already encoded (not encoded twice).
+        _proto_out.write('{"op":"done","stdout":%s,"stdout_dropped":%d,'
+                         '"ended":{"status":"returned","response":%s}}\n'
+                         % (json.dumps(stdout, ensure_ascii=False), out.dropped, text))
+        _proto_out.flush()
+    else:
+        _send({"op": "done", "ended": ended, "stdout": stdout, "stdout_dropped": out.dropped})
 
 
 def main():
@@ -286,7 +423,9 @@ def main():
     while True:
         msg = _recv()
         if msg.get("op") == "run":
-            _run(msg["code"])
+            _run(msg)
+        else:
+            os._exit(70)  # a lock_reply with no call waiting: out of step
 
 
 main()

@@ -2,6 +2,11 @@
 //! (`flotilla-worker`), in its own process group so that a kill takes its
 //! Python interpreters with it. A child's exit is noticed at once through
 //! `wait`, and reported as a [`RuntimeEvent::Exited`].
+//!
+//! The master is a child subreaper: what a dead worker's tasks left running
+//! (processes in their own session, out of reach of the group kill) is
+//! re-parented to the master, which kills it right after the death (and a
+//! few times more, for processes re-parented late) and reaps it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,6 +22,64 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
 use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+
+/// The worker processes alive in this process, whichever runtime started
+/// them (tests run several masters in one process): the sweep spares them.
+static LIVE_WORKERS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Kills and reaps the master's children that are no live worker but come
+/// from one (they carry a worker's or task's variables, or none at all).
+fn sweep_orphans() -> usize {
+    use flotilla_proto::reap;
+    let me = std::process::id() as i32;
+    let procs = reap::snapshot();
+    let kids = reap::children(&procs);
+    let live = LIVE_WORKERS.lock().expect("live workers").clone();
+    let mut doomed = Vec::new();
+    let mut reapable = Vec::new();
+    for child in kids.get(&me).into_iter().flatten() {
+        if live.contains(&(child.pid as u32)) {
+            continue;
+        }
+        let from_a_worker = || {
+            let tagged = reap::env_var(child.pid, env::WORKER_ID).is_some()
+                || reap::env_var(child.pid, "FLOTILLA_TASK_TAG").is_some();
+            let cleared =
+                std::fs::read(format!("/proc/{}/environ", child.pid)).is_ok_and(|e| e.is_empty());
+            tagged || cleared
+        };
+        if child.zombie {
+            reapable.push(child.pid);
+        } else if from_a_worker() {
+            reapable.push(child.pid);
+            doomed.extend(reap::subtree(&kids, child.pid));
+        }
+    }
+    if !doomed.is_empty() {
+        info!(
+            count = doomed.len(),
+            "killing processes a dead worker's tasks left behind"
+        );
+        reap::kill_all(&doomed);
+    }
+    for pid in reapable {
+        for _ in 0..50 {
+            if reap::reap(pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    doomed.len()
+}
+
+/// Sweeps now and a few times over the next seconds.
+async fn sweep_after_death() {
+    for delay in [0, 100, 400, 1500] {
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        let _ = tokio::task::spawn_blocking(sweep_orphans).await;
+    }
+}
 
 pub struct ProcessRuntime {
     worker_bin: PathBuf,
@@ -43,6 +106,9 @@ pub fn find_worker_binary() -> PathBuf {
 
 impl ProcessRuntime {
     pub fn new(worker_bin: PathBuf, events: UnboundedSender<RuntimeEvent>) -> Self {
+        if let Err(e) = flotilla_proto::reap::become_subreaper() {
+            tracing::warn!(error = %e, "cannot become a child subreaper; processes a dead worker's tasks started in their own session may outlive it");
+        }
         ProcessRuntime {
             worker_bin,
             children: Mutex::new(HashMap::new()),
@@ -78,10 +144,16 @@ impl Runtime for ProcessRuntime {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }
-        let mut child = cmd.spawn().map_err(|e| RuntimeError::Start {
-            worker: launch.worker_id,
-            reason: format!("{}: {e}", self.worker_bin.display()),
-        })?;
+        let mut child = {
+            // Recorded as live before any sweep can see it.
+            let mut live = LIVE_WORKERS.lock().expect("live workers");
+            let child = cmd.spawn().map_err(|e| RuntimeError::Start {
+                worker: launch.worker_id,
+                reason: format!("{}: {e}", self.worker_bin.display()),
+            })?;
+            live.push(child.id().unwrap_or(0));
+            child
+        };
         if let Some(mut stdin) = child.stdin.take() {
             use tokio::io::AsyncWriteExt;
             let line = format!("{}\n", launch.secret);
@@ -107,8 +179,14 @@ impl Runtime for ProcessRuntime {
                 Ok(status) => format!("process {pid} exited ({status})"),
                 Err(e) => format!("process {pid} could not be waited for: {e}"),
             };
-            // Its interpreters and shell commands go with it.
+            LIVE_WORKERS
+                .lock()
+                .expect("live workers")
+                .retain(|&p| p != pid);
+            // Its interpreters and shell commands go with it, and what its
+            // tasks started in other sessions.
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            tokio::spawn(sweep_after_death());
             debug!(worker = worker_id, incarnation, %detail, "worker process ended");
             let _ = events.send(RuntimeEvent::Exited {
                 worker_id,
@@ -152,8 +230,21 @@ impl Runtime for ProcessRuntime {
             .expect("children lock")
             .drain()
             .collect();
-        for (_, (_, pid)) in all {
-            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        for (_, (_, pid)) in &all {
+            let _ = killpg(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        if !all.is_empty() {
+            // What the workers and their tasks started is re-parented here
+            // as they die: sweep until three sweeps in a row find nothing.
+            let mut quiet = 0;
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+            while quiet < 3 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                match tokio::task::spawn_blocking(sweep_orphans).await {
+                    Ok(0) => quiet += 1,
+                    _ => quiet = 0,
+                }
+            }
         }
     }
 }

@@ -1009,6 +1009,7 @@ impl Scheduler {
                     attempt,
                     spec: task.spec.clone(),
                     lease: lease.clone(),
+                    timeout_s: None,
                     traceparent,
                 };
                 match waiter.tx.send(assignment) {

@@ -1,0 +1,142 @@
+//! Finding and ending processes a task left behind (Linux).
+//!
+//! A process that leaves its task's process group (`setsid`) and whose
+//! parent exits is re-parented to the nearest *subreaper* ancestor. The
+//! worker and the master (process runtime) make themselves subreapers
+//! ([`become_subreaper`]), so every such escapee stays their descendant and
+//! can be found in `/proc` and ended; they also reap the ones that exit on
+//! their own (otherwise they would stay zombies). The policy — which
+//! processes belong to a task that is over — is the caller's; this module
+//! only reads the process table, kills and reaps.
+
+use std::collections::HashMap;
+
+/// One process of the table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proc {
+    pub pid: i32,
+    pub ppid: i32,
+    pub zombie: bool,
+}
+
+/// The processes of the table, read from `/proc`. Processes that vanish
+/// while it is read are left out.
+#[cfg(target_os = "linux")]
+pub fn snapshot() -> Vec<Proc> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
+    all.filter_map(|p| p.ok())
+        .filter_map(|p| p.stat().ok())
+        .map(|st| Proc {
+            pid: st.pid,
+            ppid: st.ppid,
+            zombie: st.state == 'Z',
+        })
+        .collect()
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn snapshot() -> Vec<Proc> {
+    Vec::new()
+}
+
+/// Children of each process.
+pub fn children(procs: &[Proc]) -> HashMap<i32, Vec<&Proc>> {
+    let mut map: HashMap<i32, Vec<&Proc>> = HashMap::new();
+    for p in procs {
+        map.entry(p.ppid).or_default().push(p);
+    }
+    map
+}
+
+/// `root` and all its descendants, parents before children.
+pub fn subtree(kids: &HashMap<i32, Vec<&Proc>>, root: i32) -> Vec<i32> {
+    let mut out = vec![root];
+    let mut seen: std::collections::HashSet<i32> = [root].into();
+    let mut i = 0;
+    while i < out.len() {
+        for c in kids.get(&out[i]).into_iter().flatten() {
+            if seen.insert(c.pid) {
+                out.push(c.pid);
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// One variable of a process's initial environment (`/proc/PID/environ`).
+#[cfg(target_os = "linux")]
+pub fn env_var(pid: i32, name: &str) -> Option<String> {
+    let env = procfs::process::Process::new(pid).ok()?.environ().ok()?;
+    env.get(std::ffi::OsStr::new(name))
+        .map(|v| v.to_string_lossy().into_owned())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn env_var(_pid: i32, _name: &str) -> Option<String> {
+    None
+}
+
+/// Makes this process the reaper of its orphaned descendants.
+#[cfg(target_os = "linux")]
+pub fn become_subreaper() -> std::io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(std::io::Error::from)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn become_subreaper() -> std::io::Result<()> {
+    Ok(())
+}
+
+/// SIGKILLs each process (parents first, so that they cannot fork more).
+pub fn kill_all(pids: &[i32]) {
+    for &pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// SIGKILLs a process group.
+pub fn kill_group(pgid: i32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pgid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Collects the exit status of a child that has ended, if it has.
+pub fn reap(pid: i32) -> bool {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    !matches!(
+        waitpid(nix::unistd::Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+        Ok(WaitStatus::StillAlive) | Err(_)
+    )
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_a_child_and_its_environment() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env("FLOTILLA_REAP_TEST", "here")
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let procs = snapshot();
+        let kids = children(&procs);
+        let pid = child.id() as i32;
+        assert!(kids[&me].iter().any(|p| p.pid == pid));
+        assert_eq!(subtree(&kids, pid), vec![pid]);
+        assert_eq!(env_var(pid, "FLOTILLA_REAP_TEST").as_deref(), Some("here"));
+        kill_all(&[pid]);
+        let status = child.wait().unwrap();
+        assert!(!status.success());
+    }
+}
