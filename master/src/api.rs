@@ -20,8 +20,8 @@ use flotilla_proto::api::{
 };
 use flotilla_proto::telemetry::{adopt_parent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{
-    routes, ErrorBody, Heartbeat, LockAction, LockMode, LockReleased, LockRequest, Poll, Register,
-    RegisterReply, TaskId, TaskSpec, WorkerId,
+    routes, Control, ControlPoll, ErrorBody, Heartbeat, LockAction, LockMode, LockReleased,
+    LockRequest, Poll, Register, RegisterReply, TaskId, TaskSpec, WorkerId,
 };
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::cluster::{Cluster, StopError};
 use crate::resources::locks::LockError;
 use crate::resources::ResourceType;
-use crate::scheduler::{LockCallError, Refusal, SubmitError};
+use crate::scheduler::{CancelError, LockCallError, Refusal, SubmitError};
 
 /// Request bodies larger than this are refused with 413 (1 MiB by default).
 pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
@@ -40,6 +40,11 @@ pub const DEFAULT_BODY_LIMIT: usize = 1 << 20;
 pub const WORKER_BODY_LIMIT: usize = flotilla_proto::limits::REPORT_BODY;
 /// The longest a `?wait=` long-poll may be held.
 const MAX_WAIT: Duration = Duration::from_secs(300);
+/// The longest a lock request's `timeout_s` may be (larger ones are
+/// clamped): one day.
+const MAX_LOCK_WAIT: Duration = Duration::from_secs(24 * 3600);
+/// The most task IDs one bulk cancel may name.
+const MAX_CANCEL_IDS: usize = 10_000;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -173,10 +178,25 @@ fn kind_of(v: &Value) -> &'static str {
     }
 }
 
+/// A node ID: plain decimal digits only (no sign, no spaces), as listed by
+/// `/nodes`.
 fn parse_node(raw: &str) -> ApiResult<WorkerId> {
-    raw.parse().map_err(|_| {
+    let shown: String = raw.chars().take(40).collect();
+    let plain = !raw.is_empty() && raw.len() <= 10 && raw.bytes().all(|b| b.is_ascii_digit());
+    plain.then(|| raw.parse().ok()).flatten().ok_or_else(|| {
         ApiError::not_found(format!(
-            "node '{raw}' does not exist (node IDs are numbers 0..n-1)"
+            "node '{shown}' does not exist (node IDs are plain decimal numbers 0..n-1)"
+        ))
+    })
+}
+
+/// A task ID: plain decimal digits only.
+fn parse_task_id(raw: &str) -> ApiResult<TaskId> {
+    let shown: String = raw.chars().take(40).collect();
+    let plain = !raw.is_empty() && raw.len() <= 20 && raw.bytes().all(|b| b.is_ascii_digit());
+    plain.then(|| raw.parse().ok()).flatten().ok_or_else(|| {
+        ApiError::not_found(format!(
+            "task '{shown}' does not exist (task IDs are plain decimal numbers)"
         ))
     })
 }
@@ -190,9 +210,12 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         .route("/resources/{name}", get(get_resource))
         .route("/add", post(add))
         .route("/stop/{node}", post(stop))
-        .route("/tasks", post(submit_tasks).get(list_tasks))
+        .route(
+            "/tasks",
+            post(submit_tasks).get(list_tasks).delete(cancel_tasks),
+        )
         .route("/tasks/finished", get(finished_tasks))
-        .route("/tasks/{id}", get(get_task))
+        .route("/tasks/{id}", get(get_task).delete(cancel_task))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics))
         .layer(middleware::from_fn_with_state(
@@ -229,6 +252,7 @@ fn worker_routes(cluster: &Arc<Cluster>) -> Router<Arc<Cluster>> {
         .route(routes::REGISTER, post(register))
         .route(routes::HEARTBEAT, post(heartbeat))
         .route(routes::POLL, post(poll))
+        .route(routes::CONTROL, post(control))
         .layer(axum::extract::DefaultBodyLimit::max(WORKER_BODY_LIMIT))
         .layer(middleware::from_fn_with_state(
             cluster.clone(),
@@ -263,7 +287,66 @@ fn serve(routes: Router<Arc<Cluster>>, cluster: Arc<Cluster>) -> Router {
                 resp
             }
         }))
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(limit_uri))
         .with_state(cluster)
+}
+
+/// The longest request target (path and query) accepted: 8 KiB.
+pub const MAX_URI: usize = 8 << 10;
+
+/// 414 with a JSON body for a request target over [`MAX_URI`].
+async fn limit_uri(req: Request, next: Next) -> Response {
+    let len = req.uri().to_string().len();
+    if len > MAX_URI {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("the request's URI is {len} bytes, over the limit of {MAX_URI}"),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// Error answers the framework makes itself (405 Method Not Allowed, ...)
+/// come without a body: give them the JSON `{"error"}` every other error has.
+async fn json_errors(req: Request, next: Next) -> Response {
+    use axum::body::HttpBody;
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp.body().size_hint().exact() != Some(0)
+    {
+        return resp;
+    }
+    let path: String = path.chars().take(200).collect();
+    let message = match status {
+        StatusCode::METHOD_NOT_ALLOWED => {
+            let allowed = resp
+                .headers()
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .map(|v| format!("; allowed: {v}"))
+                .unwrap_or_default();
+            format!("method {method} is not allowed on {path}{allowed}")
+        }
+        other => format!(
+            "{} {}: {}",
+            method,
+            path,
+            other.canonical_reason().unwrap_or("request refused")
+        ),
+    };
+    let (parts, _) = resp.into_parts();
+    let mut out = ApiError::new(status, message).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 fn bearer(req: &Request) -> Option<&str> {
@@ -367,6 +450,7 @@ async fn send(
     Body(spec): Body<TaskSpec>,
 ) -> ApiResult<Json<Sent>> {
     accepting(&cluster)?;
+    spec.check().map_err(ApiError::bad_request)?;
     let task_id = cluster.submit(vec![spec])[0];
     durable(&cluster).await?;
     Ok(Json(Sent {
@@ -384,6 +468,7 @@ async fn send_to(
 ) -> ApiResult<Json<Sent>> {
     let node = parse_node(&node)?;
     accepting(&cluster)?;
+    spec.check().map_err(ApiError::bad_request)?;
     match cluster.submit_to(node, spec).await {
         Ok(task_id) => {
             durable(&cluster).await?;
@@ -479,7 +564,9 @@ async fn lock(
         LockAction::Acquire => {
             let wait = match req.timeout_s {
                 None => None,
-                Some(t) if t.is_finite() && t >= 0.0 => Some(Duration::from_secs_f64(t)),
+                Some(t) if t.is_finite() && t >= 0.0 => {
+                    Some(Duration::from_secs_f64(t.min(MAX_LOCK_WAIT.as_secs_f64())))
+                }
                 Some(t) => {
                     return Err(ApiError::bad_request(format!(
                         "timeout_s must be a number of seconds >= 0, got {t}"
@@ -546,10 +633,12 @@ async fn add(State(cluster): State<Arc<Cluster>>, req: Request) -> ApiResult<Jso
             )))
         }
     };
-    let id = cluster
-        .add_worker(capacity)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let id = cluster.add_worker(capacity).await.map_err(|e| match e {
+        crate::cluster::AddError::Limit(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        crate::cluster::AddError::Runtime(e) => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    })?;
     Ok(Json(Added {
         message: format!("Node {id} added successfully"),
         node_id: id,
@@ -598,11 +687,13 @@ async fn submit_tasks(
                 .enumerate()
                 .map(|(i, t)| {
                     deserialize_named::<TaskSpec>(t.clone())
+                        .and_then(|spec| spec.check().map(|()| spec))
                         .map_err(|e| ApiError::bad_request(format!("tasks[{i}]: {e}")))
                 })
                 .collect::<ApiResult<_>>()?
         }
         other => vec![deserialize_named::<TaskSpec>(other)
+            .and_then(|spec| spec.check().map(|()| spec))
             .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
     accepting(&cluster)?;
@@ -611,13 +702,99 @@ async fn submit_tasks(
     Ok(Json(Submitted { task_ids }))
 }
 
+fn cancel_error(e: CancelError) -> ApiError {
+    match e {
+        CancelError::Unknown(_) => ApiError::not_found(e.to_string()),
+        CancelError::Finished(..) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// `DELETE /tasks/{id}`: cancel one task (see `Scheduler::cancel`).
+async fn cancel_task(
+    State(cluster): State<Arc<Cluster>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<flotilla_proto::api::Cancelled>> {
+    let task_id = parse_task_id(&id)?;
+    let was = cluster.cancel(task_id).map_err(cancel_error)?;
+    Ok(Json(flotilla_proto::api::Cancelled {
+        id: task_id,
+        state: TaskState::Cancelled,
+        was,
+    }))
+}
+
+/// `DELETE /tasks?state=queued|assigned|running` or `?ids=1,2,3`: cancel
+/// several at once. Answers which were cancelled and why the others were not.
+async fn cancel_tasks(
+    State(cluster): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult<Json<flotilla_proto::api::CancelReport>> {
+    if let Some(extra) = q.keys().find(|k| *k != "state" && *k != "ids") {
+        return Err(ApiError::bad_request(format!(
+            "unknown parameter `{extra}`: cancel by `state=` (queued, assigned or running) or `ids=` (comma-separated)"
+        )));
+    }
+    let ids: Option<Vec<TaskId>> = match q.get("ids") {
+        None => None,
+        Some(raw) => {
+            let parts: Vec<&str> = raw.split(',').filter(|p| !p.is_empty()).collect();
+            if parts.len() > MAX_CANCEL_IDS {
+                return Err(ApiError::bad_request(format!(
+                    "ids names {} tasks; at most {MAX_CANCEL_IDS} at once",
+                    parts.len()
+                )));
+            }
+            Some(
+                parts
+                    .into_iter()
+                    .map(|p| parse_task_id(p).map_err(|e| ApiError::bad_request(e.message)))
+                    .collect::<ApiResult<_>>()?,
+            )
+        }
+    };
+    let state = match q.get("state") {
+        None => None,
+        Some(raw) => {
+            let state: TaskState = raw.parse().map_err(ApiError::bad_request)?;
+            if state.is_final() {
+                return Err(ApiError::bad_request(format!(
+                    "tasks that are {state} have finished; cancel queued, assigned or running ones"
+                )));
+            }
+            Some(state)
+        }
+    };
+    if state.is_none() && ids.is_none() {
+        return Err(ApiError::bad_request(
+            "say which tasks to cancel: `state=` (queued, assigned or running) or `ids=` (comma-separated)",
+        ));
+    }
+    let (cancelled, refused) = cluster.cancel_many(state, ids.as_deref());
+    let refused: Vec<flotilla_proto::api::NotCancelled> = refused
+        .into_iter()
+        .map(|(id, e)| flotilla_proto::api::NotCancelled {
+            id,
+            error: e.to_string(),
+        })
+        .collect();
+    Ok(Json(flotilla_proto::api::CancelReport {
+        cancelled,
+        not_cancelled: refused,
+    }))
+}
+
 fn wait_param(q: &HashMap<String, String>) -> ApiResult<Duration> {
     match q.get("wait") {
         None => Ok(Duration::ZERO),
         Some(raw) => match raw.parse::<f64>() {
-            Ok(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s).min(MAX_WAIT)),
+            // Clamped to MAX_WAIT before it becomes a Duration (1e20 would overflow).
+            Ok(s) if s.is_finite() && s >= 0.0 => {
+                Ok(Duration::from_secs_f64(s.min(MAX_WAIT.as_secs_f64())))
+            }
             _ => Err(ApiError::bad_request(format!(
-                "wait must be a number of seconds >= 0, got {raw:?}"
+                "wait must be a number of seconds >= 0 (at most {} are waited), got {:?}",
+                MAX_WAIT.as_secs(),
+                raw.chars().take(40).collect::<String>()
             ))),
         },
     }
@@ -628,9 +805,7 @@ async fn get_task(
     Path(id): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Value>> {
-    let task_id: TaskId = id.parse().map_err(|_| {
-        ApiError::not_found(format!("task '{id}' does not exist (task IDs are numbers)"))
-    })?;
+    let task_id = parse_task_id(&id)?;
     let wait = wait_param(&q)?;
     match cluster.wait_task(task_id, wait).await {
         Some(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
@@ -824,4 +999,21 @@ async fn poll(
         response.headers_mut().insert(TRACEPARENT, value);
     }
     Ok(response)
+}
+
+/// `POST /internal/control`: held open until the worker has attempts to stop
+/// (cancelled tasks) or the poll time passes (`204`).
+async fn control(
+    State(cluster): State<Arc<Cluster>>,
+    Body(c): Body<ControlPoll>,
+) -> ApiResult<Response> {
+    let stop = cluster
+        .control(c.worker_id, c.incarnation)
+        .await
+        .map_err(refusal)?;
+    if stop.is_empty() {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Ok(Json(Control { stop }).into_response())
+    }
 }

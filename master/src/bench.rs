@@ -199,6 +199,7 @@ fn python(code: String) -> TaskSpec {
     TaskSpec {
         kind: TaskKind::Python,
         command: code,
+        timeout: None,
     }
 }
 

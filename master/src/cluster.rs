@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_proto::api::{NodeView, ResourceView};
 use flotilla_proto::{
-    Assignment, Incarnation, LockGrant, LockMode, TaskId, TaskReport, TaskSpec, WorkerId,
+    Assignment, Incarnation, LockGrant, LockMode, StopAttempt, TaskId, TaskReport, TaskSpec,
+    WorkerId,
 };
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -23,7 +24,7 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::resources::ResourceType;
 use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
 use crate::scheduler::{
-    LockCallError, Refusal, Scheduler, SubmitError, TaskState, TaskView, WorkerState,
+    CancelError, LockCallError, Refusal, Scheduler, SubmitError, TaskState, TaskView, WorkerState,
 };
 use crate::store::{Store, StoreError};
 
@@ -46,6 +47,24 @@ pub struct ClusterConfig {
     pub worker_env: Vec<(String, String)>,
     /// How long a finished task stays readable (`spec.resultTtlSeconds`).
     pub result_ttl: Duration,
+    /// `spec.taskTimeoutSeconds`: the timeout of tasks that give none.
+    pub task_timeout: Option<f64>,
+    /// `spec.maxWorkers`: `/add` beyond it is refused.
+    pub max_workers: usize,
+}
+
+/// The default of `spec.maxWorkers`.
+pub const DEFAULT_MAX_WORKERS: usize = 64;
+
+/// Why `/add` did not add a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum AddError {
+    #[error(
+        "the cluster already has {0} workers, its limit (spec.maxWorkers); no worker was added"
+    )]
+    Limit(usize),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
 }
 
 impl Default for ClusterConfig {
@@ -59,6 +78,8 @@ impl Default for ClusterConfig {
             slots: 1,
             worker_env: Vec::new(),
             result_ttl: Duration::from_secs(24 * 3600),
+            task_timeout: None,
+            max_workers: DEFAULT_MAX_WORKERS,
         }
     }
 }
@@ -104,6 +125,7 @@ impl Cluster {
         store: Option<(Arc<Store>, String, u64)>,
     ) -> Arc<Self> {
         let mut sched = Scheduler::new(cfg.max_attempts);
+        sched.set_task_timeout(cfg.task_timeout);
         let (store, worker_secret, master_incarnation) = match store {
             Some((store, secret, incarnation)) => {
                 sched.keep_journal();
@@ -346,11 +368,11 @@ impl Cluster {
     }
 
     /// Startup and `/add`: a new worker ID, started by the runtime.
-    pub async fn add_worker(
-        &self,
-        capacity: usize,
-    ) -> Result<WorkerId, crate::runtime::RuntimeError> {
-        let (id, _) = self.with_state(|s| s.add_worker(capacity));
+    pub async fn add_worker(&self, capacity: usize) -> Result<WorkerId, AddError> {
+        let max = self.cfg.max_workers;
+        let (id, _) = self
+            .with_state(|s| (s.worker_count() < max).then(|| s.add_worker(capacity)))
+            .ok_or(AddError::Limit(max))?;
         self.start_worker(id).await?;
         Ok(id)
     }
@@ -529,7 +551,12 @@ impl Cluster {
     /// A task as it is now, after waiting up to `wait` for it to be final;
     /// `None` if there is no such task.
     pub async fn wait_task(&self, id: TaskId, wait: Duration) -> Option<TaskView> {
-        let (tx, rx) = oneshot::channel();
+        if wait.is_zero() {
+            return self.with_state(|s| s.task(id));
+        }
+        // One waiter per request; dropped with the request (the scheduler
+        // prunes waiters whose request went away).
+        let (tx, rx) = tokio::sync::oneshot::channel();
         let done = self.with_state(|s| s.wait_for(id, tx))?;
         if !done && !wait.is_zero() {
             self.pending(rx, |_, _| {})
@@ -552,6 +579,42 @@ impl Cluster {
         if let Err(e) = self.durable().await {
             warn!(error = %e, "showing results that are not durable");
         }
+    }
+
+    /// `DELETE /tasks/{id}`: see `Scheduler::cancel`; the state it was in.
+    pub fn cancel(&self, id: TaskId) -> Result<TaskState, CancelError> {
+        self.with_state(|s| s.cancel(id))
+    }
+
+    /// Bulk cancel: the tasks in `state` (all of them, or only those in
+    /// `ids`), or else those in `ids`, in one critical section. The
+    /// cancelled IDs, and the others with the reason.
+    pub fn cancel_many(
+        &self,
+        state: Option<TaskState>,
+        ids: Option<&[TaskId]>,
+    ) -> (Vec<TaskId>, Vec<(TaskId, CancelError)>) {
+        self.with_state(|s| {
+            let targets = match (state, ids) {
+                (Some(state), Some(ids)) => {
+                    let mut t = s.task_ids_in(state);
+                    t.retain(|t| ids.contains(t));
+                    t
+                }
+                (Some(state), None) => s.task_ids_in(state),
+                (None, Some(ids)) => ids.to_vec(),
+                (None, None) => Vec::new(),
+            };
+            let mut cancelled = Vec::new();
+            let mut refused = Vec::new();
+            for tid in targets {
+                match s.cancel(tid) {
+                    Ok(_) => cancelled.push(tid),
+                    Err(e) => refused.push((tid, e)),
+                }
+            }
+            (cancelled, refused)
+        })
     }
 
     /// `GET /tasks`: one page of the task listing (see `Scheduler::list_tasks`).
@@ -798,6 +861,37 @@ impl Cluster {
             Woken::Dropped => self
                 .with_state(|s| s.check_current(worker, inc))
                 .map(|_| None),
+        }
+    }
+
+    /// A worker's control poll: the attempts it must stop, as soon as there
+    /// are any, or none after `poll_hold`.
+    pub async fn control(
+        &self,
+        worker: WorkerId,
+        inc: Incarnation,
+    ) -> Result<Vec<StopAttempt>, Refusal> {
+        let deadline = Instant::now() + self.cfg.poll_hold;
+        loop {
+            let (tx, rx) = oneshot::channel();
+            let stops = self.with_state(|s| s.take_stops(worker, inc, tx))?;
+            if !stops.is_empty() {
+                return Ok(stops);
+            }
+            let woken = self
+                .pending(rx, |s, _| s.forget_abandoned_waiters())
+                .wait(Some(deadline))
+                .await;
+            match woken {
+                Woken::Fired(()) => continue,
+                Woken::TimedOut => return Ok(Vec::new()),
+                // Replaced by a newer control poll, or the worker died.
+                Woken::Dropped => {
+                    return self
+                        .with_state(|s| s.check_current(worker, inc))
+                        .map(|_| Vec::new())
+                }
+            }
         }
     }
 

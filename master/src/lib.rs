@@ -203,6 +203,8 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         result_ttl: spec.result_ttl,
         slots: opts.slots.max(1),
         worker_env: opts.worker_env.clone(),
+        task_timeout: spec.task_timeout,
+        max_workers: spec.max_workers,
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(

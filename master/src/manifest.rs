@@ -114,6 +114,11 @@ pub struct ClusterSpec {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
     pub max_attempts: u32,
+    /// `spec.taskTimeoutSeconds`: how long a task that gives no `timeout`
+    /// may run (each attempt). Unset: no limit.
+    pub task_timeout: Option<f64>,
+    /// `spec.maxWorkers` (default 64): `/add` beyond it is refused.
+    pub max_workers: usize,
     pub resources: Vec<ResourceSpec>,
     pub requests: Vec<RequestSpec>,
     pub otlp_endpoint: Option<String>,
@@ -172,6 +177,8 @@ impl ClusterSpec {
             heartbeat_interval: Duration::from_secs(5),
             heartbeat_timeout: Duration::from_secs(10),
             max_attempts: 3,
+            task_timeout: None,
+            max_workers: crate::cluster::DEFAULT_MAX_WORKERS,
             resources: Vec::new(),
             requests: Vec::new(),
             otlp_endpoint: None,
@@ -280,6 +287,10 @@ struct NativeSpec {
     state_dir: Option<String>,
     #[serde(default)]
     result_ttl_seconds: Option<f64>,
+    #[serde(default)]
+    task_timeout_seconds: Option<f64>,
+    #[serde(default)]
+    max_workers: Option<usize>,
     workers: Vec<NativeWorker>,
     #[serde(default)]
     resources: Vec<NativeResource>,
@@ -381,6 +392,7 @@ pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
         origin: origin.to_string(),
         message,
     };
+    check_nesting(text).map_err(invalid)?;
     let probe: serde_yaml::Value =
         serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
     let Some(map) = probe.as_mapping() else {
@@ -408,6 +420,51 @@ pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
     };
     validate(&spec).map_err(invalid)?;
     Ok(spec)
+}
+
+/// The deepest `[`/`{` nesting a manifest may use. The YAML parser takes
+/// time quadratic in the nesting of flow collections before it gives up at
+/// its own recursion limit, so deeper text is refused by a linear scan first.
+pub const MAX_NESTING: usize = 64;
+
+/// Refuses flow collections nested deeper than [`MAX_NESTING`] (brackets
+/// inside quoted strings and comments do not count).
+fn check_nesting(text: &str) -> Result<(), String> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    let mut prev = '\n';
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (_, '\n') => line += 1,
+            (Some('"'), '\\') => {
+                chars.next();
+            }
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '"') | (None, '\'') if !prev.is_alphanumeric() => quote = Some(c),
+            (None, '#') if prev.is_whitespace() => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        line += 1;
+                        break;
+                    }
+                }
+            }
+            (None, '[') | (None, '{') => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(format!(
+                        "line {line}: collections nested more than {MAX_NESTING} levels deep"
+                    ));
+                }
+            }
+            (None, ']') | (None, '}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        prev = c;
+    }
+    Ok(())
 }
 
 fn from_seed(system: SeedSystem) -> Result<ClusterSpec, String> {
@@ -486,6 +543,21 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
         }
         spec.state_dir = Some(d.into());
     }
+    if let Some(t) = s.task_timeout_seconds {
+        if !(t.is_finite() && t > 0.0 && t <= flotilla_proto::MAX_TASK_TIMEOUT_S) {
+            return Err(format!(
+                "spec.taskTimeoutSeconds must be a number of seconds above 0 and at most {} (one week), got {t}",
+                flotilla_proto::MAX_TASK_TIMEOUT_S
+            ));
+        }
+        spec.task_timeout = Some(t);
+    }
+    if let Some(m) = s.max_workers {
+        if m == 0 {
+            return Err("spec.maxWorkers must be at least 1".into());
+        }
+        spec.max_workers = m;
+    }
     for w in s.workers {
         for _ in 0..w.replicas {
             spec.capacities.push(w.capacity);
@@ -513,7 +585,8 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
 }
 
 fn seconds(field: &str, v: f64) -> Result<Duration, String> {
-    if v.is_finite() && v > 0.0 {
+    // At most a year: larger values mean nothing and would overflow a Duration.
+    if v.is_finite() && v > 0.0 && v <= 365.0 * 24.0 * 3600.0 {
         Ok(Duration::from_secs_f64(v))
     } else {
         Err(format!(
@@ -532,6 +605,13 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
         return Err(format!(
             "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",
             spec.heartbeat_timeout, spec.heartbeat_interval
+        ));
+    }
+    if spec.capacities.len() > spec.max_workers {
+        return Err(format!(
+            "the manifest has {} workers, more than spec.maxWorkers ({})",
+            spec.capacities.len(),
+            spec.max_workers
         ));
     }
     if spec.max_attempts == 0 {
@@ -677,6 +757,30 @@ system:
       sleep: 0
       body: { type: python, command: "response = 1" }
 "#;
+
+    #[test]
+    fn deep_nesting_is_refused_at_once() {
+        let deep = format!(
+            "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: {{name: x}}\nspec:\n  workers: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let started = std::time::Instant::now();
+        let err = parse(&deep, "deep").unwrap_err().to_string();
+        assert!(
+            err.contains("line 5: collections nested more than 64 levels deep"),
+            "{err}"
+        );
+        // Linear: well under the parser's quadratic minute.
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Brackets in strings and comments do not count.
+        let fine = format!(
+            "system:\n  node_quantity: 1  # {}\n  node_capacities: [2]\n  requests: [{{endpoint: \"http://x/send\", body: {{type: python, command: \"x = '{}'\"}}}}]\n",
+            "[".repeat(100),
+            "[".repeat(100)
+        );
+        parse(&fine, "fine").unwrap();
+    }
 
     #[test]
     fn the_seed_form_loads() {

@@ -180,6 +180,7 @@ pub async fn submit(a: SubmitArgs) -> Result<i32> {
             TaskKind::Python
         },
         command: code,
+        timeout: None,
     };
     let client = a.conn.client()?;
     let id = match a.node {

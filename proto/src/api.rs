@@ -16,19 +16,25 @@ pub enum TaskState {
     Running,
     Succeeded,
     Failed,
+    /// Stopped by `DELETE /tasks/{id}` before it finished.
+    Cancelled,
 }
 
 impl TaskState {
-    pub const ALL: [TaskState; 5] = [
+    pub const ALL: [TaskState; 6] = [
         TaskState::Queued,
         TaskState::Assigned,
         TaskState::Running,
         TaskState::Succeeded,
         TaskState::Failed,
+        TaskState::Cancelled,
     ];
 
     pub fn is_final(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 
     /// The state's name on the wire (serde's, so there is one spelling).
@@ -239,4 +245,26 @@ mod tests {
         assert_eq!(v["mode"], "write");
         assert_eq!(serde_json::from_value::<Holder>(v).unwrap(), h);
     }
+}
+
+/// `DELETE /tasks/{id}`: the task is cancelled; `was` is the state it left.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Cancelled {
+    pub id: TaskId,
+    pub state: TaskState,
+    pub was: TaskState,
+}
+
+/// A task a bulk cancel left alone, and why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NotCancelled {
+    pub id: TaskId,
+    pub error: String,
+}
+
+/// `DELETE /tasks?state=...|ids=...`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CancelReport {
+    pub cancelled: Vec<TaskId>,
+    pub not_cancelled: Vec<NotCancelled>,
 }

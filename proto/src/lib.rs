@@ -83,12 +83,41 @@ impl std::fmt::Display for TaskKind {
 }
 
 /// What a user submits: the seed's `{"type": "python" | "shell", "command": "..."}`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
     #[serde(rename = "type")]
     pub kind: TaskKind,
     pub command: String,
+    /// Seconds the task may run (each attempt) before it is stopped and
+    /// fails with "timed out after N s"; unset: the cluster's
+    /// `spec.taskTimeoutSeconds`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+}
+
+/// The longest `timeout` a task may ask for: one week.
+pub const MAX_TASK_TIMEOUT_S: f64 = 7.0 * 24.0 * 3600.0;
+
+impl TaskSpec {
+    pub fn new(kind: TaskKind, command: impl Into<String>) -> Self {
+        TaskSpec {
+            kind,
+            command: command.into(),
+            timeout: None,
+        }
+    }
+
+    /// Refuses a `timeout` that is not a number of seconds in
+    /// (0, [`MAX_TASK_TIMEOUT_S`]].
+    pub fn check(&self) -> Result<(), String> {
+        match self.timeout {
+            Some(t) if !(t.is_finite() && t > 0.0 && t <= MAX_TASK_TIMEOUT_S) => Err(format!(
+                "timeout must be a number of seconds above 0 and at most {MAX_TASK_TIMEOUT_S} (one week), got {t}"
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// What a finished task produced.

@@ -25,6 +25,32 @@ pub use flotilla_proto::api::{Holder, Owner, ResourceView};
 
 pub type RequestId = u64;
 
+/// The longest resource name (as a Kubernetes object name).
+pub const MAX_NAME: usize = 253;
+
+/// A resource name: 1 to [`MAX_NAME`] characters of `A-Z a-z 0-9 _ . -`, so
+/// that it can always be read back in `GET /resources/{name}`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("a shared resource needs a non-empty name".into());
+    }
+    if name.len() > MAX_NAME {
+        return Err(format!(
+            "a shared resource name is at most {MAX_NAME} characters; this one has {}",
+            name.chars().count()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(format!(
+            "shared resource name `{name}` has the character {bad:?}; names use letters, digits, `_`, `.` and `-`"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum LockError {
     #[error("shared resource `{0}` does not exist")]
@@ -78,6 +104,7 @@ impl LockTable {
         kind: ResourceType,
         value: Value,
     ) -> Result<(), ResourceError> {
+        check_name(name).map_err(ResourceError::BadName)?;
         if self.resources.contains_key(name) {
             return Err(ResourceError::Duplicate(name.to_string()));
         }

@@ -100,6 +100,9 @@ pub enum ResourceError {
     Duplicate(String),
     #[error("a shared resource needs a non-empty name")]
     EmptyName,
+    /// A name outside the rules of `locks::check_name`.
+    #[error("{0}")]
+    BadName(String),
     #[error("shared resource `{name}` is a {manifest} in the manifest but a {stored} in the state directory")]
     KindChanged {
         name: String,

@@ -103,10 +103,10 @@ pub async fn connect(
 ) -> anyhow::Result<std::sync::Arc<dyn Runtime>> {
     use crate::manifest::RuntimeKind;
     Ok(match kind {
-        RuntimeKind::Process => std::sync::Arc::new(process::ProcessRuntime::new(
-            process::find_worker_binary(),
-            events,
-        )),
+        RuntimeKind::Process => std::sync::Arc::new(
+            process::ProcessRuntime::new(process::find_worker_binary(), events)
+                .with_memory_limit(spec.worker_resources.memory_bytes),
+        ),
         RuntimeKind::Docker => std::sync::Arc::new(
             docker::DockerRuntime::connect(docker::DockerSettings::from_spec(spec), events).await?,
         ),

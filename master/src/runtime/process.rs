@@ -83,6 +83,11 @@ async fn sweep_after_death() {
 
 pub struct ProcessRuntime {
     worker_bin: PathBuf,
+    /// `spec.workerResources.memory`: each process of a worker (the worker,
+    /// its interpreters, its tasks' processes) may hold this much data
+    /// (RLIMIT_DATA, inherited); beyond it allocations fail (`MemoryError`
+    /// in Python). Per process, not a total as a container's limit is.
+    memory_limit: Option<u64>,
     children: Mutex<HashMap<WorkerId, (Incarnation, u32)>>,
     events: UnboundedSender<RuntimeEvent>,
 }
@@ -105,12 +110,19 @@ pub fn find_worker_binary() -> PathBuf {
 }
 
 impl ProcessRuntime {
+    /// Limits the data each of a worker's processes may hold.
+    pub fn with_memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
     pub fn new(worker_bin: PathBuf, events: UnboundedSender<RuntimeEvent>) -> Self {
         if let Err(e) = flotilla_proto::reap::become_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper; processes a dead worker's tasks started in their own session may outlive it");
         }
         ProcessRuntime {
             worker_bin,
+            memory_limit: None,
             children: Mutex::new(HashMap::new()),
             events,
         }
@@ -124,6 +136,7 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn start(&self, launch: WorkerLaunch) -> Result<(), RuntimeError> {
+        let memory_limit = self.memory_limit;
         let mut cmd = Command::new(&self.worker_bin);
         // The worker inherits the master's environment (PATH, FLOTILLA_PYTHON,
         // ...) but never the API token, nor the master's service name.
@@ -140,7 +153,15 @@ impl Runtime for ProcessRuntime {
         #[cfg(target_os = "linux")]
         unsafe {
             // A worker must not outlive its master.
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                if let Some(bytes) = memory_limit {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_DATA,
+                        bytes,
+                        bytes,
+                    )
+                    .map_err(std::io::Error::from)?;
+                }
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
             });
         }

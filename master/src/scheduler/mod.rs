@@ -19,7 +19,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use flotilla_proto::{
-    Assignment, Attempt, Incarnation, Outcome, TaskId, TaskReport, TaskResult, TaskSpec, WorkerId,
+    Assignment, Attempt, Incarnation, Outcome, StopAttempt, TaskId, TaskReport, TaskResult,
+    TaskSpec, WorkerId,
 };
 use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
@@ -119,6 +120,8 @@ struct Waiters {
     room: Vec<oneshot::Sender<()>>,
     /// A worker registered.
     registered: Vec<oneshot::Sender<()>>,
+    /// A worker's control poll: fired when it has attempts to stop.
+    control: HashMap<WorkerId, oneshot::Sender<()>>,
 }
 
 fn fire(waiters: &mut Vec<oneshot::Sender<()>>) {
@@ -154,6 +157,11 @@ pub struct Scheduler {
     expired: usize,
     /// Accepted tasks not final yet.
     open_tasks: usize,
+    /// `spec.taskTimeoutSeconds`: the timeout of tasks that give none.
+    task_timeout: Option<f64>,
+    /// Attempts each worker must stop (cancelled while running), until its
+    /// control poll takes them.
+    stops: HashMap<WorkerId, Vec<StopAttempt>>,
     /// The changes the durable store must keep, in order (`None`: the
     /// state is ephemeral). The owner drains it after every transition.
     journal: Option<Vec<Op>>,
@@ -186,6 +194,15 @@ pub enum Tally {
     /// A crashed attempt is retried.
     Retried,
     Stolen,
+}
+
+/// Why a cancel was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    #[error("task {0} does not exist")]
+    Unknown(TaskId),
+    #[error("task {0} has already finished ({1}); only a queued, assigned or running task can be cancelled")]
+    Finished(TaskId, TaskState),
 }
 
 /// Why a lock call was refused.
@@ -237,6 +254,8 @@ impl Scheduler {
             expired: 0,
             open_tasks: 0,
             journal: None,
+            task_timeout: None,
+            stops: HashMap::new(),
         }
     }
 
@@ -278,6 +297,13 @@ impl Scheduler {
         ] {
             list.retain(|w| !w.is_closed());
         }
+        self.waiters.control.retain(|_, w| !w.is_closed());
+    }
+
+    /// `spec.taskTimeoutSeconds`: applies to tasks submitted without a
+    /// `timeout` (each attempt's run is bounded by it).
+    pub fn set_task_timeout(&mut self, seconds: Option<f64>) {
+        self.task_timeout = seconds;
     }
 
     /// From now on every transition is journaled for the durable store.
@@ -391,6 +417,7 @@ impl Scheduler {
             let state = match t.state.as_str() {
                 "succeeded" => TaskState::Succeeded,
                 "failed" => TaskState::Failed,
+                "cancelled" => TaskState::Cancelled,
                 _ => TaskState::Queued,
             };
             let mut task = Task::restored(t, state);
@@ -578,6 +605,9 @@ impl Scheduler {
             return false;
         }
         w.state = WorkerState::Dead;
+        // Its processes are gone with it: nothing left to stop.
+        self.stops.remove(&id);
+        let w = &mut self.workers[id as usize];
         warn!(
             worker = id,
             incarnation = inc,
@@ -901,11 +931,7 @@ impl Scheduler {
             self,
             Op::Finish {
                 id: tid,
-                state: if state == TaskState::Succeeded {
-                    "succeeded".into()
-                } else {
-                    "failed".into()
-                },
+                state: state.name().into(),
                 node: task.node,
                 attempts: task.attempts,
                 result: task.result.clone(),
@@ -917,6 +943,89 @@ impl Scheduler {
         self.completions.push(tid);
         self.open_tasks -= 1;
         fire(&mut self.waiters.completed);
+    }
+
+    // ----- cancel --------------------------------------------------------
+
+    /// `DELETE /tasks/{id}`: a queued or assigned task leaves its queue; a
+    /// running one loses its slot at once (its lease dies and its locks are
+    /// released, fenced as on a death) and its worker is told to kill that
+    /// slot's interpreter or shell. The task ends `cancelled`.
+    pub fn cancel(&mut self, tid: TaskId) -> Result<TaskState, CancelError> {
+        let task = self.tasks.get(&tid).ok_or(CancelError::Unknown(tid))?;
+        let was = task.state;
+        match was {
+            s if s.is_final() => return Err(CancelError::Finished(tid, s)),
+            TaskState::Queued => self.master_queue.retain(|&t| t != tid),
+            TaskState::Assigned => {
+                if let Some(w) = task.node.and_then(|n| self.workers.get_mut(n as usize)) {
+                    w.waiting.retain(|&t| t != tid);
+                }
+                self.room_freed();
+            }
+            TaskState::Running => {
+                let attempt = task.attempts;
+                let found = self.workers.iter_mut().find_map(|w| {
+                    let slot = w
+                        .running
+                        .iter()
+                        .find(|(_, &run)| run == (tid, attempt))
+                        .map(|(&slot, _)| slot)?;
+                    w.running.remove(&slot);
+                    Some(w.id)
+                });
+                self.end_attempt(tid, attempt);
+                if let Some(worker) = found {
+                    self.stops.entry(worker).or_default().push(StopAttempt {
+                        task_id: tid,
+                        attempt,
+                        reason: "cancelled".into(),
+                    });
+                    if let Some(tx) = self.waiters.control.remove(&worker) {
+                        let _ = tx.send(());
+                    }
+                }
+                self.room_freed();
+            }
+            _ => unreachable!("every non-final state is handled"),
+        }
+        info!(task = tid, was = %was, "task cancelled");
+        self.finish(
+            tid,
+            TaskState::Cancelled,
+            None,
+            Some(format!("cancelled while {was}")),
+        );
+        self.dispatch();
+        Ok(was)
+    }
+
+    /// The IDs of the tasks in `state`, oldest first.
+    pub fn task_ids_in(&self, state: TaskState) -> Vec<TaskId> {
+        let mut ids: Vec<TaskId> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == state)
+            .map(|t| t.id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The stop orders waiting for `worker`'s control poll (taken); when
+    /// there are none, `tx` fires when there are.
+    pub fn take_stops(
+        &mut self,
+        worker: WorkerId,
+        inc: Incarnation,
+        tx: oneshot::Sender<()>,
+    ) -> Result<Vec<StopAttempt>, Refusal> {
+        self.check(worker, inc)?;
+        let stops = self.stops.remove(&worker).unwrap_or_default();
+        if stops.is_empty() {
+            self.waiters.control.insert(worker, tx);
+        }
+        Ok(stops)
     }
 
     // ----- dispatch ------------------------------------------------------
@@ -990,6 +1099,7 @@ impl Scheduler {
     }
 
     fn hand_over(&mut self) -> bool {
+        let default_timeout = self.task_timeout;
         let mut progressed = false;
         for w in self
             .workers
@@ -1009,7 +1119,7 @@ impl Scheduler {
                     attempt,
                     spec: task.spec.clone(),
                     lease: lease.clone(),
-                    timeout_s: None,
+                    timeout_s: task.spec.timeout.or(default_timeout),
                     traceparent,
                 };
                 match waiter.tx.send(assignment) {

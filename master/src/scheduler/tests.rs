@@ -7,6 +7,7 @@ fn spec(code: &str) -> TaskSpec {
     TaskSpec {
         kind: TaskKind::Python,
         command: code.to_string(),
+        timeout: None,
     }
 }
 
@@ -358,4 +359,56 @@ fn a_poll_for_a_slot_the_worker_does_not_have_is_refused() {
     );
     let (tx, _rx) = oneshot::channel();
     assert!(s.poll(id, inc, 1, None, tx).is_ok());
+}
+
+#[test]
+fn cancel_takes_a_task_out_wherever_it_is_and_tells_the_worker_to_stop_a_running_one() {
+    let mut s = cluster(&[2]);
+    s.set_task_timeout(Some(7.0));
+    let mut rx = poll(&mut s, 0, 0, None);
+    let running = s.submit(spec("spin"));
+    let a = rx.try_recv().unwrap();
+    assert_eq!(a.task_id, running);
+    assert_eq!(a.timeout_s, Some(7.0), "the cluster's default timeout");
+    let waiting = s.submit(spec("waits on node 0"));
+    let queued = s.submit(spec("master queue"));
+    s.submit(spec("master queue too"));
+    assert_eq!(s.task(waiting).unwrap().state, TaskState::Assigned);
+    assert_eq!(s.task(queued).unwrap().state, TaskState::Queued);
+    s.locks
+        .create("r", crate::resources::ResourceType::Integer, 0.into())
+        .unwrap();
+    let (gtx, mut grx) = oneshot::channel();
+    s.lock_acquire(&a.lease, "r", LockMode::Write, gtx).unwrap();
+    assert!(grx.try_recv().is_ok(), "the running task holds r");
+
+    assert_eq!(s.cancel(queued), Ok(TaskState::Queued));
+    assert_eq!(s.cancel(waiting), Ok(TaskState::Assigned));
+    let (ctx, mut crx) = oneshot::channel();
+    assert!(s.take_stops(0, 1, ctx).unwrap().is_empty());
+    assert_eq!(s.cancel(running), Ok(TaskState::Running));
+    assert!(crx.try_recv().is_ok(), "the control poll is woken");
+    let (ctx, _crx) = oneshot::channel();
+    let stops = s.take_stops(0, 1, ctx).unwrap();
+    assert_eq!(stops.len(), 1);
+    assert_eq!((stops[0].task_id, stops[0].attempt), (running, 1));
+    for id in [queued, waiting, running] {
+        let t = s.task(id).unwrap();
+        assert_eq!(t.state, TaskState::Cancelled);
+    }
+    // Its lock is free and its lease dead: a late write-back is fenced.
+    assert_eq!(s.locks.view("r").unwrap().holders.len(), 0);
+    assert!(s
+        .lock_release(&a.lease, "r", LockMode::Write, None)
+        .is_err());
+    // A late report from the killed attempt is dropped; the slot polls
+    // again and gets the next task.
+    let mut rx = poll(&mut s, 0, 0, report(&a, ok(1)));
+    assert_eq!(s.task(running).unwrap().state, TaskState::Cancelled);
+    assert_eq!(rx.try_recv().unwrap().task_id, queued + 1);
+    assert_eq!(
+        s.cancel(running),
+        Err(CancelError::Finished(running, TaskState::Cancelled))
+    );
+    assert_eq!(s.cancel(999), Err(CancelError::Unknown(999)));
 }

@@ -98,7 +98,7 @@ pub struct TaskRecord {
 
 impl TaskRecord {
     pub fn is_final(&self) -> bool {
-        self.state == "succeeded" || self.state == "failed"
+        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
     }
 }
 

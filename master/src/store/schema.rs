@@ -352,6 +352,7 @@ fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
         spec: TaskSpec {
             kind,
             command: r.get("command")?,
+            timeout: None,
         },
         state: r.get("state")?,
         target: r.get::<_, Option<i64>>("target")?.map(|v| v as u32),

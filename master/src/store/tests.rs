@@ -35,6 +35,7 @@ fn spec(i: u64) -> TaskSpec {
     TaskSpec {
         kind: TaskKind::Python,
         command: format!("response = {i}"),
+        timeout: None,
     }
 }
 
