@@ -287,6 +287,17 @@ impl Client {
         Ok(self.post::<_, Submitted>("/tasks", &body).await?.task_ids)
     }
 
+    /// `DELETE /tasks/{id}`: cancels a queued, assigned or running task.
+    pub async fn cancel(&self, id: TaskId) -> Result<flotilla_proto::api::Cancelled> {
+        self.call::<(), _>(
+            Method::DELETE,
+            &format!("/tasks/{id}"),
+            None,
+            REQUEST_TIMEOUT,
+        )
+        .await
+    }
+
     /// `GET /tasks/{id}`: the task as it is now.
     pub async fn task(&self, id: TaskId) -> Result<TaskView> {
         self.get(&format!("/tasks/{id}")).await

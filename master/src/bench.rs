@@ -370,6 +370,48 @@ async fn lock_round_trip(opts: &BenchOptions) -> Result<Value> {
     }
 }
 
+/// Cancel to next task: one worker with one slot runs `while True: pass`;
+/// after a second it is cancelled while the next task waits in the
+/// worker's queue. The
+/// figure is from the cancel request to the moment the next task's code
+/// runs on that very slot (in a fresh interpreter: the old one was killed),
+/// read by that code from the same machine's clock, 20 times.
+async fn cancel_latency(opts: &BenchOptions) -> Result<Value> {
+    let t = Target::start(opts, &manifest(1, 2)).await?;
+    let mut ms = Vec::new();
+    for _ in 0..20 {
+        let spin = t.client.send(&python("while True: pass".into())).await?;
+        while t.client.task(spin).await?.state != TaskState::Running {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // It runs a while before it is cancelled, as a real one would.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let next = t
+            .client
+            .send(&python("import time\nresponse = time.time() * 1000".into()))
+            .await?;
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        t.client.cancel(spin).await?;
+        let done = t
+            .client
+            .wait_final(next, Some(Duration::from_secs(30)))
+            .await?;
+        let ran_at = done
+            .result
+            .as_ref()
+            .and_then(|r| r.response.as_f64())
+            .ok_or_else(|| anyhow!("task {next} answered {done:?}"))?;
+        ms.push(ran_at - before as f64);
+    }
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(
+        json!({"p50_ms": percentile(&sorted, 0.5), "p99_ms": percentile(&sorted, 0.99), "max_ms": sorted[sorted.len() - 1], "samples_ms": ms}),
+    )
+}
+
 /// CPU used by an idle cluster of 4 workers (master + workers), from
 /// /proc/<pid>/stat over a window.
 async fn idle(opts: &BenchOptions) -> Result<Value> {
@@ -442,8 +484,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "locks" => lock_round_trip(opts).await?,
                 "idle" => idle(opts).await?,
                 "docker-start" => docker_start(opts).await?,
+                "cancel" => cancel_latency(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks, idle or docker-start")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks, idle, cancel or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -456,7 +499,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "ephemeral_tasks_per_s": med("ephemeral_tasks_per_s"),
                 "durable_vs_ephemeral": med("durable_vs_ephemeral"),
             }),
-            "W2" | "locks" => json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")}),
+            "W2" | "locks" | "cancel" => {
+                json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")})
+            }
             "W4" => json!({"tasks_per_s": med("tasks_per_s"), "final_total": 1000}),
             "W3" => {
                 json!({"efficiency": med("ratio"), "makespan_s": med("makespan_s"), "single_task_s": med("single_task_s")})

@@ -108,7 +108,8 @@ enum Command {
     /// Run the benchmark workloads (README, "Performance") against fresh clusters.
     Bench {
         /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round
-        /// trip), idle; also docker-start (1 vs 3 Docker workers; needs Docker).
+        /// trip), idle; also cancel (cancel to the next task's start on the
+        /// freed slot) and docker-start (1 vs 3 Docker workers; needs Docker).
         #[arg(
             long,
             default_value = "W1,W2,W3,W4,W6,locks,idle",

@@ -40,6 +40,8 @@ struct SlotProcs {
 #[derive(Default)]
 pub struct Cleaner {
     slots: Mutex<Vec<SlotProcs>>,
+    /// Warm interpreters no slot uses yet (the worker's standby).
+    spares: Mutex<Vec<i32>>,
     wake: Notify,
 }
 
@@ -47,6 +49,7 @@ impl Cleaner {
     pub fn new(slots: u32) -> Arc<Self> {
         Arc::new(Cleaner {
             slots: Mutex::new(vec![SlotProcs::default(); slots as usize]),
+            spares: Mutex::new(Vec::new()),
             wake: Notify::new(),
         })
     }
@@ -56,23 +59,43 @@ impl Cleaner {
         f(&mut slots[slot as usize])
     }
 
-    /// Spawns the slot's interpreter and records it in one step, so that a
-    /// sweep never sees it unrecorded.
-    pub fn spawn_interpreter(&self, slot: u32, cmd: &mut Command) -> std::io::Result<Child> {
-        self.with_slot(slot, |s| {
-            let child = cmd.spawn()?;
-            s.interpreter = child.id().map(|p| p as i32);
-            Ok(child)
-        })
+    /// Spawns the interpreter of `slot` (`None`: a spare) and records it in
+    /// one step, so that a sweep never sees it unrecorded.
+    pub fn spawn_interpreter(
+        &self,
+        slot: Option<u32>,
+        cmd: &mut Command,
+    ) -> std::io::Result<Child> {
+        let mut slots = self.slots.lock().expect("cleaner lock");
+        let mut spares = self.spares.lock().expect("cleaner lock");
+        let child = cmd.spawn()?;
+        let pid = child.id().map(|p| p as i32);
+        match slot {
+            Some(slot) => slots[slot as usize].interpreter = pid,
+            None => spares.extend(pid),
+        }
+        Ok(child)
+    }
+
+    /// A spare interpreter now serves `slot`.
+    pub fn adopt_spare(&self, slot: u32, pid: i32) {
+        let mut slots = self.slots.lock().expect("cleaner lock");
+        let mut spares = self.spares.lock().expect("cleaner lock");
+        spares.retain(|&p| p != pid);
+        slots[slot as usize].interpreter = Some(pid);
     }
 
     /// The interpreter has been waited for.
-    pub fn interpreter_gone(&self, slot: u32, pid: i32) {
-        self.with_slot(slot, |s| {
-            if s.interpreter == Some(pid) {
-                s.interpreter = None
+    pub fn interpreter_gone(&self, slot: Option<u32>, pid: i32) {
+        let mut slots = self.slots.lock().expect("cleaner lock");
+        let mut spares = self.spares.lock().expect("cleaner lock");
+        match slot {
+            Some(slot) if slots[slot as usize].interpreter == Some(pid) => {
+                slots[slot as usize].interpreter = None
             }
-        });
+            _ => spares.retain(|&p| p != pid),
+        }
+        drop((slots, spares));
         self.wake.notify_one();
     }
 
@@ -120,7 +143,11 @@ impl Cleaner {
         let kids = reap::children(&procs);
         // Read after the table: a process in the table that belongs to a
         // task started before it was read, so that task is in here.
-        let slots = self.slots.lock().expect("cleaner lock").clone();
+        let (slots, spares) = {
+            let slots = self.slots.lock().expect("cleaner lock");
+            let spares = self.spares.lock().expect("cleaner lock");
+            (slots.clone(), spares.clone())
+        };
         let running: HashSet<&str> = slots.iter().filter_map(|s| s.tag.as_deref()).collect();
         let mut doomed = Vec::new();
         let mut reapable = Vec::new();
@@ -138,7 +165,9 @@ impl Cleaner {
                         doomed.extend(reap::subtree(&kids, grandchild.pid));
                     }
                 }
-            } else if slots.iter().any(|s| s.shell == Some(child.pid)) {
+            } else if slots.iter().any(|s| s.shell == Some(child.pid))
+                || spares.contains(&child.pid)
+            {
                 continue;
             } else if child.zombie {
                 reapable.push(child.pid);
@@ -152,6 +181,7 @@ impl Cleaner {
             }
         }
         if !doomed.is_empty() {
+            debug!(?doomed, "sweep");
             info!(
                 count = doomed.len(),
                 "killing processes left behind by finished tasks"

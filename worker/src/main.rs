@@ -111,6 +111,9 @@ struct Worker {
     /// `flotilla-worker lock ...` is found.
     task_path: String,
     cleaner: Arc<Cleaner>,
+    /// A warm interpreter no slot uses yet, for the next slot whose
+    /// interpreter is killed.
+    standby: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<Interpreter>>>>,
     /// Attempts the master told this worker to stop (the most recent ones);
     /// each slot watches for its own.
     stops: watch::Sender<Vec<StopAttempt>>,
@@ -257,8 +260,35 @@ impl Worker {
         }
     }
 
+    /// An interpreter for `slot`, to be awaited when a task needs it: the
+    /// worker's standby (warm already; a new standby starts warming), or
+    /// else a fresh one. So a slot whose interpreter was killed (cancel,
+    /// timeout, crash) runs its next task without waiting for CPython to
+    /// start, one slot at a time.
+    fn replacement(self: &Arc<Self>, slot: u32) -> tokio::task::JoinHandle<Result<Interpreter>> {
+        let standby = self.standby.lock().expect("standby lock").take();
+        match standby {
+            Some(handle) => {
+                self.warm_standby();
+                let w = self.clone();
+                tokio::spawn(async move {
+                    let interp = handle.await.map_err(|e| anyhow::anyhow!("{e}"))??;
+                    w.cleaner.adopt_spare(slot, interp.pid());
+                    Ok(interp)
+                })
+            }
+            None => self.warm(Some(slot)),
+        }
+    }
+
+    /// Starts the standby interpreter (a spare in the cleaner's books).
+    fn warm_standby(self: &Arc<Self>) {
+        let handle = self.warm(None);
+        *self.standby.lock().expect("standby lock") = Some(handle);
+    }
+
     /// Starts an interpreter for `slot` in the background.
-    fn warm(self: &Arc<Self>, slot: u32) -> tokio::task::JoinHandle<Result<Interpreter>> {
+    fn warm(self: &Arc<Self>, slot: Option<u32>) -> tokio::task::JoinHandle<Result<Interpreter>> {
         let w = self.clone();
         tokio::spawn(async move {
             Interpreter::start(
@@ -378,7 +408,7 @@ impl Worker {
                         }
                     }
                     if interpreter.is_none() && warming.is_none() {
-                        warming = Some(self.warm(slot));
+                        warming = Some(self.replacement(slot));
                     }
                     report_trace = traceparent(&span);
                 }
@@ -465,7 +495,7 @@ impl Worker {
         };
         if !matches!(end, End::Ran(_)) {
             if let Some(interp) = interpreter.take() {
-                interp.kill(&self.cleaner, slot).await;
+                interp.kill(&self.cleaner, Some(slot)).await;
             }
         }
         self.cleaner.task_ended(slot);
@@ -507,7 +537,7 @@ impl Worker {
                     match Interpreter::start(
                         &self.cfg.python,
                         self.cfg.worker_id,
-                        slot,
+                        Some(slot),
                         &self.cleaner,
                         limits,
                     )
@@ -533,7 +563,7 @@ impl Worker {
                             "the task ended its Python interpreter; starting a fresh one"
                         );
                         if let Some(gone) = interpreter.take() {
-                            self.cleaner.interpreter_gone(slot, gone.pid());
+                            self.cleaner.interpreter_gone(Some(slot), gone.pid());
                         }
                         crash
                     }
@@ -603,6 +633,7 @@ async fn main() -> Result<()> {
         http,
         task_path,
         cleaner: cleaner.clone(),
+        standby: Default::default(),
         stops: watch::channel(Vec::new()).0,
     });
     tokio::spawn(cleaner.run());
@@ -612,7 +643,7 @@ async fn main() -> Result<()> {
     let warm = futures::future::join_all((0..worker.cfg.slots).map(|slot| {
         let w = &worker;
         async move {
-            match Interpreter::start(&w.cfg.python, w.cfg.worker_id, slot, &w.cleaner, &w.cfg.limits).await {
+            match Interpreter::start(&w.cfg.python, w.cfg.worker_id, Some(slot), &w.cleaner, &w.cfg.limits).await {
                 Ok(i) => Some(i),
                 Err(e) => {
                     warn!(error = %format!("{e:#}"), "cannot start the Python interpreter yet; will retry per task");
@@ -622,6 +653,7 @@ async fn main() -> Result<()> {
         }
     }));
     let interpreters = warm.await;
+    worker.warm_standby();
     let reply = worker.register().await?;
     let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
     info!(

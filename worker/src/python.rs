@@ -45,12 +45,12 @@ pub struct Interpreter {
 }
 
 impl Interpreter {
-    /// Starts an interpreter for `slot`, registered with `cleaner` (so that
-    /// its sweeps know it is no leftover).
+    /// Starts an interpreter for `slot` (`None`: a spare), registered with
+    /// `cleaner` (so that its sweeps know it is no leftover).
     pub async fn start(
         python: &str,
         worker_id: WorkerId,
-        slot: u32,
+        slot: Option<u32>,
         cleaner: &Cleaner,
         limits: &Limits,
     ) -> Result<Self> {
@@ -119,7 +119,7 @@ impl Interpreter {
 
     /// Kills the interpreter's whole process group and waits for it, then
     /// tells `cleaner` it is gone.
-    pub async fn kill(mut self, cleaner: &Cleaner, slot: u32) {
+    pub async fn kill(mut self, cleaner: &Cleaner, slot: Option<u32>) {
         if self.pid > 0 {
             flotilla_proto::reap::kill_group(self.pid);
         }
@@ -335,7 +335,7 @@ mod tests {
         }
 
         async fn interpreter(&self) -> Interpreter {
-            Interpreter::start("python3", 3, 0, &self.cleaner, &self.limits)
+            Interpreter::start("python3", 3, Some(0), &self.cleaner, &self.limits)
                 .await
                 .expect("python3 starts")
         }
@@ -474,7 +474,7 @@ mod tests {
         )
         .await;
         assert!(spin.is_err(), "the task spins");
-        i.kill(&f.cleaner, 0).await;
+        i.kill(&f.cleaner, Some(0)).await;
         let gone = |pid: i32| !std::path::Path::new(&format!("/proc/{pid}")).exists();
         assert!(gone(pid));
         let left: Vec<_> = flotilla_proto::reap::snapshot()
