@@ -50,7 +50,7 @@ TOKEN_ENV = "FLOTILLA_TOKEN"
 ALL_COMPLETED = "ALL_COMPLETED"
 FIRST_COMPLETED = "FIRST_COMPLETED"
 
-FINAL_STATES = frozenset({"succeeded", "failed"})
+FINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 # The longest one long-poll asks the master to hold (its own cap is 300 s).
 _MAX_POLL = 30.0
 # A batch of tasks stays well below the master's 1 MiB body limit.
