@@ -1005,8 +1005,10 @@ async fn poll(
 /// (cancelled tasks) or the poll time passes (`204`).
 async fn control(
     State(cluster): State<Arc<Cluster>>,
+    axum::Extension(identity): axum::Extension<WorkerIdentity>,
     Body(c): Body<ControlPoll>,
 ) -> ApiResult<Response> {
+    identity.check(c.worker_id, c.incarnation)?;
     let stop = cluster
         .control(c.worker_id, c.incarnation)
         .await
