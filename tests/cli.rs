@@ -216,6 +216,71 @@ async fn every_verb_against_a_real_master() {
     assert_eq!(o.code, 4, "{}", o.stderr);
     assert!(o.stderr.contains("unfinished"), "{}", o.stderr);
 
+    // cancel: a running task (stopped) and one queued behind it on the same
+    // one-slot worker; a finished one is reported, not an error.
+    let running = cli(
+        url,
+        None,
+        &["submit", "--node", "0", "import time\ntime.sleep(60)"],
+    )
+    .await;
+    let running = running.stdout.trim().to_string();
+    let queued = cli(url, None, &["submit", "--node", "0", "response = 'never'"]).await;
+    let queued = queued.stdout.trim().to_string();
+    // Running: the state has no event to wait on; look every 20 ms.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while c.client.task(running.parse().unwrap()).await.unwrap().state
+        != flotilla_client::api::TaskState::Running
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {running} never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let o = cli(
+        url,
+        None,
+        &["cancel", "--json", &queued, &running, &first.to_string()],
+    )
+    .await;
+    ok(&o);
+    let cancelled: Vec<Value> = o
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["cancelled"].clone())
+        .collect();
+    assert_eq!(cancelled, [json!(true), json!(true), json!(false)]);
+    for id in [&queued, &running] {
+        let o = cli(url, None, &["wait", "--json", id]).await;
+        assert_eq!(o.code, 1, "a cancelled task is not a success");
+        assert_eq!(o.json()[0]["state"], "cancelled");
+    }
+    let o = cli(url, None, &["cancel", &first.to_string()]).await;
+    ok(&o);
+    assert!(o.stdout.contains("already finished"), "{}", o.stdout);
+    let o = cli(url, None, &["cancel", "999999"]).await;
+    assert_eq!(o.code, 3);
+    assert!(o.stderr.contains("999999"), "{}", o.stderr);
+
+    // submit --timeout: the task is stopped and fails.
+    let o = cli(
+        url,
+        None,
+        &[
+            "submit",
+            "--wait",
+            "--timeout",
+            "0.5",
+            "import time\ntime.sleep(30)",
+        ],
+    )
+    .await;
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert!(o.stderr.contains("timed out"), "{}", o.stderr);
+
     // wait on more than 50 IDs: the listing, then the completion feed.
     let ids: Vec<String> = (0..60).map(|i| i.to_string()).collect::<Vec<_>>();
     let mut submitted = Vec::new();

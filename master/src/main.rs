@@ -139,6 +139,14 @@ enum Command {
     },
     /// Wait for tasks to finish (exit code 1 if any failed).
     Wait(verbs::WaitArgs),
+    /// Cancel tasks: queued ones are dropped, running ones stopped.
+    Cancel {
+        #[command(flatten)]
+        conn: verbs::Conn,
+        /// Task IDs.
+        #[arg(required = true)]
+        ids: Vec<TaskId>,
+    },
     /// List tasks, filtered, in ID order.
     Tasks(verbs::TasksArgs),
     /// List the workers.
@@ -179,6 +187,7 @@ async fn run_verb(command: Command) -> ! {
         Command::Submit(a) => verbs::submit(a).await,
         Command::Get { conn, id } => verbs::get(conn, id).await,
         Command::Wait(a) => verbs::wait(a).await,
+        Command::Cancel { conn, ids } => verbs::cancel(conn, ids).await,
         Command::Tasks(a) => verbs::tasks(a).await,
         Command::Nodes { conn } => verbs::nodes(conn).await,
         Command::Resources { conn, name } => verbs::resources(conn, name).await,
@@ -305,6 +314,7 @@ async fn main() -> Result<()> {
         verb @ (Command::Submit(_)
         | Command::Get { .. }
         | Command::Wait(_)
+        | Command::Cancel { .. }
         | Command::Tasks(_)
         | Command::Nodes { .. }
         | Command::Resources { .. }

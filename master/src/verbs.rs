@@ -73,6 +73,9 @@ pub struct SubmitArgs {
     /// Wait for the task and print its result (exit code 1 if it failed).
     #[arg(long)]
     wait: bool,
+    /// Seconds the task may run before it is stopped (it then fails).
+    #[arg(long)]
+    timeout: Option<f64>,
 }
 
 #[derive(Args, Debug)]
@@ -180,7 +183,7 @@ pub async fn submit(a: SubmitArgs) -> Result<i32> {
             TaskKind::Python
         },
         command: code,
-        timeout: None,
+        timeout: a.timeout,
     };
     let client = a.conn.client()?;
     let id = match a.node {
@@ -396,6 +399,32 @@ pub async fn wait(a: WaitArgs) -> Result<i32> {
     } else {
         EXIT_TASK_FAILED
     })
+}
+
+/// `flotilla cancel ID...`: each task cancelled, or said to have finished
+/// already (not an error); an unknown ID is (exit code 3).
+pub async fn cancel(conn: Conn, ids: Vec<TaskId>) -> Result<i32> {
+    let client = conn.client()?;
+    let mut out = Vec::new();
+    for id in ids {
+        let (cancelled, was) = match client.cancel(id).await {
+            Ok(c) => (true, Some(c.was)),
+            // 409: it had finished already; not an error for this verb.
+            Err(flotilla_client::Error::Api { status: 409, .. }) => (false, None),
+            Err(e) => return Err(e.into()),
+        };
+        if !conn.json {
+            match was {
+                Some(was) => println!("task {id} cancelled (was {was})"),
+                None => println!("task {id} had already finished"),
+            }
+        }
+        out.push(json!({ "id": id, "cancelled": cancelled, "was": was }));
+    }
+    if conn.json {
+        out_json(&out)?;
+    }
+    Ok(0)
 }
 
 fn print_tasks(tasks: &[TaskView]) {

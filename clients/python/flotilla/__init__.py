@@ -37,6 +37,7 @@ __all__ = [
     "ConnectionFailed",
     "Unauthorized",
     "TaskFailed",
+    "TaskCancelled",
     "DEFAULT_SERVER",
     "ALL_COMPLETED",
     "FIRST_COMPLETED",
@@ -96,6 +97,10 @@ class TaskFailed(FlotillaError):
         super().__init__(message)
 
 
+class TaskCancelled(TaskFailed):
+    """The task was cancelled before it finished."""
+
+
 class Future:
     """A task submitted to the master. Cheap: it holds the task ID and, once
     known, the task's final view."""
@@ -128,7 +133,7 @@ class Future:
         return self.view()["state"]
 
     def done(self) -> bool:
-        """Whether the task has finished (succeeded or failed)."""
+        """Whether the task has finished (succeeded, failed or cancelled)."""
         return self.view()["state"] in FINAL_STATES
 
     def _wait(self, timeout: Optional[float]) -> Dict[str, Any]:
@@ -149,6 +154,8 @@ class Future:
         seconds; ``None``: as long as it takes). Raises ``TaskFailed`` (with
         the traceback) if it failed, ``TimeoutError`` if it is not done in time."""
         view = self._wait(timeout)
+        if view["state"] == "cancelled":
+            raise TaskCancelled(view)
         if view["state"] != "succeeded":
             raise TaskFailed(view)
         return (view.get("result") or {}).get("response")
@@ -156,12 +163,25 @@ class Future:
     def exception(self, timeout: Optional[float] = None) -> Optional[TaskFailed]:
         """The ``TaskFailed`` the task ended with, or ``None`` if it succeeded."""
         view = self._wait(timeout)
+        if view["state"] == "cancelled":
+            return TaskCancelled(view)
         return None if view["state"] == "succeeded" else TaskFailed(view)
 
     @property
     def stdout(self) -> str:
         """What the finished task printed."""
         return (self._wait(None).get("result") or {}).get("stdout", "")
+
+    def cancel(self) -> bool:
+        """Cancels the task (``DELETE /tasks/{id}``): True when the master
+        cancelled it (queued, or stopped while running), False when it had
+        already finished. ``result()`` then raises ``TaskFailed`` (state
+        ``cancelled``)."""
+        return self.client.cancel(self)
+
+    def cancelled(self) -> bool:
+        """Whether the task ended cancelled."""
+        return self.view()["state"] == "cancelled"
 
 
 def _function_source(fn: Callable[..., Any]) -> str:
@@ -313,13 +333,17 @@ class Client:
 
     # ----- tasks ------------------------------------------------------------
 
-    def submit(self, code: str, node: Optional[int] = None, shell: bool = False) -> Future:
+    def submit(self, code: str, node: Optional[int] = None, timeout: Optional[float] = None,
+               shell: bool = False) -> Future:
         """Submits Python ``code`` (its result is the variable ``response``) or,
         with ``shell=True``, a shell command; ``node`` sends it straight to
-        that worker's queue."""
+        that worker's queue; ``timeout`` (seconds) stops the task if it runs
+        longer (it then fails, "timed out")."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a string, got {type(code).__name__}")
-        spec = {"type": "shell" if shell else "python", "command": code}
+        spec: Dict[str, Any] = {"type": "shell" if shell else "python", "command": code}
+        if timeout is not None:
+            spec["timeout"] = timeout
         feed_from = self._feed_position()
         path = "/send" if node is None else f"/send/{int(node)}"
         return Future(self, self._post(path, spec)["task_id"], feed_from)
@@ -333,13 +357,17 @@ class Client:
         code = _call_code(source, fn.__name__, _json_arguments(fn.__name__, args, kwargs))
         return self.submit(code)
 
-    def submit_many(self, codes: Iterable[str], shell: bool = False) -> List[Future]:
+    def submit_many(self, codes: Iterable[str], shell: bool = False,
+                    timeout: Optional[float] = None) -> List[Future]:
         """Submits many code strings in as few requests as the body limit allows."""
         kind = "shell" if shell else "python"
-        specs = [{"type": kind, "command": c} for c in codes]
+        specs: List[Dict[str, Any]] = [{"type": kind, "command": c} for c in codes]
+        if timeout is not None:
+            for spec in specs:
+                spec["timeout"] = timeout
         feed_from = self._feed_position()
         futures: List[Future] = []
-        batch: List[Dict[str, str]] = []
+        batch: List[Dict[str, Any]] = []
         size = 0
         for spec in specs:
             n = len(spec["command"]) + 64
@@ -352,11 +380,12 @@ class Client:
             futures.extend(self._submit_batch(batch, feed_from))
         return futures
 
-    def _submit_batch(self, batch: List[Dict[str, str]], feed_from: int) -> List[Future]:
+    def _submit_batch(self, batch: List[Dict[str, Any]], feed_from: int) -> List[Future]:
         ids = self._post("/tasks", {"tasks": batch})["task_ids"]
         return [Future(self, i, feed_from) for i in ids]
 
-    def map(self, fn_or_template: Union[Callable[..., Any], str], iterable: Iterable[Any]) -> List[Future]:
+    def map(self, fn_or_template: Union[Callable[..., Any], str], iterable: Iterable[Any],
+            timeout: Optional[float] = None) -> List[Future]:
         """One task per item, futures in the items' order. With a function:
         ``fn(item)`` (as ``submit_function``). With a string: that Python
         code, with the variable ``item`` set to the item (JSON), e.g.
@@ -372,7 +401,7 @@ class Client:
             raise TypeError(f"map needs a function or a code string, got {type(fn_or_template).__name__}")
         if not codes:
             return []
-        return self.submit_many(codes)
+        return self.submit_many(codes, timeout=timeout)
 
     def as_completed(self, futures: Iterable[Future], timeout: Optional[float] = None) -> Iterator[Future]:
         """Yields the futures as their tasks finish, following the master's
@@ -427,6 +456,20 @@ class Client:
         for _ in self.as_completed(futures, timeout=timeout):
             pass
         return [f.result() for f in futures]
+
+    def cancel(self, future: Union[Future, int]) -> bool:
+        """Cancels a task (``DELETE /tasks/{id}``): True when the master
+        cancelled it, False when it had already finished."""
+        task_id = future.id if isinstance(future, Future) else int(future)
+        try:
+            self._request("DELETE", f"/tasks/{task_id}")
+        except FlotillaError as e:
+            if e.status == 409:
+                return False
+            raise
+        if isinstance(future, Future):
+            future._view = None
+        return True
 
     def task(self, task_id: int) -> Dict[str, Any]:
         """A task's view (``GET /tasks/{id}``)."""

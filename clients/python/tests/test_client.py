@@ -14,6 +14,7 @@ from flotilla import (
     ConnectionFailed,
     FlotillaError,
     Future,
+    TaskCancelled,
     TaskFailed,
     Unauthorized,
 )
@@ -196,6 +197,45 @@ def test_as_completed_and_wait_time_out(client: Client):
     assert done == {f, g} and not not_done
     with pytest.raises(ValueError, match="return_when"):
         client.wait([f], return_when="SOMETIMES")
+
+
+def test_cancel_a_queued_and_a_running_task(client: Client):
+    # Worker 0 runs one task at a time: the first runs, the second waits.
+    running = client.submit("import time\ntime.sleep(60)\nresponse = 'ran'", node=0)
+    queued = client.submit("response = 'never'", node=0)
+    deadline = time.monotonic() + 30
+    while running.state != "running":
+        assert time.monotonic() < deadline, running.view()
+        time.sleep(0.02)
+    assert queued.cancel() is True
+    with pytest.raises(TaskCancelled) as e:
+        queued.result(timeout=10)
+    assert e.value.task["state"] == "cancelled"
+    assert queued.cancelled()
+    assert running.cancel() is True
+    with pytest.raises(TaskCancelled):
+        running.result(timeout=30)
+    # Finished already: nothing to cancel.
+    done = client.submit("response = 1")
+    assert done.result(timeout=30) == 1
+    assert done.cancel() is False
+    assert done.result() == 1
+    with pytest.raises(FlotillaError) as e:
+        client.cancel(10**9)
+    assert e.value.status == 404
+    # The worker goes on.
+    assert client.submit("response = self.node_id", node=0).result(timeout=30) == 0
+
+
+def test_a_task_timeout_stops_the_task(client: Client):
+    f = client.submit("import time\ntime.sleep(30)", timeout=0.5)
+    with pytest.raises(TaskFailed, match="timed out"):
+        f.result(timeout=30)
+    fs = client.map(square, [3, 4], timeout=5)
+    assert client.gather(fs) == [9, 16]
+    with pytest.raises(FlotillaError, match="timeout") as e:
+        client.submit("response = 1", timeout=-1)
+    assert e.value.status == 400
 
 
 def test_cluster_calls(client: Client):
