@@ -58,7 +58,7 @@ async fn added_nodes_receive_work() {
 /// scheduler's unit tests and the Docker partition test show).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_paused_worker_is_declared_dead_by_heartbeat_and_its_task_runs_elsewhere() {
-    let c = Cluster::start(&native_manifest(&[2, 2], 0.25, 1.5, 3))
+    let c = Cluster::start(&native_manifest(&[2, 2], 0.5, 3.0, 3))
         .await
         .unwrap();
     let nodes = c.nodes().await.unwrap();
