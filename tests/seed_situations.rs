@@ -51,7 +51,7 @@ async fn added_nodes_receive_work() {
     assert_eq!(c.nodes().await.unwrap()[4]["capacity"], 10);
 }
 
-/// S6: a worker that stops answering (SIGSTOP, a hang) is declared dead by
+/// A worker that stops answering (SIGSTOP, a hang) is declared dead by
 /// the heartbeat timeout; its in-flight task runs elsewhere; when it wakes
 /// process is killed before the new incarnation starts, and the task has
 /// exactly one result (a late one would be refused by incarnation, as the
@@ -139,7 +139,7 @@ async fn a_poison_task_fails_after_max_attempts_and_the_cluster_goes_on() {
     assert_eq!(restarts, 3, "{nodes:?}");
 }
 
-/// S2: results, prints, tracebacks and shell exit codes.
+/// Results, prints, tracebacks and shell exit codes.
 #[tokio::test(flavor = "multi_thread")]
 async fn python_and_shell_results_as_in_the_seed() {
     let c = Cluster::start(&seed_manifest(&[2, 2])).await.unwrap();
