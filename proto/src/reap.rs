@@ -67,6 +67,8 @@ pub fn subtree(kids: &HashMap<i32, Vec<&Proc>>, root: i32) -> Vec<i32> {
 }
 
 /// One variable of a process's initial environment (`/proc/PID/environ`).
+/// `None` also for a process caught inside its `execve`, before the kernel
+/// has laid out the new environment.
 #[cfg(target_os = "linux")]
 pub fn env_var(pid: i32, name: &str) -> Option<String> {
     let env = procfs::process::Process::new(pid).ok()?.environ().ok()?;
@@ -134,7 +136,16 @@ mod tests {
         let pid = child.id() as i32;
         assert!(kids[&me].iter().any(|p| p.pid == pid));
         assert_eq!(subtree(&kids, pid), vec![pid]);
-        assert_eq!(env_var(pid, "FLOTILLA_REAP_TEST").as_deref(), Some("here"));
+        // `spawn` returns once the child has begun its `execve`, which can be
+        // a moment before the kernel has laid out the new image's
+        // environment: until then `/proc/PID/environ` reads empty.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen = env_var(pid, "FLOTILLA_REAP_TEST");
+        while seen.is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            seen = env_var(pid, "FLOTILLA_REAP_TEST");
+        }
+        assert_eq!(seen.as_deref(), Some("here"));
         kill_all(&[pid]);
         let status = child.wait().unwrap();
         assert!(!status.success());
