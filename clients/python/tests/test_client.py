@@ -200,14 +200,17 @@ def test_as_completed_and_wait_time_out(client: Client):
 
 
 def test_cancel_a_queued_and_a_running_task(client: Client):
-    # Worker 0 runs one task at a time: the first runs, the second waits.
+    # Each worker runs one task at a time. Worker 1 is kept busy first, so it
+    # cannot steal the task that waits behind worker 0's running one.
+    blocker = client.submit("import time\ntime.sleep(60)", node=1)
     running = client.submit("import time\ntime.sleep(60)\nresponse = 'ran'", node=0)
-    queued = client.submit("response = 'never'", node=0)
     deadline = time.monotonic() + 30
-    while running.state != "running":
-        assert time.monotonic() < deadline, running.view()
+    while running.state != "running" or blocker.state != "running":
+        assert time.monotonic() < deadline, (running.view(), blocker.view())
         time.sleep(0.02)
+    queued = client.submit("response = 'never'", node=0)
     assert queued.cancel() is True
+    assert blocker.cancel() is True
     with pytest.raises(TaskCancelled) as e:
         queued.result(timeout=10)
     assert e.value.task["state"] == "cancelled"
