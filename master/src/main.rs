@@ -214,21 +214,35 @@ async fn run_verb(command: Command) -> ! {
     std::process::exit(code)
 }
 
-/// Logs (and traces, when an OTLP endpoint is set) for this process.
-fn init_telemetry(
-    level: Option<&str>,
-    default: &str,
+/// The logging flags of the command line, shared by this process and the
+/// workers it starts.
+struct LogArgs {
+    level: Option<String>,
     format: LogFormat,
     color: LogColor,
-    otlp: Option<&str>,
-) -> Telemetry {
-    telemetry::init(
-        "flotilla-master",
-        level.unwrap_or(default),
-        format,
-        color,
-        otlp,
-    )
+}
+
+impl LogArgs {
+    /// Logs (and traces, when an OTLP endpoint is set) for this process.
+    fn init_telemetry(&self, default: &str, otlp: Option<&str>) -> Telemetry {
+        telemetry::init(
+            "flotilla-master",
+            self.level.as_deref().unwrap_or(default),
+            self.format,
+            self.color,
+            otlp,
+        )
+    }
+
+    fn worker_env(&self, default: &str, otlp: Option<&str>) -> Vec<(String, String)> {
+        worker_env(
+            self.level.as_deref(),
+            default,
+            self.format,
+            self.color,
+            otlp,
+        )
+    }
 }
 
 /// What the workers take from their master wherever they run, read once
@@ -301,6 +315,11 @@ fn up_state_dir(a: &ServeArgs, spec: &manifest::ClusterSpec) -> Option<PathBuf> 
 async fn main() -> Result<()> {
     flotilla::protect_token();
     let cli = Cli::parse();
+    let logs = LogArgs {
+        level: cli.log_level,
+        format: cli.log_format,
+        color: cli.color,
+    };
     match cli.command {
         Command::Completions { shell } => {
             use clap::CommandFactory;
@@ -323,20 +342,8 @@ async fn main() -> Result<()> {
         | Command::Watch(_)) => run_verb(verb).await,
         Command::Up(args) => {
             let spec = manifest::load_file(&args.file)?;
-            let _telemetry = init_telemetry(
-                cli.log_level.as_deref(),
-                "info",
-                cli.log_format,
-                cli.color,
-                spec.otlp_endpoint.as_deref(),
-            );
-            let workers = worker_env(
-                cli.log_level.as_deref(),
-                "info",
-                cli.log_format,
-                cli.color,
-                spec.otlp_endpoint.as_deref(),
-            );
+            let _telemetry = logs.init_telemetry("info", spec.otlp_endpoint.as_deref());
+            let workers = logs.worker_env("info", spec.otlp_endpoint.as_deref());
             let mut opts = serve_options(&args, workers);
             opts.state_dir = up_state_dir(&args, &spec);
             let master = flotilla::start(&spec, &opts).await?;
@@ -382,20 +389,8 @@ async fn main() -> Result<()> {
             timeout,
         } => {
             let spec = manifest::load_file(&serve.file)?;
-            let _telemetry = init_telemetry(
-                cli.log_level.as_deref(),
-                "warn",
-                cli.log_format,
-                cli.color,
-                spec.otlp_endpoint.as_deref(),
-            );
-            let workers = worker_env(
-                cli.log_level.as_deref(),
-                "warn",
-                cli.log_format,
-                cli.color,
-                spec.otlp_endpoint.as_deref(),
-            );
+            let _telemetry = logs.init_telemetry("warn", spec.otlp_endpoint.as_deref());
+            let workers = logs.worker_env("warn", spec.otlp_endpoint.as_deref());
             let opts = serve_options(&serve, workers);
             let master = flotilla::start(&spec, &opts).await?;
             master.wait_ready(Duration::from_secs(30)).await?;
@@ -418,13 +413,7 @@ async fn main() -> Result<()> {
             json,
             trace,
         } => {
-            let _telemetry = init_telemetry(
-                cli.log_level.as_deref(),
-                "error",
-                cli.log_format,
-                cli.color,
-                None,
-            );
+            let _telemetry = logs.init_telemetry("error", None);
             let sink = if trace {
                 Some(flotilla::bench::start_trace_sink().await?)
             } else {

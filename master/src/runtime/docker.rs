@@ -750,23 +750,29 @@ mod tests {
         assert_eq!(s.memory_bytes, 512 << 20);
     }
 
-    #[test]
-    fn a_container_create_carries_identity_labels_and_limits() {
+    /// A runtime over an engine address nothing answers at: enough to build
+    /// container bodies.
+    fn test_inner(settings: DockerSettings) -> Inner {
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-        let inner = Inner {
+        Inner {
             docker: Docker::connect_with_http(
                 "http://127.0.0.1:1",
                 1,
                 bollard::API_DEFAULT_VERSION,
             )
             .unwrap(),
-            settings: settings(),
+            settings,
             gateway: Some(IpAddr::from([172, 18, 0, 1])),
             engine_cpus: 4,
             containers: Mutex::new(HashMap::new()),
             events: tx,
             stopping: AtomicBool::new(false),
-        };
+        }
+    }
+
+    #[test]
+    fn a_container_create_carries_identity_labels_and_limits() {
+        let inner = test_inner(settings());
         let body = inner.create_body(&WorkerLaunch {
             worker_id: 2,
             incarnation: 3,
@@ -821,23 +827,9 @@ mod tests {
 
     #[test]
     fn a_worker_otlp_endpoint_replaces_the_inherited_one() {
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let mut settings = settings();
         settings.worker_otlp_endpoint = Some("http://collector:4318".into());
-        let inner = Inner {
-            docker: Docker::connect_with_http(
-                "http://127.0.0.1:1",
-                1,
-                bollard::API_DEFAULT_VERSION,
-            )
-            .unwrap(),
-            settings,
-            gateway: Some(IpAddr::from([172, 18, 0, 1])),
-            engine_cpus: 4,
-            containers: Mutex::new(HashMap::new()),
-            events: tx,
-            stopping: AtomicBool::new(false),
-        };
+        let inner = test_inner(settings);
         let body = inner.create_body(&WorkerLaunch {
             worker_id: 0,
             incarnation: 1,
