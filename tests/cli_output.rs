@@ -2,7 +2,6 @@
 //! a file carry no ANSI escape codes (unless `--color always` asks for them),
 //! and `flotilla run` prints a multi-line result as lines.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,15 +28,7 @@ fn up_with_stderr_to_a_file(name: &str, args: &[&str]) -> String {
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let url = read_banner_url(&mut child);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let http = reqwest::Client::new();

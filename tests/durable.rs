@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use flotilla_e2e::{flotilla_fails, fresh_state_dir, temp_file, Cluster};
+use flotilla_e2e::{
+    flotilla_fails, free_port, fresh_state_dir, read_banner_url, temp_file, Cluster,
+};
 use serde_json::{json, Value};
 
 fn manifest(name: &str, capacities: &[usize]) -> String {
@@ -18,14 +20,6 @@ fn manifest(name: &str, capacities: &[usize]) -> String {
     format!(
         "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata:\n  name: {name}\nspec:\n  heartbeat: {{ intervalSeconds: 1, timeoutSeconds: 10 }}\n  workers:\n{workers}  resources:\n    - {{ name: total, type: Integer, initialValue: 0 }}\n"
     )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Follows the completion feed from the start until `want` tasks are in it
@@ -381,7 +375,6 @@ async fn sigkilled_during_heavy_submission_ten_times_nothing_acknowledged_is_los
 /// `flotilla up --ephemeral` with its stderr in a file; returns the child,
 /// its URL and the log path.
 fn up_ephemeral(name: &str, extra: &[&str]) -> (std::process::Child, String, std::path::PathBuf) {
-    use std::io::BufRead;
     let path = temp_file(&format!("{name}.yaml"), &manifest(name, &[1]));
     let log = temp_file(&format!("{name}.log"), "");
     let mut child = std::process::Command::new(flotilla_e2e::bin("flotilla"))
@@ -392,15 +385,7 @@ fn up_ephemeral(name: &str, extra: &[&str]) -> (std::process::Child, String, std
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
+    let url = read_banner_url(&mut child);
     (child, url, log)
 }
 

@@ -9,14 +9,13 @@
 //! kubernetes` binary against the stand-in through a kubeconfig file.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::runtime::kubernetes::{KubernetesRuntime, KubernetesSettings};
 use flotilla::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
 use flotilla_e2e::kube_standin::{describe, KubeApiStandin};
-use flotilla_e2e::{bin, fresh_state_dir, temp_file};
+use flotilla_e2e::{bin, fresh_state_dir, read_banner_url, temp_file};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -420,15 +419,7 @@ impl Master {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start flotilla up");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .unwrap_or_else(|| panic!("flotilla up printed {line:?}"))
-            .to_string();
+        let url = read_banner_url(&mut child);
         Master { child, url }
     }
 

@@ -331,15 +331,6 @@ async fn logs_can_be_json() {
     );
 }
 
-/// A free loopback port (bound, then released for the master to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `--metrics-port`: Prometheus scrapes /metrics without the token there,
 /// while the API (its /metrics included) keeps requiring it, and nothing
 /// else is served on the metrics port.

@@ -132,11 +132,8 @@ impl Cluster {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line)?;
-        let url = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http://"))
-            .ok_or_else(|| anyhow!("flotilla up did not print its address; printed {line:?}"))?
-            .to_string();
+        let url = banner_url(&line)
+            .ok_or_else(|| anyhow!("flotilla up did not print its address; printed {line:?}"))?;
         let cluster = Cluster {
             child,
             client: flotilla_client::Client::new(&url, token.clone())?,
@@ -384,4 +381,31 @@ pub fn fib(n: u64) -> u64 {
         (a, b) = (b, a + b);
     }
     a
+}
+
+/// The address in the first line `flotilla up` prints
+/// ("flotilla master listening on http://...").
+pub fn banner_url(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_string)
+}
+
+/// Reads `flotilla up`'s first line from its stdout and returns the address
+/// in it.
+pub fn read_banner_url(child: &mut std::process::Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout piped"))
+        .read_line(&mut line)
+        .unwrap();
+    banner_url(&line).unwrap_or_else(|| panic!("flotilla up printed no address: {line:?}"))
+}
+
+/// A free loopback port (bound, then released for the master to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
