@@ -55,6 +55,34 @@ async fn master_incarnation(c: &Cluster) -> u64 {
         .unwrap()
 }
 
+/// (worker ID, incarnation, PID) of each worker.
+async fn worker_identities(c: &Cluster) -> Vec<(u64, u64, u64)> {
+    c.nodes()
+        .await
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                n["incarnation"].as_u64().unwrap(),
+                n["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Whether a process is running (not gone, not a zombie).
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().chars().next())
+        })
+        .flatten()
+        .is_some_and(|state| state != 'Z' && state != 'X')
+}
+
 const ADD_ONE: &str = "import time\ntotal = request_write_resource('total')\ntotal.value += 1\nrelease_write_resource('total')\ntime.sleep(0.15)\nresponse = total.value";
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,9 +119,12 @@ async fn a_sigkilled_master_started_again_loses_no_task_and_no_value() {
 
     let before = feed(&first, 40, Duration::from_secs(60)).await;
     assert!(before.len() >= 40, "only {} finished", before.len());
-    let (_, res) = first.get("/resources/total").await.unwrap();
-    let version_before = res["version"].as_u64().unwrap();
+    let workers_before = worker_identities(&first).await;
     first.kill_master(); // SIGKILL, the master only
+                         // Its workers run on, without a master.
+    for (id, _, pid) in &workers_before {
+        assert!(alive(*pid), "worker {id} (pid {pid}) died with its master");
+    }
 
     let second = Cluster::start_with(&text, &args, &[]).await.unwrap();
     assert_eq!(
@@ -124,15 +155,17 @@ async fn a_sigkilled_master_started_again_loses_no_task_and_no_value() {
     assert_eq!(status, 200);
     assert_eq!(got["result"], early["result"]);
 
-    // Every increment committed before the kill survived. The workers did
-    // not survive their master (they are started again), so an attempt
-    // that had published its increment but not yet reported is run again:
-    // at most one extra increment per slot busy at the kill (6 slots).
+    // Exactly once: the workers were adopted, so the attempts that were
+    // running at the kill finished once, and every increment (one write
+    // grant each) counted once.
     let (_, res) = second.get("/resources/total").await.unwrap();
-    let value = res["value"].as_u64().unwrap();
-    let version = res["version"].as_u64().unwrap();
-    assert!((120..=126).contains(&value), "total is {value}");
-    assert!(version >= version_before && version >= value, "{res}");
+    assert_eq!(res["value"], 120, "{res}");
+    assert_eq!(res["version"], 120, "{res}");
+    // No worker was restarted: the same processes, same incarnations.
+    assert_eq!(worker_identities(&second).await, workers_before);
+    for n in second.nodes().await.unwrap() {
+        assert_eq!(n["restarts"], 0, "{n}");
+    }
 
     // IDs go on from where they were: none is handed out again.
     let new_id = second.send_python("response = 1").await.unwrap();

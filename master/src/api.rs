@@ -574,9 +574,12 @@ async fn lock(
                 }
             };
             let grant = cluster
-                .acquire_lock(&req.lease, &req.name, req.mode, wait)
+                .acquire_lock(&req.lease, &req.name, req.mode, wait, req.resend)
                 .await
                 .map_err(lock_error)?;
+            // A grant is answered once it is durable: a master started after
+            // a crash knows the task holds it (its worker is adopted).
+            durable(&cluster).await?;
             Ok(Json(serde_json::to_value(grant).expect("serialisable")))
         }
         LockAction::Release => {
@@ -595,7 +598,7 @@ async fn lock(
                 (_, None) => None,
             };
             let (version, committed) = cluster
-                .release_lock(&req.lease, &req.name, req.mode, publish)
+                .release_lock(&req.lease, &req.name, req.mode, publish, req.resend)
                 .map_err(lock_error)?;
             // A published value is acknowledged once it is durable.
             durable(&cluster).await?;
@@ -957,6 +960,7 @@ async fn register(
     Ok(Json(RegisterReply {
         heartbeat_interval_ms: cluster.cfg.heartbeat_interval.as_millis() as u64,
         capacity,
+        master_grace_ms: Some(cluster.cfg.master_grace.as_millis() as u64),
     }))
 }
 

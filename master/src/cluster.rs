@@ -24,7 +24,8 @@ use crate::metrics::{Metrics, Snapshot};
 use crate::resources::ResourceType;
 use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
 use crate::scheduler::{
-    CancelError, LockCallError, Refusal, Scheduler, SubmitError, TaskState, TaskView, WorkerState,
+    AdoptedWorker, CancelError, LockCallError, Refusal, Scheduler, SubmitError, TaskState,
+    TaskView, WorkerState,
 };
 use crate::store::{Store, StoreError};
 
@@ -51,6 +52,8 @@ pub struct ClusterConfig {
     pub task_timeout: Option<f64>,
     /// `spec.maxWorkers`: `/add` beyond it is refused.
     pub max_workers: usize,
+    /// `spec.masterGraceSeconds`: told to each worker when it registers.
+    pub master_grace: Duration,
 }
 
 /// The default of `spec.maxWorkers`.
@@ -80,6 +83,7 @@ impl Default for ClusterConfig {
             result_ttl: Duration::from_secs(24 * 3600),
             task_timeout: None,
             max_workers: DEFAULT_MAX_WORKERS,
+            master_grace: Duration::from_secs(60),
         }
     }
 }
@@ -129,6 +133,7 @@ impl Cluster {
         let (store, worker_secret, master_incarnation) = match store {
             Some((store, secret, incarnation)) => {
                 sched.keep_journal();
+                sched.set_lease_secret(&secret);
                 (Some(store), secret, incarnation)
             }
             None => (None, random_secret(), crate::scheduler::unix_ms()),
@@ -357,14 +362,76 @@ impl Cluster {
     pub fn restore(
         &self,
         rec: &crate::store::Recovered,
+        adopted: &[AdoptedWorker],
     ) -> Result<(), crate::resources::ResourceError> {
         self.with_state(|s| {
             for r in &rec.resources {
                 s.locks.restore(r)?;
             }
-            s.restore(rec);
+            s.restore(rec, adopted);
             Ok(())
         })
+    }
+
+    /// Startup, before `restore`: asks the runtime to take over each worker
+    /// incarnation the previous master started (the store keeps the
+    /// runtime's handle of each) and that this manifest still has. Returns
+    /// those it found running; then removes what it left and did not adopt
+    /// (see `Runtime::remove_leftovers`).
+    pub async fn adopt_workers(
+        &self,
+        rec: &crate::store::Recovered,
+    ) -> Result<Vec<AdoptedWorker>, RuntimeError> {
+        let count = self.with_state(|s| s.worker_count());
+        let mut adopted = Vec::new();
+        for wr in rec.workers.iter().filter(|w| (w.id as usize) < count) {
+            let Some(key) = wr.handle.clone() else {
+                continue;
+            };
+            let candidate = crate::runtime::Adoptable {
+                worker_id: wr.id,
+                incarnation: wr.incarnation,
+                key,
+            };
+            match self.runtime.adopt(&candidate).await {
+                Ok(Some(h)) => adopted.push(AdoptedWorker {
+                    id: wr.id,
+                    incarnation: wr.incarnation,
+                    locator: h.locator,
+                    handle: h.key,
+                }),
+                Ok(None) => info!(
+                    worker = wr.id,
+                    incarnation = wr.incarnation,
+                    "Node {} of the previous master is gone; it is started again",
+                    wr.id
+                ),
+                Err(e) => {
+                    warn!(worker = wr.id, error = %e, "cannot adopt; the worker is started again")
+                }
+            }
+        }
+        self.runtime.remove_leftovers().await?;
+        Ok(adopted)
+    }
+
+    /// Startup without a store: removes what an earlier master of this
+    /// cluster left (see `Runtime::remove_leftovers`).
+    pub async fn remove_leftovers(&self) -> Result<(), RuntimeError> {
+        self.runtime.remove_leftovers().await
+    }
+
+    /// Keeps the runtime's handle of a worker it just started, for the
+    /// next master to adopt it by.
+    async fn record_handle(&self, id: WorkerId, inc: Incarnation) {
+        if self.store.is_none() {
+            return;
+        }
+        if let Some(h) = self.runtime.inspect(id).await {
+            if h.incarnation == inc {
+                self.with_state(|s| s.set_handle(id, inc, h.key));
+            }
+        }
     }
 
     /// Startup and `/add`: a new worker ID, started by the runtime.
@@ -389,7 +456,9 @@ impl Cluster {
             worker = id,
             capacity, "Node {id} added with capacity {capacity}"
         );
-        self.runtime.start(self.launch(id, inc, capacity)).await
+        self.runtime.start(self.launch(id, inc, capacity)).await?;
+        self.record_handle(id, inc).await;
+        Ok(())
     }
 
     /// `/stop/{node}`: kill it for real, then recover as from any death.
@@ -443,7 +512,10 @@ impl Cluster {
         };
         self.metrics.worker_restarted();
         match self.runtime.start(self.launch(id, inc, capacity)).await {
-            Ok(()) => info!(worker = id, incarnation = inc, "Node {id} restarted"),
+            Ok(()) => {
+                info!(worker = id, incarnation = inc, "Node {id} restarted");
+                self.record_handle(id, inc).await;
+            }
             // The heartbeat monitor declares it dead again and we retry.
             Err(e) => error!(worker = id, error = %e, "restart failed"),
         }
@@ -758,10 +830,11 @@ impl Cluster {
         name: &str,
         mode: LockMode,
         wait: Option<Duration>,
+        resend: bool,
     ) -> Result<LockGrant, LockCallError> {
         let started = Instant::now();
         let (tx, rx) = oneshot::channel();
-        let id = self.with_state(|s| s.lock_acquire(lease, name, mode, tx))?;
+        let id = self.with_state(|s| s.lock_acquire(lease, name, mode, tx, resend))?;
         let (lease_owned, name_owned) = (lease.to_string(), name.to_string());
         let woken = self
             .pending(rx, move |s, granted| {
@@ -789,14 +862,16 @@ impl Cluster {
 
     /// Releases a lock (a write release may publish a value with the
     /// grant's fencing token): the new version and whether it committed.
+    /// `resend`: see `Scheduler::lock_release`.
     pub fn release_lock(
         &self,
         lease: &str,
         name: &str,
         mode: LockMode,
         publish: Option<(Value, u64)>,
+        resend: bool,
     ) -> Result<(u64, bool), LockCallError> {
-        self.with_state(|s| s.lock_release(lease, name, mode, publish))
+        self.with_state(|s| s.lock_release(lease, name, mode, publish, resend))
     }
 
     // ----- the worker protocol ------------------------------------------
@@ -853,6 +928,13 @@ impl Cluster {
             })
             .wait(Some(Instant::now() + self.cfg.poll_hold))
             .await;
+        // The answer waits until the report it carried and the attempt it
+        // hands out are durable: a worker forgets a report once answered,
+        // and must run only attempts a master started after a crash knows
+        // of (it adopts the worker and them). One group commit for all.
+        if let Err(e) = self.durable().await {
+            warn!(error = %e, "answering a worker with changes that are not durable");
+        }
         match woken {
             Woken::Fired(assignment) => Ok(Some(assignment)),
             Woken::TimedOut => Ok(None),
@@ -911,10 +993,25 @@ impl Cluster {
         }
     }
 
+    /// Stops the master and its workers (Ctrl-C, a failed start).
     pub async fn shutdown(&self) {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runtime.shutdown().await;
+        self.close_store().await;
+    }
+
+    /// SIGTERM of a durable master: stops, leaving the workers running for
+    /// the next master (see `Runtime::detach`); what they report meanwhile
+    /// waits in them. Everything appended is committed first.
+    pub async fn leave_workers(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.runtime.detach().await;
+        self.close_store().await;
+    }
+
+    async fn close_store(&self) {
         if let Some(store) = &self.store {
             if let Err(e) = store.flush().await {
                 error!(error = %e, "the last changes could not be stored");

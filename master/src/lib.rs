@@ -108,6 +108,18 @@ impl Master {
 
     pub async fn shutdown(self) {
         self.cluster.shutdown().await;
+        self.stop_serving();
+    }
+
+    /// SIGTERM of a durable master: stops serving and exits, leaving the
+    /// workers running for the next master (`Cluster::leave_workers`).
+    pub async fn leave(self) {
+        self.server.abort();
+        self.cluster.leave_workers().await;
+        self.stop_serving();
+    }
+
+    fn stop_serving(self) {
         self.server.abort();
         if let Some(s) = self.metrics_server {
             s.abort();
@@ -205,6 +217,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         worker_env: opts.worker_env.clone(),
         task_timeout: spec.task_timeout,
         max_workers: spec.max_workers,
+        master_grace: spec.master_grace,
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(
@@ -232,10 +245,22 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     }
     // The manifest's workers, not started yet: the restored tasks sent to
     // a node go back to its queue.
-    let worker_ids = cluster.add_workers_unstarted(&spec.capacities);
+    let mut worker_ids = cluster.add_workers_unstarted(&spec.capacities);
+    // The previous master's workers that still run are taken over (same
+    // ID, incarnation, running attempts and grants); the others start
+    // again below. Without a store there is nothing to adopt, and what an
+    // earlier master left is removed.
+    let adopted = match &durable {
+        Some((_, rec)) => cluster.adopt_workers(rec).await?,
+        None => {
+            cluster.remove_leftovers().await?;
+            Vec::new()
+        }
+    };
+    worker_ids.retain(|id| !adopted.iter().any(|a| a.id == *id));
     if let Some((store, rec)) = &durable {
         cluster
-            .restore(rec)
+            .restore(rec, &adopted)
             .map_err(|e| anyhow::anyhow!("state directory {}: {e}", store.dir().display()))?;
     }
     drop(durable);

@@ -363,7 +363,10 @@ async fn main() -> Result<()> {
                     eprintln!("Ctrl-C: stopping the master and its workers");
                 }
                 (Stop::Terminate, Some(dir)) => {
-                    tracing::info!(unfinished, dir = %dir.display(), "SIGTERM: stopping; the unfinished tasks are kept in the state directory for the next master");
+                    let workers = spec.capacities.len();
+                    tracing::info!(unfinished, workers, dir = %dir.display(), grace_s = spec.master_grace.as_secs_f64(), "SIGTERM: stopping; the unfinished tasks are kept in the state directory and the workers keep running for the next master (each stops by itself after spec.masterGraceSeconds without one)");
+                    master.leave().await;
+                    return Ok(());
                 }
                 (Stop::Terminate, None) => {
                     let drain = Duration::from_secs_f64(args.drain_seconds.max(0.0));

@@ -136,6 +136,10 @@ pub struct ClusterSpec {
     /// `spec.resultTtlSeconds`: how long a finished task's result stays
     /// readable (default 24 h); past it `GET /tasks/{id}` answers 410.
     pub result_ttl: Duration,
+    /// `spec.masterGraceSeconds` (default 60): how long a worker that has
+    /// lost its master keeps running its tasks and retrying, for the next
+    /// master to adopt it; then it stops by itself.
+    pub master_grace: Duration,
     /// `spec.stateDir`: where `flotilla up` keeps the durable state (the
     /// CLI's `--state-dir` wins; default `.flotilla/<name>`).
     pub state_dir: Option<std::path::PathBuf>,
@@ -187,6 +191,7 @@ impl ClusterSpec {
             file_root: None,
             state_dir: None,
             result_ttl: Duration::from_secs(24 * 3600),
+            master_grace: Duration::from_secs(60),
         }
     }
 }
@@ -287,6 +292,8 @@ struct NativeSpec {
     state_dir: Option<String>,
     #[serde(default)]
     result_ttl_seconds: Option<f64>,
+    #[serde(default)]
+    master_grace_seconds: Option<f64>,
     #[serde(default)]
     task_timeout_seconds: Option<f64>,
     #[serde(default)]
@@ -534,6 +541,9 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     if let Some(t) = s.result_ttl_seconds {
         spec.result_ttl = seconds("spec.resultTtlSeconds", t)?;
     }
+    if let Some(t) = s.master_grace_seconds {
+        spec.master_grace = seconds("spec.masterGraceSeconds", t)?;
+    }
     if let Some(d) = s.state_dir {
         if d.trim().is_empty() {
             return Err(
@@ -605,6 +615,12 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
         return Err(format!(
             "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",
             spec.heartbeat_timeout, spec.heartbeat_interval
+        ));
+    }
+    if spec.master_grace < spec.heartbeat_interval * 2 {
+        return Err(format!(
+            "spec.masterGraceSeconds ({:?}) must be at least twice the heartbeat interval ({:?}): a worker that hears nothing from its master for that long stops by itself",
+            spec.master_grace, spec.heartbeat_interval
         ));
     }
     if spec.capacities.len() > spec.max_workers {

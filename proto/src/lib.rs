@@ -168,6 +168,11 @@ pub struct Register {
 pub struct RegisterReply {
     pub heartbeat_interval_ms: u64,
     pub capacity: usize,
+    /// `spec.masterGraceSeconds` in ms: how long the worker goes on without
+    /// reaching a master (running its tasks, retrying) before it stops by
+    /// itself. Absent: 60 s.
+    #[serde(default)]
+    pub master_grace_ms: Option<u64>,
 }
 
 /// `POST /internal/heartbeat`.
@@ -318,6 +323,11 @@ pub struct LockRequest {
     /// Acquire: give up after this many seconds.
     #[serde(default)]
     pub timeout_s: Option<f64>,
+    /// The same call again, after the first got no answer (the master went
+    /// away): if the first was carried out, the master answers as it did
+    /// then (the grant held, the release done) instead of refusing it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resend: bool,
 }
 
 /// The answer to an acquire: the value as of the grant, and for writes the

@@ -81,6 +81,21 @@ pub fn env_var(_pid: i32, _name: &str) -> Option<String> {
     None
 }
 
+/// When a live process started (clock ticks since boot, field 22 of
+/// `/proc/PID/stat`): with its PID, what names it for good, since a PID is
+/// reused once its process is gone. `None` when there is no such process or
+/// it has ended (a zombie).
+#[cfg(target_os = "linux")]
+pub fn start_time(pid: i32) -> Option<u64> {
+    let st = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    (!matches!(st.state, 'Z' | 'X' | 'x')).then_some(st.starttime)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn start_time(_pid: i32) -> Option<u64> {
+    None
+}
+
 /// Makes this process the reaper of its orphaned descendants.
 #[cfg(target_os = "linux")]
 pub fn become_subreaper() -> std::io::Result<()> {
@@ -146,8 +161,11 @@ mod tests {
             seen = env_var(pid, "FLOTILLA_REAP_TEST");
         }
         assert_eq!(seen.as_deref(), Some("here"));
+        let started = start_time(pid).expect("a live child has a start time");
+        assert_eq!(start_time(pid), Some(started), "it does not change");
         kill_all(&[pid]);
         let status = child.wait().unwrap();
         assert!(!status.success());
+        assert_eq!(start_time(pid), None, "gone");
     }
 }

@@ -136,6 +136,33 @@ impl Cleaner {
         }
     }
 
+    /// The worker is stopping by itself (no master within its grace
+    /// period): every process below it is killed (interpreters, shells,
+    /// whatever tasks started, escapees included: the worker is their
+    /// subreaper) and reaped. Returns how many were killed.
+    pub fn kill_everything(&self) -> usize {
+        let me = std::process::id() as i32;
+        let mut killed = std::collections::HashSet::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        // Until nothing is left below: descendants re-parented to the worker
+        // as their parents die are found by the next look.
+        while std::time::Instant::now() < deadline {
+            let procs = reap::snapshot();
+            let kids = reap::children(&procs);
+            let below: Vec<i32> = reap::subtree(&kids, me).into_iter().skip(1).collect();
+            if below.is_empty() {
+                break;
+            }
+            reap::kill_all(&below);
+            killed.extend(below);
+            for child in kids.get(&me).into_iter().flatten() {
+                reap::reap(child.pid);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        killed.len()
+    }
+
     /// One sweep; returns how many processes it killed.
     pub fn sweep(&self) -> usize {
         let me = std::process::id() as i32;

@@ -18,6 +18,9 @@ pub struct LockProxy<'a> {
     pub http: &'a reqwest::Client,
     pub master_url: &'a str,
     pub lease: &'a str,
+    /// The link to the master: a call that cannot reach it is retried
+    /// within the grace period (the master may be restarting).
+    pub link: &'a crate::link::MasterLink,
     /// The task's running span: lock spans are its children.
     pub span: &'a tracing::Span,
     /// "lock held" spans, from grant to release, by resource.
@@ -44,6 +47,7 @@ impl LockProxy<'_> {
             value,
             token,
             timeout_s,
+            resend: false,
         };
         let span = match req.action {
             LockAction::Acquire => {
@@ -56,7 +60,16 @@ impl LockProxy<'_> {
                 info_span!(target: TRACE_TARGET, parent: parent, "lock release", resource = %req.name, lock.mode = %req.mode)
             }
         };
-        let result = send(self.http, self.master_url, &req, traceparent(&span)).await;
+        let link = self.link;
+        let result = send(
+            self.http,
+            self.master_url,
+            req.clone(),
+            traceparent(&span),
+            || link.grace().saturating_sub(link.silent_for()),
+            || link.heard(),
+        )
+        .await;
         drop(span);
         match result {
             Ok(body) => {
@@ -83,20 +96,43 @@ impl LockProxy<'_> {
     }
 }
 
+/// Sends a lock call. A call that gets no answer (the master is away: killed,
+/// restarting) is sent again, marked `resend`, with a growing delay, for as
+/// long as `budget` says there is time left (the worker's grace period);
+/// the master answers a resent call it had already carried out as it did
+/// the first time, so a call is never done twice. `heard` is told of every
+/// answer.
 async fn send(
     http: &reqwest::Client,
     master_url: &str,
-    req: &LockRequest,
+    mut req: LockRequest,
     traceparent: Option<String>,
+    budget: impl Fn() -> std::time::Duration,
+    heard: impl Fn(),
 ) -> Result<Value> {
-    let mut call = http.post(format!("{master_url}{}", routes::LOCK)).json(req);
-    if let Some(tp) = traceparent {
-        call = call.header(TRACEPARENT, tp);
-    }
-    let resp = call
-        .send()
-        .await
-        .context("cannot reach the master for a lock call")?;
+    let mut delay = std::time::Duration::from_millis(50);
+    let resp = loop {
+        let mut call = http
+            .post(format!("{master_url}{}", routes::LOCK))
+            .json(&req);
+        if let Some(tp) = &traceparent {
+            call = call.header(TRACEPARENT, tp);
+        }
+        match call.send().await {
+            Ok(resp) => break resp,
+            Err(e) => {
+                let left = budget();
+                if left.is_zero() {
+                    return Err(e).context("cannot reach the master for a lock call");
+                }
+                tracing::warn!(error = %e, resource = %req.name, "lock call: cannot reach the master; retrying");
+                tokio::time::sleep(delay.min(left)).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                req.resend = true;
+            }
+        }
+    };
+    heard();
     let status = resp.status();
     let body: Value = resp.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -140,6 +176,7 @@ pub async fn cli(args: &[String]) -> Result<()> {
         value: None,
         token: None,
         timeout_s: None,
+        resend: false,
     };
     let mut rest = args[3..].iter();
     while let Some(flag) = rest.next() {
@@ -170,11 +207,20 @@ pub async fn cli(args: &[String]) -> Result<()> {
     }
     let url =
         std::env::var(flotilla_proto::env::LOCK_URL).context("FLOTILLA_LOCK_URL is not set")?;
+    // As long as the worker would wait for a master that is away.
+    let grace = std::env::var(crate::link::GRACE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(std::time::Duration::from_millis)
+        .unwrap_or(crate::link::DEFAULT_GRACE);
+    let until = std::time::Instant::now() + grace;
     let body = send(
         &reqwest::Client::new(),
         url.trim_end_matches('/'),
-        &req,
+        req,
         None,
+        || until.saturating_duration_since(std::time::Instant::now()),
+        || {},
     )
     .await?;
     println!("{body}");

@@ -7,9 +7,17 @@
 //! receives the next one. Queues live in the master; a worker holds at most
 //! one task per slot, so a dead worker can lose nothing the master does not
 //! already know about.
+//!
+//! A worker outlives its master: when the master cannot be reached it keeps
+//! running its tasks, keeps their reports and lock calls and sends them
+//! again with a growing delay; the next master adopts it (refusing its
+//! first poll until it registers again, which it then does). After the
+//! grace period (`spec.masterGraceSeconds`) without any answer it kills
+//! everything it started and exits.
 
 mod cleanup;
 mod limits;
+mod link;
 mod locks;
 mod python;
 mod shell;
@@ -117,6 +125,8 @@ struct Worker {
     /// Attempts the master told this worker to stop (the most recent ones);
     /// each slot watches for its own.
     stops: watch::Sender<Vec<StopAttempt>>,
+    /// When the master last answered, and the grace period.
+    link: link::MasterLink,
 }
 
 /// How many recent stop orders are remembered (an order may arrive before
@@ -144,6 +154,11 @@ enum Verdict {
     /// The master knows a newer incarnation of this worker ID: this process
     /// is a zombie (it was declared dead) and must exit.
     Superseded,
+    /// The master does not want this worker any more (it has no such
+    /// worker, or refuses to register it again): it must exit.
+    Refused(String),
+    /// No master answered for the whole grace period.
+    Orphaned,
 }
 
 impl Worker {
@@ -156,12 +171,78 @@ impl Worker {
         route: &str,
         body: &T,
     ) -> reqwest::Result<reqwest::Response> {
-        self.http
+        let resp = self
+            .http
             .post(self.url(route))
             .bearer_auth(&self.cfg.secret)
             .json(body)
             .send()
-            .await
+            .await?;
+        self.link.heard();
+        Ok(resp)
+    }
+
+    /// Registers again with a master that does not know this incarnation
+    /// as registered: a new master that adopted it. `Err`: the worker must
+    /// exit.
+    async fn register_again(&self) -> Result<(), Verdict> {
+        let body = Register {
+            worker_id: self.cfg.worker_id,
+            incarnation: self.cfg.incarnation,
+            slots: self.cfg.slots,
+            pid: std::process::id(),
+        };
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self.post(routes::REGISTER, &body).await {
+                Ok(resp) if resp.status().is_success() => {
+                    if let Ok(reply) = resp.json::<RegisterReply>().await {
+                        self.adopt_settings(&reply);
+                    }
+                    info!(
+                        worker = self.cfg.worker_id,
+                        incarnation = self.cfg.incarnation,
+                        "registered again with a new master"
+                    );
+                    return Ok(());
+                }
+                Ok(resp) if resp.status() == StatusCode::CONFLICT => {
+                    return Err(Verdict::Superseded)
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    return Err(Verdict::Refused(format!(
+                        "the master refused to register this worker again ({status}): {text}"
+                    )));
+                }
+                Err(e) => {
+                    if self.link.lost() {
+                        return Err(Verdict::Orphaned);
+                    }
+                    debug!(error = %e, "master not reachable to register again");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// What a master says at registration.
+    fn adopt_settings(&self, reply: &RegisterReply) {
+        if let Some(ms) = reply.master_grace_ms {
+            self.link.set_grace(Duration::from_millis(ms));
+        }
+    }
+
+    /// Ends the worker when no master has answered for the grace period.
+    async fn watchdog(self: Arc<Self>) -> Verdict {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if self.link.lost() {
+                return Verdict::Orphaned;
+            }
+        }
     }
 
     async fn register(&self) -> Result<RegisterReply> {
@@ -203,6 +284,9 @@ impl Worker {
             tick.tick().await;
             match self.post(routes::HEARTBEAT, &body).await {
                 Ok(resp) if resp.status() == StatusCode::CONFLICT => return Verdict::Superseded,
+                Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                    return Verdict::Refused(resp.text().await.unwrap_or_default())
+                }
                 Ok(resp) if !resp.status().is_success() => {
                     warn!(status = %resp.status(), "heartbeat refused")
                 }
@@ -350,13 +434,16 @@ impl Worker {
             let resp = match call.send().await {
                 Ok(resp) => resp,
                 Err(e) => {
-                    // Keep the report: it is delivered with the next poll.
+                    // Keep the report: it is delivered with the next poll,
+                    // to this master or the next one (the watchdog ends the
+                    // worker after the grace period).
                     warn!(error = %e, slot, "cannot reach the master; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
             };
+            self.link.heard();
             backoff = Duration::from_millis(50);
             match resp.status() {
                 StatusCode::OK => {
@@ -418,6 +505,16 @@ impl Worker {
                     replaced = false;
                 }
                 StatusCode::CONFLICT => return Verdict::Superseded,
+                // A new master adopted this worker: register again, then
+                // poll again with the same report.
+                StatusCode::PRECONDITION_REQUIRED => {
+                    if let Err(verdict) = self.register_again().await {
+                        return verdict;
+                    }
+                }
+                StatusCode::NOT_FOUND => {
+                    return Verdict::Refused(resp.text().await.unwrap_or_default())
+                }
                 status => {
                     let text = resp.text().await.unwrap_or_default();
                     let text: String = text.chars().take(500).collect();
@@ -515,6 +612,7 @@ impl Worker {
             http: &self.http,
             master_url: &self.cfg.master_url,
             lease: &a.lease,
+            link: &self.link,
             span,
             held: Default::default(),
         };
@@ -529,6 +627,10 @@ impl Worker {
                     (cleanup::TAG_ENV, tag.to_string()),
                     (env::WORKER_ID, self.cfg.worker_id.to_string()),
                     ("PATH", self.task_path.clone()),
+                    (
+                        link::GRACE_ENV,
+                        (self.link.grace().as_millis() as u64).to_string(),
+                    ),
                 ];
                 shell::run(&a.spec.command, &env, limits, &self.cleaner, slot).await
             }
@@ -635,6 +737,7 @@ async fn main() -> Result<()> {
         cleaner: cleaner.clone(),
         standby: Default::default(),
         stops: watch::channel(Vec::new()).0,
+        link: link::MasterLink::default(),
     });
     tokio::spawn(cleaner.run());
     // Warm (all interpreters at once) before registering: an active worker
@@ -655,6 +758,7 @@ async fn main() -> Result<()> {
     let interpreters = warm.await;
     worker.warm_standby();
     let reply = worker.register().await?;
+    worker.adopt_settings(&reply);
     let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
     info!(
         worker = id,
@@ -672,6 +776,7 @@ async fn main() -> Result<()> {
             .heartbeats(Duration::from_millis(reply.heartbeat_interval_ms)),
     );
     tasks.spawn(worker.clone().control());
+    tasks.spawn(worker.clone().watchdog());
     for (slot, interpreter) in interpreters.into_iter().enumerate() {
         tasks.spawn(worker.clone().slot(slot as u32, interpreter));
     }
@@ -682,6 +787,27 @@ async fn main() -> Result<()> {
                 incarnation = inc,
                 "the master has replaced this incarnation; exiting"
             );
+            std::process::exit(0)
+        }
+        Some(Ok(Verdict::Refused(why))) => {
+            warn!(worker = id, incarnation = inc, %why, "the master does not want this worker any more; exiting");
+            let cleaner = worker.cleaner.clone();
+            let _ = tokio::task::spawn_blocking(move || cleaner.kill_everything()).await;
+            std::process::exit(0)
+        }
+        Some(Ok(Verdict::Orphaned)) => {
+            let grace = worker.link.grace().as_secs_f64();
+            warn!(
+                worker = id,
+                incarnation = inc,
+                grace_s = grace,
+                "no master for {grace} s (spec.masterGraceSeconds): stopping this worker and its tasks"
+            );
+            let cleaner = worker.cleaner.clone();
+            let killed = tokio::task::spawn_blocking(move || cleaner.kill_everything())
+                .await
+                .unwrap_or(0);
+            info!(worker = id, killed, "worker stopped by itself");
             std::process::exit(0)
         }
         Some(Err(e)) => bail!("worker loop failed: {e}"),

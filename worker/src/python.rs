@@ -322,6 +322,8 @@ mod tests {
         http: reqwest::Client,
         span: tracing::Span,
         limits: Limits,
+        /// No master here: lock calls are not retried.
+        link: crate::link::MasterLink,
     }
 
     impl Fixture {
@@ -331,6 +333,11 @@ mod tests {
                 http: reqwest::Client::new(),
                 span: tracing::Span::none(),
                 limits,
+                link: {
+                    let link = crate::link::MasterLink::default();
+                    link.set_grace(std::time::Duration::from_millis(1));
+                    link
+                },
             }
         }
 
@@ -349,6 +356,7 @@ mod tests {
                 http: &self.http,
                 master_url: "http://127.0.0.1:9",
                 lease: "none",
+                link: &self.link,
                 span: &self.span,
                 held: Default::default(),
             };

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::{ResourceError, ResourceType};
+use crate::store::{GrantRecord, Op};
 
 pub use flotilla_proto::api::{Holder, Owner, ResourceView};
 
@@ -95,6 +96,35 @@ pub struct LockTable {
     revoked: HashMap<(String, u64), Owner>,
     /// Resources whose value or version changed since [`LockTable::take_changed`].
     changed: std::collections::BTreeSet<String>,
+    /// Grants made and ended since [`LockTable::take_grant_ops`], in order,
+    /// when the durable store keeps them (`None`: it does not).
+    grant_log: Option<Vec<Op>>,
+}
+
+/// A grant made (`Some` owner) or ended, for the durable store.
+fn log_grant(
+    log: &mut Option<Vec<Op>>,
+    name: &str,
+    id: RequestId,
+    made: Option<(LockMode, Owner, u64)>,
+) {
+    let Some(log) = log.as_mut() else { return };
+    log.push(match made {
+        Some((mode, o, token)) => Op::Grant(GrantRecord {
+            resource: name.to_string(),
+            request: id,
+            mode: mode.to_string(),
+            token,
+            worker: o.worker,
+            incarnation: o.incarnation,
+            task: o.task,
+            attempt: o.attempt,
+        }),
+        None => Op::Ungrant {
+            resource: name.to_string(),
+            request: id,
+        },
+    });
 }
 
 impl LockTable {
@@ -173,7 +203,7 @@ impl LockTable {
             owner,
             tx,
         });
-        if Self::pump(name, r) {
+        if Self::pump(name, r, &mut self.grant_log) {
             self.changed.insert(name.to_string());
         }
         Ok(id)
@@ -183,7 +213,7 @@ impl LockTable {
     /// Returns true when it made a write grant: that bumped the version
     /// (the fencing token), which the durable store must keep.
     #[must_use]
-    fn pump(name: &str, r: &mut Resource) -> bool {
+    fn pump(name: &str, r: &mut Resource, log: &mut Option<Vec<Op>>) -> bool {
         let mut wrote = false;
         while let Some(head) = r.queue.front() {
             let grantable = match head.mode {
@@ -218,6 +248,7 @@ impl LockTable {
                     r.readers.insert(w.id, w.owner);
                 }
             }
+            log_grant(log, name, w.id, Some((w.mode, w.owner, token)));
             info!(resource = name, mode = %w.mode, worker = w.owner.worker, task = w.owner.task, token, "Node {} has acquired {} access to resource {name}", w.owner.worker, w.mode);
         }
         wrote
@@ -235,15 +266,17 @@ impl LockTable {
         if granted.is_some() {
             if r.readers.get(&id) == Some(&owner) {
                 r.readers.remove(&id);
+                log_grant(&mut self.grant_log, name, id, None);
             }
             if r.writer
                 .as_ref()
                 .is_some_and(|(wid, o, _)| *wid == id && *o == owner)
             {
                 r.writer = None;
+                log_grant(&mut self.grant_log, name, id, None);
             }
         }
-        if Self::pump(name, r) {
+        if Self::pump(name, r, &mut self.grant_log) {
             self.changed.insert(name.to_string());
         }
     }
@@ -277,6 +310,7 @@ impl LockTable {
                     });
                 };
                 r.readers.remove(&id);
+                log_grant(&mut self.grant_log, name, id, None);
             }
             LockMode::Write => {
                 let live = r.writer.filter(|(_, o, _)| *o == owner);
@@ -311,12 +345,14 @@ impl LockTable {
                         mode,
                     });
                 }
-                r.writer = None;
+                if let Some((id, _, _)) = r.writer.take() {
+                    log_grant(&mut self.grant_log, name, id, None);
+                }
             }
         }
         info!(resource = name, %mode, worker = owner.worker, task = owner.task, committed, "Node {} has released {mode} access to resource {name}", owner.worker);
         let version = r.version;
-        let wrote = Self::pump(name, r);
+        let wrote = Self::pump(name, r, &mut self.grant_log);
         if wrote || committed {
             self.changed.insert(name.to_string());
         }
@@ -339,10 +375,20 @@ impl LockTable {
     fn release_where(&mut self, pred: impl Fn(&Owner) -> bool, revoke: bool) {
         for (name, r) in self.resources.iter_mut() {
             let before = r.readers.len() + r.writer.is_some() as usize + r.queue.len();
-            r.readers.retain(|_, o| !pred(o));
-            if let Some((_, o, token)) = r.writer {
+            let gone: Vec<RequestId> = r
+                .readers
+                .iter()
+                .filter(|(_, o)| pred(o))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in gone {
+                r.readers.remove(&id);
+                log_grant(&mut self.grant_log, name, id, None);
+            }
+            if let Some((id, o, token)) = r.writer {
                 if pred(&o) {
                     r.writer = None;
+                    log_grant(&mut self.grant_log, name, id, None);
                     if revoke {
                         self.revoked.insert((name.clone(), token), o);
                     }
@@ -353,7 +399,7 @@ impl LockTable {
             let after = r.readers.len() + r.writer.is_some() as usize + r.queue.len();
             if after != before {
                 info!(resource = %name, "Releasing resources held by a {} task", if revoke { "dead worker's" } else { "finished" });
-                if Self::pump(name, r) {
+                if Self::pump(name, r, &mut self.grant_log) {
                     self.changed.insert(name.clone());
                 }
             }
@@ -375,6 +421,126 @@ impl LockTable {
                 })
             })
             .collect()
+    }
+
+    /// `owner`'s live grant of `mode` on `name`, if it holds one: its
+    /// request ID and the grant as it was made (a resent acquire is
+    /// answered with it).
+    pub fn held(&self, name: &str, mode: LockMode, owner: Owner) -> Option<(RequestId, LockGrant)> {
+        let r = self.resources.get(name)?;
+        let (id, token) = match mode {
+            LockMode::Write => r
+                .writer
+                .filter(|(_, o, _)| *o == owner)
+                .map(|(id, _, token)| (id, token))?,
+            LockMode::Read => r
+                .readers
+                .iter()
+                .find(|(_, o)| **o == owner)
+                .map(|(&id, _)| (id, r.version))?,
+        };
+        Some((
+            id,
+            LockGrant {
+                name: name.to_string(),
+                kind: r.kind.name().to_string(),
+                mode,
+                value: r.value.clone(),
+                token,
+            },
+        ))
+    }
+
+    /// A resent release that now finds nothing to release: whether the
+    /// first one was carried out. `owner` holds no such lock any more, and
+    /// for a publishing write release the resource is still at the grant's
+    /// version (no write grant since) with the very value it published.
+    /// `Some((version, committed))` as the first answer was; `None`: it was
+    /// not (the resend is refused as any release would be).
+    pub fn already_released(
+        &self,
+        name: &str,
+        mode: LockMode,
+        owner: Owner,
+        publish: Option<&(Value, u64)>,
+    ) -> Option<(u64, bool)> {
+        let r = self.resources.get(name)?;
+        if self.held(name, mode, owner).is_some() {
+            return None;
+        }
+        match publish {
+            None => Some((r.version, false)),
+            Some((value, token)) => {
+                let same = r.kind.check(value.clone()).ok().as_ref() == Some(&r.value);
+                (*token == r.version && r.writer.is_none() && same).then_some((r.version, true))
+            }
+        }
+    }
+
+    /// From now on grants made and ended are kept for the durable store.
+    pub fn keep_grant_log(&mut self) {
+        self.grant_log.get_or_insert_with(Vec::new);
+    }
+
+    /// The grants made and ended since the last call, in order, as store
+    /// operations.
+    pub fn take_grant_ops(&mut self) -> Vec<Op> {
+        self.grant_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Request IDs from here on are new (above those a previous master on
+    /// the same store handed out).
+    pub fn skip_request_ids(&mut self, past: RequestId) {
+        self.next_id = self.next_id.max(past + 1);
+    }
+
+    /// A grant the store kept, of an attempt that runs on (its worker was
+    /// adopted): held again, as it was. Refused (false) when the resource is
+    /// gone, the grant conflicts with one already held, or a write grant's
+    /// token is not the resource's version (a later write grant was made).
+    pub fn restore_grant(&mut self, g: &GrantRecord) -> bool {
+        let Some(r) = self.resources.get_mut(&g.resource) else {
+            return false;
+        };
+        let owner = Owner {
+            worker: g.worker,
+            incarnation: g.incarnation,
+            task: g.task,
+            attempt: g.attempt,
+        };
+        self.next_id = self.next_id.max(g.request + 1);
+        match g.mode.as_str() {
+            "write" if r.writer.is_none() && r.readers.is_empty() && g.token == r.version => {
+                r.writer = Some((g.request, owner, g.token));
+                true
+            }
+            "read" if r.writer.is_none() => {
+                r.readers.insert(g.request, owner);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A grant the store kept whose attempt does not run on: ended, and a
+    /// write grant's token remembered as revoked (a late write-back with it
+    /// is refused, naming it).
+    pub fn forget_grant(&mut self, g: &GrantRecord) {
+        log_grant(&mut self.grant_log, &g.resource, g.request, None);
+        if g.mode == "write" {
+            self.revoked.insert(
+                (g.resource.clone(), g.token),
+                Owner {
+                    worker: g.worker,
+                    incarnation: g.incarnation,
+                    task: g.task,
+                    attempt: g.attempt,
+                },
+            );
+        }
     }
 
     /// A resource as the store kept it: created if the manifest did not

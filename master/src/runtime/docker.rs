@@ -682,6 +682,7 @@ impl Runtime for DockerRuntime {
                 self.inner.settings.container_name(worker),
                 &t.container_id[..12.min(t.container_id.len())]
             ),
+            key: Some(t.container_id.clone()),
         })
     }
 

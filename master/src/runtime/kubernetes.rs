@@ -788,6 +788,7 @@ impl Runtime for KubernetesRuntime {
                 inner.namespace,
                 inner.settings.pod_name(worker)
             ),
+            key: t.uid.clone(),
         })
     }
 

@@ -157,6 +157,22 @@ pub struct WorkerHandle {
     pub incarnation: Incarnation,
     /// A process ID, a container ID...
     pub locator: String,
+    /// What names this very incarnation for good, so that a later master
+    /// can find it again ([`Runtime::adopt`]): for a process its PID and
+    /// start time (a PID alone may be reused), for a container its ID, for
+    /// a pod its UID. The master keeps it in its store. `None`: the runtime
+    /// cannot adopt.
+    pub key: Option<String>,
+}
+
+/// A worker incarnation an earlier master started, as the store remembers
+/// it: what [`Runtime::adopt`] looks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adoptable {
+    pub worker_id: WorkerId,
+    pub incarnation: Incarnation,
+    /// [`WorkerHandle::key`] as that master's runtime reported it.
+    pub key: String,
 }
 
 #[async_trait]
@@ -180,8 +196,39 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> Result<WorkerEndpoint, RuntimeError> {
         Ok(WorkerEndpoint::Url(advertised.unwrap_or(api).to_string()))
     }
-    /// Kills every worker this runtime started (master shutdown).
+    /// Kills every worker this runtime started or adopted (master shutdown:
+    /// Ctrl-C, `flotilla down`).
     async fn shutdown(&self);
+
+    /// Master restart: takes over the worker incarnation an earlier master
+    /// started, if it is still running and is that very incarnation (its
+    /// [`Adoptable::key`] matches). From then on it is this runtime's as if
+    /// it had started it: `inspect` reports it, `kill` and `shutdown` end
+    /// it, and its death is sent as a [`RuntimeEvent::Exited`]. Nothing is
+    /// restarted or recreated. `Ok(None)`: it is gone (or something else
+    /// has its PID or name); the master then starts that worker afresh, as
+    /// the next incarnation, under the same ID. Called at start, before any
+    /// `start` and before [`Runtime::remove_leftovers`]. The default adopts
+    /// nothing.
+    async fn adopt(&self, worker: &Adoptable) -> Result<Option<WorkerHandle>, RuntimeError> {
+        let _ = worker;
+        Ok(None)
+    }
+
+    /// Called once at start, after every `adopt`: removes what an earlier
+    /// master of this cluster left and was not adopted (containers, pods),
+    /// so that names are free for `start`. The default has nothing to do (a
+    /// process worker that was not adopted is refused as stale by the
+    /// master, or exits after its grace period, by itself).
+    async fn remove_leftovers(&self) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+
+    /// Master SIGTERM: leaves every worker running for the next master to
+    /// adopt (they stop by themselves after `spec.masterGraceSeconds`
+    /// without a master). The runtime stops watching them; nothing is
+    /// killed or removed. The default does nothing.
+    async fn detach(&self) {}
 }
 
 #[cfg(test)]

@@ -1,7 +1,13 @@
-//! The embedded default: each worker is a child process of the master
-//! (`flotilla-worker`), in its own process group so that a kill takes its
-//! Python interpreters with it. A child's exit is noticed at once through
-//! `wait`, and reported as a [`RuntimeEvent::Exited`].
+//! The embedded default: each worker is a process (`flotilla-worker`)
+//! started by the master, in a session and process group of its own so that
+//! a kill takes its Python interpreters with it, and so that it does not die
+//! with the master (no `PDEATHSIG`, no shared terminal session): a master
+//! that is SIGKILLed or SIGTERMed leaves its workers running, and the next
+//! master on the same state directory adopts them ([`Runtime::adopt`]) by
+//! PID and start time. A worker without a master stops by itself after its
+//! grace period. A child's exit is noticed at once through `wait`; an
+//! adopted worker (no longer our child) is watched through `/proc`. Either
+//! way its death is reported as a [`RuntimeEvent::Exited`].
 //!
 //! The master is a child subreaper: what a dead worker's tasks left running
 //! (processes in their own session, out of reach of the group kill) is
@@ -21,7 +27,7 @@ use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
-use super::{Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+use super::{Adoptable, Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
 
 /// The worker processes alive in this process, whichever runtime started
 /// them (tests run several masters in one process): the sweep spares them.
@@ -88,9 +94,45 @@ pub struct ProcessRuntime {
     /// (RLIMIT_DATA, inherited); beyond it allocations fail (`MemoryError`
     /// in Python). Per process, not a total as a container's limit is.
     memory_limit: Option<u64>,
-    children: Mutex<HashMap<WorkerId, (Incarnation, u32)>>,
+    /// The workers this runtime runs (started or adopted): incarnation,
+    /// PID, start time.
+    children: Mutex<HashMap<WorkerId, Tracked>>,
     events: UnboundedSender<RuntimeEvent>,
+    /// Set by `detach`: deaths are no longer reported.
+    detached: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tracked {
+    incarnation: Incarnation,
+    pid: u32,
+    /// Clock ticks since boot (`/proc/PID/stat`); 0 when it could not be read.
+    started: u64,
+}
+
+/// `pid:<PID>:start:<ticks>`, the key an adoption looks for.
+fn key_of(t: &Tracked) -> Option<String> {
+    (t.started != 0).then(|| format!("pid:{}:start:{}", t.pid, t.started))
+}
+
+fn parse_key(key: &str) -> Option<(u32, u64)> {
+    let mut parts = key.split(':');
+    match (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) {
+        (Some("pid"), Some(pid), Some("start"), Some(started), None) => {
+            Some((pid.parse().ok()?, started.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// How often an adopted worker (not our child: no `wait`) is looked at.
+const ADOPTED_WATCH: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Where `flotilla-worker` is: `FLOTILLA_WORKER_BIN`, else beside the
 /// running executable, else on `PATH`.
@@ -125,6 +167,7 @@ impl ProcessRuntime {
             memory_limit: None,
             children: Mutex::new(HashMap::new()),
             events,
+            detached: Default::default(),
         }
     }
 }
@@ -148,12 +191,16 @@ impl Runtime for ProcessRuntime {
             .env(env::SLOTS, launch.slots.to_string())
             .envs(launch.inherited_env.iter().map(|(k, v)| (k, v)))
             // The credential goes on stdin, never in the environment.
-            .stdin(Stdio::piped())
-            .process_group(0);
+            .stdin(Stdio::piped());
         #[cfg(target_os = "linux")]
         unsafe {
-            // A worker must not outlive its master.
+            // A session (and process group) of its own: a kill of the group
+            // takes its interpreters, and neither a Ctrl-C in the master's
+            // terminal nor the master's death reaches it. It outlives its
+            // master on purpose: the next master adopts it, or it stops by
+            // itself after its grace period.
             cmd.pre_exec(move || {
+                nix::unistd::setsid().map_err(std::io::Error::from)?;
                 if let Some(bytes) = memory_limit {
                     nix::sys::resource::setrlimit(
                         nix::sys::resource::Resource::RLIMIT_DATA,
@@ -162,7 +209,7 @@ impl Runtime for ProcessRuntime {
                     )
                     .map_err(std::io::Error::from)?;
                 }
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+                Ok(())
             });
         }
         let mut child = {
@@ -189,11 +236,17 @@ impl Runtime for ProcessRuntime {
             pid,
             "started worker process"
         );
-        self.children
-            .lock()
-            .expect("children lock")
-            .insert(launch.worker_id, (launch.incarnation, pid));
+        let started = flotilla_proto::reap::start_time(pid as i32).unwrap_or(0);
+        self.children.lock().expect("children lock").insert(
+            launch.worker_id,
+            Tracked {
+                incarnation: launch.incarnation,
+                pid,
+                started,
+            },
+        );
         let events = self.events.clone();
+        let detached = self.detached.clone();
         let (worker_id, incarnation) = (launch.worker_id, launch.incarnation);
         tokio::spawn(async move {
             let detail = match child.wait().await {
@@ -209,6 +262,9 @@ impl Runtime for ProcessRuntime {
             let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
             tokio::spawn(sweep_after_death());
             debug!(worker = worker_id, incarnation, %detail, "worker process ended");
+            if detached.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
             let _ = events.send(RuntimeEvent::Exited {
                 worker_id,
                 incarnation,
@@ -220,7 +276,11 @@ impl Runtime for ProcessRuntime {
 
     async fn kill(&self, worker: WorkerId) -> Result<(), RuntimeError> {
         let entry = self.children.lock().expect("children lock").remove(&worker);
-        if let Some((_, pid)) = entry {
+        if let Some(Tracked { pid, started, .. }) = entry {
+            // An adopted worker's PID may have been reused since it ended.
+            if started != 0 && flotilla_proto::reap::start_time(pid as i32) != Some(started) {
+                return Ok(());
+            }
             match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
                 Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
                 Err(e) => {
@@ -236,12 +296,76 @@ impl Runtime for ProcessRuntime {
 
     async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle> {
         let children = self.children.lock().expect("children lock");
-        children
-            .get(&worker)
-            .map(|&(incarnation, pid)| WorkerHandle {
+        children.get(&worker).map(|t| WorkerHandle {
+            incarnation: t.incarnation,
+            locator: format!("pid {}", t.pid),
+            key: key_of(t),
+        })
+    }
+
+    async fn adopt(&self, worker: &Adoptable) -> Result<Option<WorkerHandle>, RuntimeError> {
+        let Some((pid, started)) = parse_key(&worker.key) else {
+            return Ok(None);
+        };
+        // The same PID started at the same tick is the same process.
+        if flotilla_proto::reap::start_time(pid as i32) != Some(started) {
+            return Ok(None);
+        }
+        let tracked = Tracked {
+            incarnation: worker.incarnation,
+            pid,
+            started,
+        };
+        self.children
+            .lock()
+            .expect("children lock")
+            .insert(worker.worker_id, tracked);
+        info!(
+            worker = worker.worker_id,
+            incarnation = worker.incarnation,
+            pid,
+            "adopted a running worker process"
+        );
+        let events = self.events.clone();
+        let detached = self.detached.clone();
+        let (worker_id, incarnation) = (worker.worker_id, worker.incarnation);
+        tokio::spawn(async move {
+            // Not our child: no `wait`; it is gone when its PID no longer
+            // names the process that started at that tick.
+            while flotilla_proto::reap::start_time(pid as i32) == Some(started) {
+                tokio::time::sleep(ADOPTED_WATCH).await;
+            }
+            let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            if detached.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            debug!(
+                worker = worker_id,
+                incarnation, "adopted worker process ended"
+            );
+            let _ = events.send(RuntimeEvent::Exited {
+                worker_id,
                 incarnation,
-                locator: format!("pid {pid}"),
-            })
+                detail: format!("process {pid} (adopted) ended"),
+            });
+        });
+        Ok(Some(WorkerHandle {
+            incarnation: worker.incarnation,
+            locator: format!("pid {pid}"),
+            key: key_of(&tracked),
+        }))
+    }
+
+    async fn detach(&self) {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let left = self.children.lock().expect("children lock").len();
+        if left > 0 {
+            info!(
+                workers = left,
+                "leaving the worker processes running for the next master"
+            );
+        }
     }
 
     async fn shutdown(&self) {
@@ -251,8 +375,11 @@ impl Runtime for ProcessRuntime {
             .expect("children lock")
             .drain()
             .collect();
-        for (_, (_, pid)) in &all {
-            let _ = killpg(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        for (_, t) in &all {
+            if t.started != 0 && flotilla_proto::reap::start_time(t.pid as i32) != Some(t.started) {
+                continue; // gone already; the PID may be another process's now
+            }
+            let _ = killpg(Pid::from_raw(t.pid as i32), Signal::SIGKILL);
         }
         if !all.is_empty() {
             // What the workers and their tasks started is re-parented here

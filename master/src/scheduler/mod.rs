@@ -62,6 +62,21 @@ pub struct Worker {
     /// How many slots (tasks at once) it registered with; polls name one
     /// of 0..slots.
     pub slots: u32,
+    /// What names this incarnation for good in its runtime (PID and start
+    /// time, container ID, pod UID), kept in the store so that the next
+    /// master can adopt it.
+    pub handle: Option<String>,
+}
+
+/// A worker incarnation the previous master started that this master's
+/// runtime found running and took over: it keeps its ID, incarnation and
+/// restart count, and the attempts it was running run on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdoptedWorker {
+    pub id: WorkerId,
+    pub incarnation: Incarnation,
+    pub locator: String,
+    pub handle: Option<String>,
 }
 
 impl Worker {
@@ -165,6 +180,8 @@ pub struct Scheduler {
     /// The changes the durable store must keep, in order (`None`: the
     /// state is ephemeral). The owner drains it after every transition.
     journal: Option<Vec<Op>>,
+    /// The key attempt leases are derived from (see [`Scheduler::lease`]).
+    lease_key: ring::hmac::Key,
 }
 
 /// Appends a store operation when the state is durable; the operation is
@@ -222,8 +239,29 @@ pub enum LockCallError {
     Dropped { name: String, mode: LockMode },
 }
 
-fn new_lease() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// The lease of one attempt: an HMAC of (task, attempt, worker,
+/// incarnation) under the lease key. Task code gets only its own (the key
+/// never leaves the master), and no other attempt's can be computed from it.
+fn derive_lease(
+    key: &ring::hmac::Key,
+    task: TaskId,
+    attempt: Attempt,
+    worker: WorkerId,
+    incarnation: Incarnation,
+) -> String {
+    let tag = ring::hmac::sign(
+        key,
+        format!("{task}/{attempt}/{worker}/{incarnation}").as_bytes(),
+    );
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A key for leases nobody else can derive.
+fn random_lease_key() -> ring::hmac::Key {
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>())
 }
 
 pub fn unix_ms() -> u64 {
@@ -256,7 +294,18 @@ impl Scheduler {
             journal: None,
             task_timeout: None,
             stops: HashMap::new(),
+            lease_key: random_lease_key(),
         }
+    }
+
+    /// Leases are derived from `secret` (the cluster's worker secret, kept
+    /// in the store), so a master that adopts a running attempt knows the
+    /// lease its task code already holds, without the store keeping any
+    /// lease.
+    pub fn set_lease_secret(&mut self, secret: &str) {
+        let mut material = b"flotilla lease key/".to_vec();
+        material.extend_from_slice(secret.as_bytes());
+        self.lease_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &material);
     }
 
     /// The tallies noted since the last call, oldest first.
@@ -309,6 +358,7 @@ impl Scheduler {
     /// From now on every transition is journaled for the durable store.
     pub fn keep_journal(&mut self) {
         self.journal.get_or_insert_with(Vec::new);
+        self.locks.keep_grant_log();
     }
 
     /// The store operations of the transitions since the last call.
@@ -318,6 +368,7 @@ impl Scheduler {
             return Vec::new();
         };
         let mut ops = std::mem::take(j);
+        ops.extend(self.locks.take_grant_ops());
         ops.extend(changed.into_iter().map(Op::Resource));
         ops
     }
@@ -370,47 +421,107 @@ impl Scheduler {
             incarnation: w.incarnation,
             restarts: w.restarts,
             pid: w.pid,
-            handle: None,
+            handle: w.handle.clone(),
         }
     }
 
     /// Takes back what a previous master left in the store. Called after the
     /// manifest's workers were added (not yet started) and before anything
-    /// else happens. None of the previous master's workers is running any
-    /// more: their open attempts are lost and their grants revoked; every
-    /// unfinished task is queued again in ID order (a task sent to a node
-    /// goes back to that node's queue); finished tasks keep their results
-    /// and their place in the completion feed. A worker the store knows
-    /// keeps its restart count and gets the next incarnation, so nothing an
-    /// old incarnation sends is ever taken for the new one's.
-    pub fn restore(&mut self, rec: &Recovered) {
+    /// else happens; `adopted` are the previous master's worker
+    /// incarnations that the runtime found running and took over.
+    ///
+    /// An adopted worker keeps its incarnation and restart count; the
+    /// attempts it was running run on (same slot, same attempt, same lease,
+    /// which is derived, not stored), and their lock grants are held again,
+    /// with the same fencing tokens. It is `starting` until it registers
+    /// again (it does so when this master refuses its first poll), so its
+    /// report of a running attempt is counted then. Every other worker the
+    /// store knows gets the next incarnation (restarted as today), so
+    /// nothing an old incarnation sends is taken for the new one's; its open
+    /// attempts are lost and its grants revoked (their tokens fenced).
+    /// Unfinished tasks that do not run on are queued again in ID order: a
+    /// task that waited in a worker's queue (or was sent to a node) goes
+    /// back to that worker's queue, the others to the master queue.
+    /// Finished tasks keep their results and their place in the completion
+    /// feed.
+    pub fn restore(&mut self, rec: &Recovered, adopted: &[AdoptedWorker]) {
         // IDs from 1 were handed out on this state directory.
         self.next_task = self.next_task.max(rec.next_task_id);
+        let now = Instant::now();
+        let mut live: Vec<(WorkerId, Incarnation)> = Vec::new();
         for wr in &rec.workers {
-            if let Some(w) = self.workers.get_mut(wr.id as usize) {
-                w.incarnation = w.incarnation.max(wr.incarnation + 1);
-                w.restarts = wr.restarts;
-                journal!(self, Op::Worker(Self::worker_record(w)));
+            let Some(w) = self.workers.get_mut(wr.id as usize) else {
+                continue;
+            };
+            w.restarts = wr.restarts;
+            match adopted
+                .iter()
+                .find(|a| a.id == wr.id && a.incarnation == wr.incarnation)
+            {
+                Some(a) => {
+                    w.incarnation = wr.incarnation;
+                    w.pid = wr.pid;
+                    w.locator = Some(a.locator.clone());
+                    w.handle = a.handle.clone();
+                    w.last_heartbeat = now;
+                    live.push((wr.id, wr.incarnation));
+                    info!(
+                        worker = wr.id,
+                        incarnation = wr.incarnation,
+                        "Node {} adopted: still running since the previous master",
+                        wr.id
+                    );
+                }
+                None => w.incarnation = w.incarnation.max(wr.incarnation + 1),
+            }
+            journal!(self, Op::Worker(Self::worker_record(w)));
+        }
+        let is_live = |worker: WorkerId, inc: Incarnation| live.contains(&(worker, inc));
+        // The attempts that run on: unfinished tasks on adopted workers.
+        let unfinished: std::collections::HashSet<TaskId> = rec
+            .tasks
+            .iter()
+            .filter(|t| !t.is_final())
+            .map(|t| t.id)
+            .collect();
+        let mut resumed: HashMap<TaskId, &crate::store::AttemptRecord> = HashMap::new();
+        for a in &rec.open_attempts {
+            let slot_free = self
+                .workers
+                .get(a.worker as usize)
+                .is_some_and(|w| !w.running.contains_key(&a.slot));
+            if is_live(a.worker, a.incarnation)
+                && unfinished.contains(&a.task)
+                && slot_free
+                && !resumed.contains_key(&a.task)
+            {
+                self.workers[a.worker as usize]
+                    .running
+                    .insert(a.slot, (a.task, a.attempt));
+                resumed.insert(a.task, a);
+            } else {
+                journal!(
+                    self,
+                    Op::EndAttempt {
+                        task: a.task,
+                        attempt: a.attempt,
+                        outcome: "lost: the master restarted".into(),
+                    }
+                );
             }
         }
-        for a in &rec.open_attempts {
-            journal!(
-                self,
-                Op::EndAttempt {
-                    task: a.task,
-                    attempt: a.attempt,
-                    outcome: "lost: the master restarted".into(),
-                }
-            );
+        // Grants: those of attempts that run on are held again; the others
+        // are revoked.
+        for g in &rec.grants {
+            self.locks.skip_request_ids(g.request);
         }
         for g in &rec.grants {
-            journal!(
-                self,
-                Op::Ungrant {
-                    resource: g.resource.clone(),
-                    request: g.request,
-                }
-            );
+            let runs_on = resumed.get(&g.task).is_some_and(|a| {
+                a.attempt == g.attempt && (a.worker, a.incarnation) == (g.worker, g.incarnation)
+            });
+            if !(runs_on && self.locks.restore_grant(g)) {
+                self.locks.forget_grant(g);
+            }
         }
         let mut finished: Vec<&crate::store::TaskRecord> = Vec::new();
         for t in &rec.tasks {
@@ -424,8 +535,24 @@ impl Scheduler {
             if state.is_final() {
                 task.node = t.node;
                 finished.push(t);
+            } else if let Some(a) = resumed.get(&t.id) {
+                task.resume(a.worker, a.attempt);
+                let lease = derive_lease(&self.lease_key, t.id, a.attempt, a.worker, a.incarnation);
+                self.lease_of.insert((t.id, a.attempt), lease.clone());
+                self.leases.insert(
+                    lease,
+                    Owner {
+                        worker: a.worker,
+                        incarnation: a.incarnation,
+                        task: t.id,
+                        attempt: a.attempt,
+                    },
+                );
             } else {
-                let target = t.target.filter(|&w| (w as usize) < self.workers.len());
+                let waited_in = (t.state == "assigned").then_some(t.node).flatten();
+                let target = waited_in
+                    .or(t.target)
+                    .filter(|&w| (w as usize) < self.workers.len());
                 match target {
                     Some(w) => {
                         task.state = TaskState::Assigned;
@@ -462,17 +589,32 @@ impl Scheduler {
         }
         self.completions.extend(unplaced);
         self.open_tasks = rec.tasks.len() - finished.len();
-        let queued = rec.tasks.len() - finished.len();
+        let queued = rec.tasks.len() - finished.len() - resumed.len();
         if !rec.fresh {
             info!(
                 queued,
+                running_on = resumed.len(),
                 finished = finished.len(),
-                lost_attempts = rec.open_attempts.len(),
+                adopted = live.len(),
+                lost_attempts = rec.open_attempts.len() - resumed.len(),
                 next_task_id = self.next_task,
                 "state restored"
             );
         }
         self.dispatch();
+    }
+
+    /// The runtime's handle of `id`'s current incarnation `inc` (see
+    /// [`Worker::handle`]), once it has started it.
+    pub fn set_handle(&mut self, id: WorkerId, inc: Incarnation, handle: Option<String>) {
+        let Some(w) = self.workers.get_mut(id as usize) else {
+            return;
+        };
+        if w.incarnation != inc || w.handle == handle {
+            return;
+        }
+        w.handle = handle;
+        journal!(self, Op::Worker(Self::worker_record(w)));
     }
 
     // ----- workers -------------------------------------------------------
@@ -494,6 +636,7 @@ impl Scheduler {
             pid: None,
             locator: None,
             slots: 1,
+            handle: None,
         });
         journal!(
             self,
@@ -666,6 +809,7 @@ impl Scheduler {
         w.state = WorkerState::Starting;
         w.pid = None;
         w.locator = None;
+        w.handle = None;
         w.restarts += 1;
         w.last_heartbeat = Instant::now();
         let out = (w.incarnation, w.capacity);
@@ -1113,7 +1257,7 @@ impl Scheduler {
                 let tid = w.waiting.pop_front().expect("checked non-empty");
                 let task = self.tasks.get_mut(&tid).expect("waiting task exists");
                 let (attempt, traceparent, first_wait) = task.start(w.id, w.incarnation);
-                let lease = new_lease();
+                let lease = derive_lease(&self.lease_key, tid, attempt, w.id, w.incarnation);
                 let assignment = Assignment {
                     task_id: tid,
                     attempt,
@@ -1228,8 +1372,17 @@ impl Scheduler {
         name: &str,
         mode: LockMode,
         tx: oneshot::Sender<LockGrant>,
+        resend: bool,
     ) -> Result<RequestId, LockCallError> {
         let owner = self.owner_of(lease)?;
+        // The same request again after its answer was lost with a master:
+        // if it was granted, the grant is answered again as it is.
+        if resend {
+            if let Some((id, grant)) = self.locks.held(name, mode, owner) {
+                let _ = tx.send(grant);
+                return Ok(id);
+            }
+        }
         Ok(self.locks.acquire(name, mode, owner, tx)?)
     }
 
@@ -1254,6 +1407,7 @@ impl Scheduler {
         name: &str,
         mode: LockMode,
         publish: Option<(serde_json::Value, u64)>,
+        resend: bool,
     ) -> Result<(u64, bool), LockCallError> {
         // A revoked grant's write-back still reaches the fencing check, so
         // the refusal names the stale token; other calls need a live lease.
@@ -1273,7 +1427,16 @@ impl Scheduler {
             }
             (Err(e), None) => return Err(e),
         };
-        Ok(self.locks.release(name, mode, owner, publish)?)
+        match self.locks.release(name, mode, owner, publish.clone()) {
+            Ok(done) => Ok(done),
+            // The same release again after its answer was lost with a
+            // master: if it was carried out, it is answered as done.
+            Err(e @ (LockError::NotHeld { .. } | LockError::Fenced { .. })) if resend => self
+                .locks
+                .already_released(name, mode, owner, publish.as_ref())
+                .ok_or(e.into()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     // ----- views ---------------------------------------------------------

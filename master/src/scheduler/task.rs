@@ -87,6 +87,15 @@ impl Task {
         task
     }
 
+    /// A task whose attempt was running on an adopted worker when the
+    /// previous master stopped: it runs on, as that attempt.
+    pub fn resume(&mut self, worker: WorkerId, attempt: Attempt) {
+        self.state = TaskState::Running;
+        self.node = Some(worker);
+        self.attempts = attempt;
+        self.started_instant = Some(Instant::now());
+    }
+
     /// Placed in `worker`'s queue (by round-robin, `/send/{node}`, or a
     /// steal from `stolen_from`).
     pub fn assign(&mut self, worker: WorkerId, stolen_from: Option<WorkerId>) {

@@ -379,7 +379,8 @@ fn cancel_takes_a_task_out_wherever_it_is_and_tells_the_worker_to_stop_a_running
         .create("r", crate::resources::ResourceType::Integer, 0.into())
         .unwrap();
     let (gtx, mut grx) = oneshot::channel();
-    s.lock_acquire(&a.lease, "r", LockMode::Write, gtx).unwrap();
+    s.lock_acquire(&a.lease, "r", LockMode::Write, gtx, false)
+        .unwrap();
     assert!(grx.try_recv().is_ok(), "the running task holds r");
 
     assert_eq!(s.cancel(queued), Ok(TaskState::Queued));
@@ -399,7 +400,7 @@ fn cancel_takes_a_task_out_wherever_it_is_and_tells_the_worker_to_stop_a_running
     // Its lock is free and its lease dead: a late write-back is fenced.
     assert_eq!(s.locks.view("r").unwrap().holders.len(), 0);
     assert!(s
-        .lock_release(&a.lease, "r", LockMode::Write, None)
+        .lock_release(&a.lease, "r", LockMode::Write, None, false)
         .is_err());
     // A late report from the killed attempt is dropped; the slot polls
     // again and gets the next task.
