@@ -287,6 +287,12 @@ impl Worker {
                 Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
                     return Verdict::Refused(resp.text().await.unwrap_or_default())
                 }
+                // A new master adopted this worker: register again.
+                Ok(resp) if resp.status() == StatusCode::PRECONDITION_REQUIRED => {
+                    if let Err(verdict) = self.register_again().await {
+                        return verdict;
+                    }
+                }
                 Ok(resp) if !resp.status().is_success() => {
                     warn!(status = %resp.status(), "heartbeat refused")
                 }

@@ -704,8 +704,15 @@ impl Scheduler {
         inc: Incarnation,
         now: Instant,
     ) -> Result<(), Refusal> {
-        self.check(id, inc)?;
+        let w = self.check(id, inc)?;
+        // A worker sends heartbeats once registered: one that is `starting`
+        // was adopted from the previous master and must register again
+        // (told so by the refusal), even if all its slots are busy.
+        let adopted = w.state == WorkerState::Starting;
         self.workers[id as usize].last_heartbeat = now;
+        if adopted {
+            return Err(Refusal::NotRegistered(id));
+        }
         Ok(())
     }
 
