@@ -191,7 +191,7 @@ fn parse_node(raw: &str) -> ApiResult<WorkerId> {
 }
 
 /// A task ID: plain decimal digits only.
-fn parse_task_id(raw: &str) -> ApiResult<TaskId> {
+pub(crate) fn parse_task_id(raw: &str) -> ApiResult<TaskId> {
     let shown: String = raw.chars().take(40).collect();
     let plain = !raw.is_empty() && raw.len() <= 20 && raw.bytes().all(|b| b.is_ascii_digit());
     plain.then(|| raw.parse().ok()).flatten().ok_or_else(|| {
@@ -218,14 +218,22 @@ pub fn router(cluster: Arc<Cluster>, token: Option<String>) -> Router {
         .route("/tasks/{id}", get(get_task).delete(cancel_task))
         .route("/nodes", get(nodes))
         .route("/metrics", get(metrics))
+        .merge(crate::dashboard::data_routes())
         .layer(middleware::from_fn_with_state(
-            Arc::new(token),
+            Arc::new(token.clone()),
             require_token,
         ));
+    // Browsers reach these: a state-changing request from another site's
+    // page is refused before anything else looks at it.
+    let browser_facing = Router::new()
+        .merge(public)
+        .merge(crate::dashboard::open_routes())
+        .merge(crate::dashboard::session_routes(token))
+        .layer(middleware::from_fn(same_origin_only));
     serve(
         Router::new()
             .route("/health", get(health))
-            .merge(public)
+            .merge(browser_facing)
             .merge(worker_routes(&cluster)),
         cluster,
     )
@@ -357,6 +365,48 @@ fn bearer(req: &Request) -> Option<&str> {
         .strip_prefix("Bearer ")
 }
 
+/// Whether a request changes state (anything but GET, HEAD, OPTIONS).
+fn changes_state(req: &Request) -> bool {
+    !matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    )
+}
+
+/// Refuses a state-changing request a browser sent from another site's
+/// page (cross-site request forgery): its `Origin` names another host than
+/// the one it was sent to, or its `Sec-Fetch-Site` says `cross-site`.
+/// Clients that are not browsers (curl, the CLI, the Python client) send
+/// neither header and are not affected. This holds with or without a token:
+/// a page on the web must not reach a master on 127.0.0.1 either.
+async fn same_origin_only(req: Request, next: Next) -> Response {
+    if changes_state(&req) {
+        let headers = req.headers();
+        let cross_site = header(headers, "sec-fetch-site") == Some("cross-site");
+        let foreign_origin = header(headers, "origin").is_some_and(|origin| {
+            let host = header(headers, "host").unwrap_or_default();
+            let origin_host = origin
+                .split_once("://")
+                .map_or(origin, |(_, rest)| rest)
+                .trim_end_matches('/');
+            !origin_host.eq_ignore_ascii_case(host)
+        });
+        if cross_site || foreign_origin {
+            warn!(
+                origin = header(headers, "origin").unwrap_or_default(),
+                path = req.uri().path(),
+                "refused a cross-site request"
+            );
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross-site request refused: this master accepts state-changing requests from its own pages and from clients that are not browsers",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 async fn require_token(
     State(token): State<Arc<Option<String>>>,
     req: Request,
@@ -365,6 +415,25 @@ async fn require_token(
     if let Some(expected) = token.as_deref() {
         match bearer(&req) {
             Some(got) if constant_time_eq(got.as_bytes(), expected.as_bytes()) => {}
+            // The dashboard's session cookie (set by `POST /ui/login`). It is
+            // SameSite=Strict, and a state-changing call made with it must
+            // also carry the dashboard's own header, which another site's
+            // page cannot add without a CORS preflight this master never
+            // answers.
+            None if crate::dashboard::has_session(&req, expected) => {
+                if changes_state(&req)
+                    && req
+                        .headers()
+                        .get(crate::dashboard::DASHBOARD_HEADER)
+                        .is_none()
+                {
+                    return ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "a request authorised by the dashboard's session cookie may change state only from the dashboard (X-Flotilla-Dashboard header)",
+                    )
+                    .into_response();
+                }
+            }
             Some(_) => {
                 return ApiError::new(
                     StatusCode::UNAUTHORIZED,
@@ -439,7 +508,8 @@ async fn require_worker_credential(
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+/// Constant-time equality (token and session checks).
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -836,6 +906,20 @@ async fn list_tasks(
     State(cluster): State<Arc<Cluster>>,
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<TaskPage>> {
+    let p = list_params(&q)?;
+    let (tasks, next) = cluster.list_tasks(p.after, p.state, p.node, p.limit);
+    Ok(Json(TaskPage { tasks, next }))
+}
+
+/// The task listing's query: `state`, `node`, `limit`, `after`.
+pub(crate) struct ListParams {
+    pub after: TaskId,
+    pub state: Option<TaskState>,
+    pub node: Option<WorkerId>,
+    pub limit: usize,
+}
+
+pub(crate) fn list_params(q: &HashMap<String, String>) -> ApiResult<ListParams> {
     let known = ["state", "node", "limit", "after"];
     if let Some(k) = q.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(ApiError::bad_request(format!(
@@ -872,8 +956,12 @@ async fn list_tasks(
             ApiError::bad_request(format!("after must be a task ID (a number), got {raw:?}"))
         })?,
     };
-    let (tasks, next) = cluster.list_tasks(after, state, node, limit);
-    Ok(Json(TaskPage { tasks, next }))
+    Ok(ListParams {
+        after,
+        state,
+        node,
+        limit,
+    })
 }
 
 /// `GET /tasks/finished?after=N&wait=S`: the completion feed. Returns tasks

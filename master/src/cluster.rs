@@ -20,6 +20,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use crate::dashboard::{ClusterHeader, Cursor, Running, TaskDetail, Update, WorkerCard};
 use crate::metrics::{Metrics, Snapshot};
 use crate::resources::ResourceType;
 use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
@@ -54,6 +55,9 @@ pub struct ClusterConfig {
     pub max_workers: usize,
     /// `spec.masterGraceSeconds`: told to each worker when it registers.
     pub master_grace: Duration,
+    /// `spec.telemetry.jaegerUrl`: the dashboard links each task's trace
+    /// there.
+    pub jaeger_url: Option<String>,
 }
 
 /// The default of `spec.maxWorkers`.
@@ -84,6 +88,7 @@ impl Default for ClusterConfig {
             task_timeout: None,
             max_workers: DEFAULT_MAX_WORKERS,
             master_grace: Duration::from_secs(60),
+            jaeger_url: None,
         }
     }
 }
@@ -112,6 +117,14 @@ pub struct Cluster {
     /// The durable state (`None`: ephemeral). Every transition's journal is
     /// appended to it inside the same critical section, so in order.
     store: Option<Arc<Store>>,
+    /// The scheduler's activity revision, published after every critical
+    /// section that moved it: the dashboard's live updates wait on this.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// When this master started (the dashboard's uptime).
+    started: Instant,
+    /// Throughput and queue length, one sample a second (the dashboard's
+    /// charts).
+    series: Mutex<crate::dashboard::Series>,
 }
 
 pub fn random_secret() -> String {
@@ -150,6 +163,9 @@ impl Cluster {
             stopping: Default::default(),
             draining: Default::default(),
             store,
+            changes: tokio::sync::watch::Sender::new(0),
+            started: Instant::now(),
+            series: Mutex::new(Default::default()),
         })
     }
 
@@ -213,6 +229,11 @@ impl Cluster {
         let out = f(&mut s);
         for tally in s.drain_tallies() {
             self.metrics.record(tally);
+        }
+        s.note_lock_grants();
+        let revision = s.activity.revision();
+        if *self.changes.borrow() != revision {
+            self.changes.send_replace(revision);
         }
         if let Some(store) = &self.store {
             let ops = s.take_journal();
@@ -567,6 +588,14 @@ impl Cluster {
                 for (id, inc) in overdue {
                     me.metrics.heartbeat_missed();
                     let reason = format!("no heartbeat for {:.1}s", timeout.as_secs_f64());
+                    me.with_state(|s| {
+                        s.activity.event(
+                            crate::scheduler::activity::EventKind::MissedHeartbeat,
+                            Some(id),
+                            None,
+                            format!("node {id} incarnation {inc} missed its heartbeats ({reason})"),
+                        )
+                    });
                     me.died(id, inc, &reason, false);
                 }
             }
@@ -798,6 +827,149 @@ impl Cluster {
                 return Err((active, total));
             }
         }
+    }
+
+    // ----- the dashboard --------------------------------------------------
+
+    /// Changes after every critical section that moved the scheduler's
+    /// activity revision (any transition).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// One dashboard update: the cluster as it is now, and the bars, events
+    /// and samples `cursor` has not been sent yet (then moved past them).
+    /// One critical section; its work is bounded by the number of workers,
+    /// slots and resources, and by the update's limits, never by the number
+    /// of tasks.
+    pub fn dashboard_update(&self, cursor: &mut Cursor) -> Update {
+        let (max_bars, max_events) = crate::dashboard::UPDATE_LIMITS;
+        let (counts, master_queue, next_task_id, nodes, slots, running, bars, events, resources) =
+            self.with_state(|s| {
+                let nodes = s.nodes();
+                let slots: Vec<u32> = nodes
+                    .iter()
+                    .map(|n| s.worker(n.id).map_or(1, |w| w.slots))
+                    .collect();
+                (
+                    s.state_counts(),
+                    s.master_queue_len(),
+                    s.next_task_id(),
+                    nodes,
+                    slots,
+                    s.running_attempts(),
+                    s.activity.bars_after(cursor.bars, max_bars),
+                    s.activity.events_after(cursor.events, max_events),
+                    s.locks.views(),
+                )
+            });
+        let (series, last_sample, throughput) = {
+            let series = self.series.lock().expect("series lock");
+            let (fresh, last) = series.after(cursor.samples);
+            (fresh, last, series.throughput_now())
+        };
+        let hello = !cursor.sent_any;
+        cursor.sent_any = true;
+        cursor.bars = bars.1;
+        cursor.events = events.1;
+        cursor.samples = last_sample;
+        let workers = nodes
+            .into_iter()
+            .zip(slots)
+            .map(|(node, slots)| WorkerCard {
+                cpu_quota: self.runtime.cpu_quota(node.capacity),
+                slots,
+                node,
+            })
+            .collect();
+        Update {
+            hello,
+            now: crate::scheduler::unix_ms(),
+            cluster: ClusterHeader {
+                name: self.cfg.name.clone(),
+                runtime: self.runtime.name(),
+                master_incarnation: self.master_incarnation,
+                uptime_s: self.started.elapsed().as_secs_f64(),
+                jaeger_url: self.cfg.jaeger_url.clone(),
+            },
+            counts,
+            master_queue,
+            next_task_id,
+            throughput,
+            series,
+            workers,
+            running: running
+                .into_iter()
+                .map(|(worker, slot, task, attempt, started_at)| Running {
+                    worker,
+                    slot,
+                    task,
+                    attempt,
+                    started_at,
+                })
+                .collect(),
+            bars: bars.0,
+            events: events.0,
+            resources: Update::resource_rows(resources),
+        }
+    }
+
+    /// Samples throughput and queue lengths once a second for the
+    /// dashboard's charts (one short critical section, O(workers)).
+    pub fn spawn_dashboard_sampler(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = me.upgrade() else { return };
+                let (completed, queued, running) = me.with_state(|s| {
+                    let counts = s.state_counts();
+                    let of = |state| {
+                        counts
+                            .iter()
+                            .find(|(s, _)| *s == state)
+                            .map_or(0, |(_, n)| *n)
+                    };
+                    (
+                        s.completed_total(),
+                        of(TaskState::Queued) + of(TaskState::Assigned),
+                        of(TaskState::Running),
+                    )
+                });
+                me.series.lock().expect("series lock").push(
+                    crate::scheduler::unix_ms(),
+                    completed,
+                    queued,
+                    running,
+                );
+            }
+        });
+    }
+
+    /// A task with its code, this master's attempts and its trace (the
+    /// dashboard's task detail); a final result only once durable.
+    pub async fn task_detail(&self, id: TaskId) -> Option<TaskDetail> {
+        let jaeger = self.cfg.jaeger_url.clone();
+        let detail = self.with_state(|s| {
+            s.task_entry(id).map(|t| TaskDetail {
+                view: t.view(),
+                kind: t.spec.kind,
+                code: t.spec.command.clone(),
+                timeout: t.spec.timeout,
+                attempt_log: t.attempt_log.clone(),
+                trace_id: t.trace_id.clone(),
+                jaeger: jaeger
+                    .as_ref()
+                    .zip(t.trace_id.as_ref())
+                    .map(|(url, trace)| format!("{}/trace/{trace}", url.trim_end_matches('/'))),
+            })
+        })?;
+        if detail.view.state.is_final() {
+            self.durable_reads().await;
+        }
+        Some(detail)
     }
 
     // ----- shared resources and locks ----------------------------------

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod bench;
 pub mod cluster;
+pub mod dashboard;
 pub mod manifest;
 pub mod metrics;
 pub mod resources;
@@ -218,6 +219,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         task_timeout: spec.task_timeout,
         max_workers: spec.max_workers,
         master_grace: spec.master_grace,
+        jaeger_url: spec.jaeger_url.clone(),
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(
@@ -323,6 +325,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     cluster.spawn_runtime_events(events_rx);
     cluster.spawn_health_monitor();
     cluster.spawn_result_expiry();
+    cluster.spawn_dashboard_sampler();
     info!(%addr, runtime = runtime_kind_name(runtime_kind), workers = spec.capacities.len(), "master listening");
     // All at once: a container or pod start is mostly waiting on the engine
     // or the API server.

@@ -127,6 +127,9 @@ pub struct ClusterSpec {
     /// seen from a container). Unset: the master's, a loopback host
     /// rewritten by the Docker runtime to the network's gateway.
     pub worker_otlp_endpoint: Option<String>,
+    /// `spec.telemetry.jaegerUrl`: the Jaeger UI the dashboard links each
+    /// task's trace to (`<url>/trace/<trace id>`).
+    pub jaeger_url: Option<String>,
     /// `spec.workerPods`: scheduling and extra settings of worker pods
     /// (Kubernetes runtime only).
     pub worker_pods: WorkerPods,
@@ -187,6 +190,7 @@ impl ClusterSpec {
             requests: Vec::new(),
             otlp_endpoint: None,
             worker_otlp_endpoint: None,
+            jaeger_url: None,
             worker_pods: WorkerPods::default(),
             file_root: None,
             state_dir: None,
@@ -358,6 +362,8 @@ struct NativeTelemetry {
     otlp_endpoint: Option<String>,
     #[serde(default)]
     worker_otlp_endpoint: Option<String>,
+    #[serde(default)]
+    jaeger_url: Option<String>,
 }
 
 /// Parses `"512Mi"`, `"1Gi"`, `"500M"`, `"1048576"` into bytes.
@@ -588,6 +594,7 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     if let Some(t) = s.telemetry {
         spec.otlp_endpoint = t.otlp_endpoint;
         spec.worker_otlp_endpoint = t.worker_otlp_endpoint;
+        spec.jaeger_url = t.jaeger_url;
     }
     spec.worker_pods = s.worker_pods;
     spec.file_root = s.file_root;
@@ -658,6 +665,13 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
                     "{field} `{url}` is not an http:// or https:// URL (OTLP over HTTP, port 4318)"
                 ));
             }
+        }
+    }
+    if let Some(url) = &spec.jaeger_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "spec.telemetry.jaegerUrl `{url}` is not an http:// or https:// URL (the Jaeger UI, e.g. http://localhost:16686)"
+            ));
         }
     }
     let pods = &spec.worker_pods;

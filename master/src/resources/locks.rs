@@ -99,6 +99,8 @@ pub struct LockTable {
     /// Grants made and ended since [`LockTable::take_grant_ops`], in order,
     /// when the durable store keeps them (`None`: it does not).
     grant_log: Option<Vec<Op>>,
+    /// Grants made since [`LockTable::take_grants`] (the event log).
+    grants: Vec<Granted>,
 }
 
 /// A grant made (`Some` owner) or ended, for the durable store.
@@ -125,6 +127,15 @@ fn log_grant(
             request: id,
         },
     });
+}
+
+/// A grant as the event log tells it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Granted {
+    pub resource: String,
+    pub mode: LockMode,
+    pub owner: Owner,
+    pub token: u64,
 }
 
 impl LockTable {
@@ -203,7 +214,7 @@ impl LockTable {
             owner,
             tx,
         });
-        if Self::pump(name, r, &mut self.grant_log) {
+        if Self::pump(name, r, &mut self.grant_log, &mut self.grants) {
             self.changed.insert(name.to_string());
         }
         Ok(id)
@@ -213,7 +224,12 @@ impl LockTable {
     /// Returns true when it made a write grant: that bumped the version
     /// (the fencing token), which the durable store must keep.
     #[must_use]
-    fn pump(name: &str, r: &mut Resource, log: &mut Option<Vec<Op>>) -> bool {
+    fn pump(
+        name: &str,
+        r: &mut Resource,
+        log: &mut Option<Vec<Op>>,
+        grants: &mut Vec<Granted>,
+    ) -> bool {
         let mut wrote = false;
         while let Some(head) = r.queue.front() {
             let grantable = match head.mode {
@@ -250,6 +266,12 @@ impl LockTable {
             }
             log_grant(log, name, w.id, Some((w.mode, w.owner, token)));
             info!(resource = name, mode = %w.mode, worker = w.owner.worker, task = w.owner.task, token, "Node {} has acquired {} access to resource {name}", w.owner.worker, w.mode);
+            grants.push(Granted {
+                resource: name.to_string(),
+                mode: w.mode,
+                owner: w.owner,
+                token,
+            });
         }
         wrote
     }
@@ -276,7 +298,7 @@ impl LockTable {
                 log_grant(&mut self.grant_log, name, id, None);
             }
         }
-        if Self::pump(name, r, &mut self.grant_log) {
+        if Self::pump(name, r, &mut self.grant_log, &mut self.grants) {
             self.changed.insert(name.to_string());
         }
     }
@@ -352,7 +374,7 @@ impl LockTable {
         }
         info!(resource = name, %mode, worker = owner.worker, task = owner.task, committed, "Node {} has released {mode} access to resource {name}", owner.worker);
         let version = r.version;
-        let wrote = Self::pump(name, r, &mut self.grant_log);
+        let wrote = Self::pump(name, r, &mut self.grant_log, &mut self.grants);
         if wrote || committed {
             self.changed.insert(name.to_string());
         }
@@ -399,11 +421,16 @@ impl LockTable {
             let after = r.readers.len() + r.writer.is_some() as usize + r.queue.len();
             if after != before {
                 info!(resource = %name, "Releasing resources held by a {} task", if revoke { "dead worker's" } else { "finished" });
-                if Self::pump(name, r, &mut self.grant_log) {
+                if Self::pump(name, r, &mut self.grant_log, &mut self.grants) {
                     self.changed.insert(name.clone());
                 }
             }
         }
+    }
+
+    /// The grants made since the last call, oldest first.
+    pub fn take_grants(&mut self) -> Vec<Granted> {
+        std::mem::take(&mut self.grants)
     }
 
     /// The resources whose value or version changed since the last call, as

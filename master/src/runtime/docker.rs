@@ -532,6 +532,14 @@ impl Runtime for DockerRuntime {
         "docker"
     }
 
+    fn cpu_quota(&self, capacity: usize) -> Option<f64> {
+        let nano = self
+            .inner
+            .settings
+            .nano_cpus(capacity, self.inner.engine_cpus);
+        Some(nano as f64 / 1e9)
+    }
+
     /// A master in a container on the workers' network (compose) is
     /// reached at its advertised URL (`http://master:5000`). A master on the
     /// host gets a listener of its own on the network's gateway, serving

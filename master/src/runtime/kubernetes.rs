@@ -704,6 +704,10 @@ impl Runtime for KubernetesRuntime {
         "kubernetes"
     }
 
+    fn cpu_quota(&self, capacity: usize) -> Option<f64> {
+        Some(self.inner.settings.cpu_millis(capacity) as f64 / 1000.0)
+    }
+
     async fn worker_endpoint(
         &self,
         advertised: Option<&str>,

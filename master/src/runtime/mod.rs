@@ -185,6 +185,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// Killing a worker that is not running is not an error.
     async fn kill(&self, worker: WorkerId) -> Result<(), RuntimeError>;
     async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle>;
+    /// The CPU cores a worker of `capacity` gets, where the runtime sets a
+    /// quota (containers, pods); `None` for plain processes.
+    fn cpu_quota(&self, _capacity: usize) -> Option<f64> {
+        None
+    }
     /// Where this runtime's workers reach the master: `advertised` (the one
     /// setting for every runtime, `FLOTILLA_ADVERTISE_URL`) when given,
     /// else what the runtime knows; `api` is the API's own address as a

@@ -11,6 +11,7 @@
 //! of a task running on that very worker. That is how every task ends with
 //! exactly one final result.
 
+pub mod activity;
 pub mod policy;
 mod task;
 mod trace;
@@ -26,7 +27,9 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use policy::WorkerView;
-pub use task::{CrashVerdict, Task};
+pub use task::{AttemptLog, CrashVerdict, Task};
+
+use activity::{Activity, BarOutcome, EventKind};
 
 use crate::resources::locks::{LockError, LockTable, Owner, RequestId};
 use crate::store::{AttemptRecord, Op, Recovered, WorkerRecord};
@@ -182,6 +185,21 @@ pub struct Scheduler {
     journal: Option<Vec<Op>>,
     /// The key attempt leases are derived from (see [`Scheduler::lease`]).
     lease_key: ring::hmac::Key,
+    /// What happened lately (the dashboard's stream and event log).
+    pub activity: Activity,
+    /// Finished tasks kept, by final state (succeeded, failed, cancelled),
+    /// so the counts by state cost no walk over the tasks.
+    finished_counts: [usize; 3],
+}
+
+/// The index of a final state in `finished_counts`.
+fn final_index(state: TaskState) -> Option<usize> {
+    match state {
+        TaskState::Succeeded => Some(0),
+        TaskState::Failed => Some(1),
+        TaskState::Cancelled => Some(2),
+        _ => None,
+    }
 }
 
 /// Appends a store operation when the state is durable; the operation is
@@ -295,6 +313,8 @@ impl Scheduler {
             task_timeout: None,
             stops: HashMap::new(),
             lease_key: random_lease_key(),
+            activity: Activity::default(),
+            finished_counts: [0; 3],
         }
     }
 
@@ -390,6 +410,9 @@ impl Scheduler {
             };
             if task.finished_at.is_some_and(|f| f >= cutoff) {
                 break;
+            }
+            if let Some(i) = final_index(task.state) {
+                self.finished_counts[i] -= 1;
             }
             self.tasks.remove(&id);
             self.expired += 1;
@@ -532,11 +555,23 @@ impl Scheduler {
                 _ => TaskState::Queued,
             };
             let mut task = Task::restored(t, state);
+            if let Some(i) = final_index(state) {
+                self.finished_counts[i] += 1;
+            }
             if state.is_final() {
                 task.node = t.node;
                 finished.push(t);
             } else if let Some(a) = resumed.get(&t.id) {
                 task.resume(a.worker, a.attempt);
+                task.attempt_log.push(AttemptLog {
+                    attempt: a.attempt,
+                    worker: a.worker,
+                    incarnation: a.incarnation,
+                    slot: a.slot,
+                    started_at: a.started_at,
+                    ended_at: None,
+                    outcome: None,
+                });
                 let lease = derive_lease(&self.lease_key, t.id, a.attempt, a.worker, a.incarnation);
                 self.lease_of.insert((t.id, a.attempt), lease.clone());
                 self.leases.insert(
@@ -642,6 +677,12 @@ impl Scheduler {
             self,
             Op::Worker(Self::worker_record(&self.workers[id as usize]))
         );
+        self.activity.event(
+            EventKind::Added,
+            Some(id),
+            None,
+            format!("node {id} added with capacity {}", capacity.max(1)),
+        );
         self.dispatch();
         (id, 1)
     }
@@ -693,6 +734,12 @@ impl Scheduler {
         journal!(self, Op::Worker(Self::worker_record(w)));
         info!(worker = id, incarnation = inc, "Node {id} activated");
         let capacity = w.capacity;
+        self.activity.event(
+            EventKind::Registered,
+            Some(id),
+            None,
+            format!("node {id} incarnation {inc} registered"),
+        );
         fire(&mut self.waiters.registered);
         self.dispatch();
         Ok(capacity)
@@ -764,10 +811,19 @@ impl Scheduler {
             reason,
             "Node {id} is not responding: {reason}"
         );
-        let running: Vec<(TaskId, Attempt)> =
-            std::mem::take(&mut w.running).into_values().collect();
+        let running_slots = std::mem::take(&mut w.running);
         let waiting: Vec<TaskId> = std::mem::take(&mut w.waiting).into();
         w.idle.clear();
+        self.activity.event(
+            EventKind::Dead,
+            Some(id),
+            None,
+            format!("node {id} incarnation {inc} is dead: {reason}"),
+        );
+        for (&slot, &(tid, attempt)) in &running_slots {
+            self.attempt_bar(id, slot, tid, attempt, BarOutcome::Lost);
+        }
+        let running: Vec<(TaskId, Attempt)> = running_slots.into_values().collect();
         // Its grants are revoked in this same critical section: their
         // tokens go stale and the waiters behind them proceed.
         for &(tid, attempt) in &running {
@@ -820,7 +876,17 @@ impl Scheduler {
         w.restarts += 1;
         w.last_heartbeat = Instant::now();
         let out = (w.incarnation, w.capacity);
+        let restarts = w.restarts;
         journal!(self, Op::Worker(Self::worker_record(w)));
+        self.activity.event(
+            EventKind::Restart,
+            Some(id),
+            None,
+            format!(
+                "node {id} restarting as incarnation {} (restart {restarts})",
+                out.0
+            ),
+        );
         self.dispatch();
         Some(out)
     }
@@ -915,6 +981,7 @@ impl Scheduler {
                 task = tid,
                 attempt, worker, slot, "assignment was lost in transit; requeueing"
             );
+            self.attempt_bar(worker, slot, tid, attempt, BarOutcome::Lost);
             self.end_attempt(tid, attempt);
             let error = format!("assignment to node {worker} was lost in transit");
             if self.crashed(tid, None, error) {
@@ -987,6 +1054,12 @@ impl Scheduler {
         self.room_freed();
         self.end_attempt(report.task_id, report.attempt);
         let tid = report.task_id;
+        let outcome = match report.outcome {
+            Outcome::Succeeded { .. } => BarOutcome::Succeeded,
+            Outcome::Failed { .. } => BarOutcome::Failed,
+            Outcome::Crashed { .. } => BarOutcome::Crashed,
+        };
+        self.attempt_bar(worker, slot, tid, report.attempt, outcome);
         match report.outcome {
             Outcome::Succeeded { result } => {
                 // INFO carries IDs, states and sizes; the content (task
@@ -1044,10 +1117,23 @@ impl Scheduler {
         match self.task_mut(tid).crashed(culprit_host, error, max) {
             CrashVerdict::Retry => {
                 self.tallies.push(Tally::Retried);
+                let reason = self.tasks[&tid].crash_reason().unwrap_or_default();
+                self.activity.event(
+                    EventKind::Retry,
+                    culprit_host,
+                    Some(tid),
+                    format!("task {tid} will be retried after attempt {attempt}: {reason}"),
+                );
                 true
             }
             CrashVerdict::GiveUp(why) => {
                 warn!(task = tid, "{why}");
+                self.activity.event(
+                    EventKind::Retry,
+                    culprit_host,
+                    Some(tid),
+                    format!("task {tid} failed: {why}"),
+                );
                 self.finish(tid, TaskState::Failed, None, Some(why));
                 false
             }
@@ -1093,6 +1179,9 @@ impl Scheduler {
         );
         self.completions.push(tid);
         self.open_tasks -= 1;
+        if let Some(i) = final_index(state) {
+            self.finished_counts[i] += 1;
+        }
         fire(&mut self.waiters.completed);
     }
 
@@ -1123,10 +1212,11 @@ impl Scheduler {
                         .find(|(_, &run)| run == (tid, attempt))
                         .map(|(&slot, _)| slot)?;
                     w.running.remove(&slot);
-                    Some(w.id)
+                    Some((w.id, slot))
                 });
                 self.end_attempt(tid, attempt);
-                if let Some(worker) = found {
+                if let Some((worker, slot)) = found {
+                    self.attempt_bar(worker, slot, tid, attempt, BarOutcome::Cancelled);
                     self.stops.entry(worker).or_default().push(StopAttempt {
                         task_id: tid,
                         attempt,
@@ -1141,6 +1231,12 @@ impl Scheduler {
             _ => unreachable!("every non-final state is handled"),
         }
         info!(task = tid, was = %was, "task cancelled");
+        self.activity.event(
+            EventKind::Cancel,
+            self.tasks[&tid].node,
+            Some(tid),
+            format!("task {tid} cancelled while {was}"),
+        );
         self.finish(
             tid,
             TaskState::Cancelled,
@@ -1199,6 +1295,7 @@ impl Scheduler {
     /// (round-robin), worker queues to idle slots, and steals for idle slots
     /// with nothing of their own. Called after every transition.
     fn dispatch(&mut self) {
+        self.activity.touch();
         loop {
             let assigned = self.assign_from_master_queue();
             let handed = self.hand_over();
@@ -1263,7 +1360,7 @@ impl Scheduler {
                 };
                 let tid = w.waiting.pop_front().expect("checked non-empty");
                 let task = self.tasks.get_mut(&tid).expect("waiting task exists");
-                let (attempt, traceparent, first_wait) = task.start(w.id, w.incarnation);
+                let (attempt, traceparent, first_wait) = task.start(w.id, w.incarnation, slot);
                 let lease = derive_lease(&self.lease_key, tid, attempt, w.id, w.incarnation);
                 let assignment = Assignment {
                     task_id: tid,
@@ -1339,6 +1436,15 @@ impl Scheduler {
             self.task_mut(tid).assign(thief_id, Some(views[victim].id));
             self.steals += 1;
             self.tallies.push(Tally::Stolen);
+            self.activity.event(
+                EventKind::Steal,
+                Some(thief_id),
+                Some(tid),
+                format!(
+                    "node {thief_id} stole task {tid} from node {}",
+                    views[victim].id
+                ),
+            );
             self.room_freed();
             info!(
                 task = tid,
@@ -1357,6 +1463,36 @@ impl Scheduler {
     fn forget_lease(&mut self, task: TaskId, attempt: Attempt) {
         if let Some(lease) = self.lease_of.remove(&(task, attempt)) {
             self.leases.remove(&lease);
+        }
+    }
+
+    /// An attempt left its slot: the task stream's bar, and the end of the
+    /// task's attempt log entry.
+    fn attempt_bar(
+        &mut self,
+        worker: WorkerId,
+        slot: u32,
+        tid: TaskId,
+        attempt: Attempt,
+        outcome: BarOutcome,
+    ) {
+        let started = self.task_mut(tid).attempt_ended(outcome);
+        self.activity
+            .bar(tid, attempt, worker, slot, started, unix_ms(), outcome);
+    }
+
+    /// The lock grants made since the last call go to the event log.
+    pub fn note_lock_grants(&mut self) {
+        for g in self.locks.take_grants() {
+            self.activity.event(
+                EventKind::LockGrant,
+                Some(g.owner.worker),
+                Some(g.owner.task),
+                format!(
+                    "node {} (task {}) acquired {} access to {} (version {})",
+                    g.owner.worker, g.owner.task, g.mode, g.resource, g.token
+                ),
+            );
         }
     }
 
@@ -1530,6 +1666,54 @@ impl Scheduler {
             .into_iter()
             .map(|state| (state, counts.get(&state).copied().unwrap_or(0)))
             .collect()
+    }
+
+    /// How many tasks are in each state, from the queues and the finished
+    /// counts (no walk over the tasks): the same figures as
+    /// [`Scheduler::tasks_by_state`], cheap enough for every dashboard update.
+    pub fn state_counts(&self) -> Vec<(TaskState, usize)> {
+        let assigned = self.workers.iter().map(|w| w.waiting.len()).sum();
+        let running = self.workers.iter().map(|w| w.running.len()).sum();
+        vec![
+            (TaskState::Queued, self.master_queue.len()),
+            (TaskState::Assigned, assigned),
+            (TaskState::Running, running),
+            (TaskState::Succeeded, self.finished_counts[0]),
+            (TaskState::Failed, self.finished_counts[1]),
+            (TaskState::Cancelled, self.finished_counts[2]),
+        ]
+    }
+
+    /// Positions handed out in the completion feed: how many tasks ever
+    /// finished here (expired ones included).
+    pub fn completed_total(&self) -> usize {
+        self.completions.len()
+    }
+
+    /// The next task ID to be handed out.
+    pub fn next_task_id(&self) -> TaskId {
+        self.next_task
+    }
+
+    /// The attempts running now: (worker, slot, task, attempt, started at).
+    pub fn running_attempts(&self) -> Vec<(WorkerId, u32, TaskId, Attempt, u64)> {
+        let mut out = Vec::new();
+        for w in &self.workers {
+            for (&slot, &(tid, attempt)) in &w.running {
+                let started = self
+                    .tasks
+                    .get(&tid)
+                    .and_then(|t| t.started_at)
+                    .unwrap_or_default();
+                out.push((w.id, slot, tid, attempt, started));
+            }
+        }
+        out
+    }
+
+    /// A task with its spec and attempts (the dashboard's task detail).
+    pub fn task_entry(&self, id: TaskId) -> Option<&Task> {
+        self.tasks.get(&id)
     }
 
     /// Tasks stolen so far.

@@ -39,6 +39,24 @@ pub struct Task {
     /// Monotonic times for the latency histograms.
     submitted_instant: Instant,
     started_instant: Option<Instant>,
+    /// This master's attempts, oldest first (the dashboard's task detail).
+    pub attempt_log: Vec<AttemptLog>,
+    /// The trace ID of the task's trace, when traces are exported.
+    pub trace_id: Option<String>,
+}
+
+/// One attempt as the task detail shows it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct AttemptLog {
+    pub attempt: Attempt,
+    pub worker: WorkerId,
+    pub incarnation: Incarnation,
+    pub slot: u32,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    pub ended_at: Option<u64>,
+    /// How it ended (`succeeded`, `failed`, `crashed`, `cancelled`, `lost`).
+    pub outcome: Option<super::activity::BarOutcome>,
 }
 
 /// What [`Task::crashed`] decided.
@@ -70,6 +88,8 @@ impl Task {
             trace,
             submitted_instant: Instant::now(),
             started_instant: None,
+            attempt_log: Vec::new(),
+            trace_id: None,
         }
     }
 
@@ -104,17 +124,28 @@ impl Task {
         self.trace.assigned(self.id, worker, stolen_from);
     }
 
-    /// Handed to a slot of `worker` as a new attempt. Returns the attempt,
+    /// Handed to `slot` of `worker` as a new attempt. Returns the attempt,
     /// the `traceparent` to send along, and, on the first attempt, how long
     /// the task waited since submission (seconds).
     pub fn start(
         &mut self,
         worker: WorkerId,
         incarnation: Incarnation,
+        slot: u32,
     ) -> (Attempt, Option<String>, Option<f64>) {
         self.attempts += 1;
         self.state = TaskState::Running;
-        self.started_at = Some(unix_ms());
+        let started_at = unix_ms();
+        self.started_at = Some(started_at);
+        self.attempt_log.push(AttemptLog {
+            attempt: self.attempts,
+            worker,
+            incarnation,
+            slot,
+            started_at,
+            ended_at: None,
+            outcome: None,
+        });
         let now = Instant::now();
         let first_wait =
             (self.attempts == 1).then(|| now.duration_since(self.submitted_instant).as_secs_f64());
@@ -122,13 +153,35 @@ impl Task {
         let traceparent = self
             .trace
             .dispatched(self.id, self.attempts, worker, incarnation);
+        if self.trace_id.is_none() {
+            // `00-<trace id>-<span id>-<flags>`
+            self.trace_id = traceparent
+                .as_deref()
+                .and_then(|tp| tp.split('-').nth(1))
+                .map(str::to_string);
+        }
         (self.attempts, traceparent, first_wait)
+    }
+
+    /// The current attempt ended `outcome`: its log entry is closed. Returns
+    /// when it started (Unix ms).
+    pub fn attempt_ended(&mut self, outcome: super::activity::BarOutcome) -> u64 {
+        let now = unix_ms();
+        match self.attempt_log.last_mut() {
+            Some(a) if a.ended_at.is_none() => {
+                a.ended_at = Some(now);
+                a.outcome = Some(outcome);
+                a.started_at
+            }
+            _ => self.started_at.unwrap_or(now),
+        }
     }
 
     /// The hand-off never reached the worker (its poll went away): back to
     /// `worker`'s queue as if never handed, the attempt not counted.
     pub fn unhand(&mut self, worker: WorkerId) {
         self.attempts -= 1;
+        self.attempt_log.pop();
         self.assign(worker, None);
     }
 
@@ -184,6 +237,11 @@ impl Task {
         }
         self.started_instant
             .map(|started| started.elapsed().as_secs_f64())
+    }
+
+    /// Why the last crashed attempt died, if one did.
+    pub fn crash_reason(&self) -> Option<String> {
+        self.crash_errors.last().cloned()
     }
 
     /// Registers `tx` to fire when the task is final; false (nothing

@@ -297,6 +297,11 @@ proptest! {
             for &t in &s.completions { prop_assert!(finished.insert(t), "finished twice"); prop_assert!(seen.insert(t)); prop_assert!(s.tasks[&t].state.is_final()); }
             prop_assert_eq!(seen.len(), submitted);
             prop_assert_eq!(s.tasks.len(), submitted);
+            // The dashboard's counts, kept without a walk, are the walk's.
+            prop_assert_eq!(s.state_counts(), s.tasks_by_state());
+            // Every attempt that left a slot is a bar of the stream.
+            let ended: usize = s.tasks.values().map(|t| t.attempt_log.iter().filter(|a| a.ended_at.is_some()).count()).sum();
+            prop_assert_eq!(s.activity.bars_after(0, usize::MAX).0.len(), ended);
         }
     }
 }

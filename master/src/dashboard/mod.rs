@@ -1,0 +1,583 @@
+//! The live dashboard: a page the master serves at `/` (its assets under
+//! `/ui/`, compiled into the binary: no CDN, no fonts, nothing fetched from
+//! elsewhere), fed by server-sent events built from the scheduler's own
+//! activity (see `scheduler::activity`) and reading the public API for the
+//! task table and the actions.
+//!
+//! Protection: with a token set, the page shows a login form and nothing
+//! else; `POST /ui/login` checks the token and sets a session cookie
+//! (HttpOnly, SameSite=Strict: the token never appears in a URL or to the
+//! page's script) that the API's token check then accepts. A request
+//! authenticated by that cookie may change state only when it carries the
+//! dashboard's header (`X-Flotilla-Dashboard`), which no other site can
+//! add without a CORS preflight this master never grants; see `api.rs` for
+//! the cross-origin check every state-changing request gets.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use flotilla_proto::api::{Holder, NodeView, TaskState, TaskView};
+use flotilla_proto::{Attempt, TaskId, TaskKind, WorkerId};
+use serde::Serialize;
+
+use crate::api::{constant_time_eq, ApiError, Body};
+use crate::cluster::Cluster;
+use crate::scheduler::activity::{Bar, Event as ActivityEvent};
+use crate::scheduler::AttemptLog;
+
+/// The page and its assets, compiled in.
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "flotilla_session";
+/// The header the dashboard's own state-changing calls carry.
+pub const DASHBOARD_HEADER: &str = "x-flotilla-dashboard";
+/// At most this many updates a second go to one client: changes that come
+/// faster are coalesced into the next update.
+pub const MIN_GAP: Duration = Duration::from_millis(100);
+/// An update goes out at least this often (heartbeat ages, uptime, the
+/// charts' next sample), even when nothing changed.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+/// The most bars and events one update carries (the newest).
+const MAX_BARS: usize = 2_000;
+const MAX_EVENTS: usize = 200;
+/// Samples kept for the charts: ten minutes, one a second.
+const SERIES_LEN: usize = 600;
+/// A resource value longer than this is cut in updates.
+const VALUE_PREVIEW: usize = 200;
+/// Holders and waiters listed per resource in an update.
+const MAX_HOLDERS: usize = 20;
+/// A table row's summary is cut to this many bytes.
+const SUMMARY: usize = 160;
+/// The task detail shows code, output and results up to this size each.
+const DETAIL_TEXT: usize = 64 << 10;
+
+/// The session cookie's value for `token`: an HMAC of a fixed label under
+/// the token, so the cookie is not the token itself, and changes with it.
+pub fn session_value(token: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, token.as_bytes());
+    let tag = ring::hmac::sign(&key, b"flotilla dashboard session v1");
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The session cookie's value in a request, if it has one.
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value)
+}
+
+/// One sample of the charts.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq)]
+pub struct Sample {
+    /// Unix milliseconds.
+    pub t: u64,
+    /// Tasks finished per second since the previous sample.
+    pub throughput: f64,
+    /// Tasks waiting: the master queue and the workers' queues.
+    pub queued: usize,
+    pub running: usize,
+    #[serde(skip)]
+    completed: usize,
+    #[serde(skip)]
+    seq: u64,
+}
+
+/// The charts' samples, a bounded ring.
+#[derive(Default)]
+pub struct Series {
+    samples: VecDeque<Sample>,
+    next: u64,
+}
+
+impl Series {
+    /// Adds a sample: `completed` is the completion feed's length then.
+    pub fn push(&mut self, t: u64, completed: usize, queued: usize, running: usize) {
+        let throughput = match self.samples.back() {
+            Some(prev) if t > prev.t => {
+                completed.saturating_sub(prev.completed) as f64 * 1000.0 / (t - prev.t) as f64
+            }
+            _ => 0.0,
+        };
+        if self.samples.len() == SERIES_LEN {
+            self.samples.pop_front();
+        }
+        self.next += 1;
+        self.samples.push_back(Sample {
+            t,
+            throughput,
+            queued,
+            running,
+            completed,
+            seq: self.next,
+        });
+    }
+
+    /// The samples after `after`, and the last sample's number.
+    pub fn after(&self, after: u64) -> (Vec<Sample>, u64) {
+        let fresh = self.samples.iter().filter(|s| s.seq > after).copied();
+        (fresh.collect(), self.next)
+    }
+
+    /// Tasks finished per second in the last sample.
+    pub fn throughput_now(&self) -> f64 {
+        self.samples.back().map_or(0.0, |s| s.throughput)
+    }
+}
+
+/// What one client has already been sent.
+#[derive(Default, Debug)]
+pub struct Cursor {
+    pub bars: u64,
+    pub events: u64,
+    pub samples: u64,
+    pub sent_any: bool,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ClusterHeader {
+    pub name: String,
+    pub runtime: &'static str,
+    pub master_incarnation: u64,
+    pub uptime_s: f64,
+    pub jaeger_url: Option<String>,
+}
+
+/// A worker card.
+#[derive(Serialize, Debug)]
+pub struct WorkerCard {
+    #[serde(flatten)]
+    pub node: NodeView,
+    /// Slots (tasks at once) it registered with.
+    pub slots: u32,
+    /// CPU cores the runtime gives it (Docker, Kubernetes); none for processes.
+    pub cpu_quota: Option<f64>,
+}
+
+/// An attempt running now.
+#[derive(Serialize, Debug)]
+pub struct Running {
+    pub worker: WorkerId,
+    pub slot: u32,
+    pub task: TaskId,
+    pub attempt: Attempt,
+    pub started_at: u64,
+}
+
+/// A resource as an update shows it (its value cut to a preview).
+#[derive(Serialize, Debug)]
+pub struct ResourceRow {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    pub version: u64,
+    pub holders: Vec<Holder>,
+    pub waiting: Vec<Holder>,
+    pub waiting_total: usize,
+}
+
+/// One server-sent update.
+#[derive(Serialize, Debug)]
+pub struct Update {
+    /// The first update of a connection: the client starts afresh.
+    pub hello: bool,
+    /// Unix milliseconds, the master's clock.
+    pub now: u64,
+    pub cluster: ClusterHeader,
+    pub counts: Vec<(TaskState, usize)>,
+    pub master_queue: usize,
+    pub next_task_id: TaskId,
+    pub throughput: f64,
+    pub series: Vec<Sample>,
+    pub workers: Vec<WorkerCard>,
+    pub running: Vec<Running>,
+    pub bars: Vec<Bar>,
+    pub events: Vec<ActivityEvent>,
+    pub resources: Vec<ResourceRow>,
+}
+
+impl Update {
+    /// Cuts resource values to a preview and bounds the holder lists.
+    pub fn resource_rows(views: Vec<flotilla_proto::api::ResourceView>) -> Vec<ResourceRow> {
+        views
+            .into_iter()
+            .map(|r| {
+                let value = match &r.value {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                ResourceRow {
+                    name: r.name,
+                    kind: r.kind,
+                    value: cut(&value, VALUE_PREVIEW),
+                    version: r.version,
+                    holders: r.holders.into_iter().take(MAX_HOLDERS).collect(),
+                    waiting_total: r.waiting.len(),
+                    waiting: r.waiting.into_iter().take(MAX_HOLDERS).collect(),
+                }
+            })
+            .collect()
+    }
+}
+
+pub const UPDATE_LIMITS: (usize, usize) = (MAX_BARS, MAX_EVENTS);
+
+/// The task detail.
+#[derive(Serialize, Debug)]
+pub struct TaskDetail {
+    #[serde(flatten)]
+    pub view: TaskView,
+    #[serde(rename = "type")]
+    pub kind: TaskKind,
+    pub code: String,
+    pub timeout: Option<f64>,
+    pub attempt_log: Vec<AttemptLog>,
+    pub trace_id: Option<String>,
+    /// The trace in Jaeger, when `spec.telemetry.jaegerUrl` is set and the
+    /// task has a trace.
+    pub jaeger: Option<String>,
+}
+
+impl TaskDetail {
+    /// Bounds what the page gets: code, outputs and the response, each cut
+    /// to [`DETAIL_TEXT`] bytes with a marker.
+    pub fn bounded(mut self) -> Self {
+        self.code = cut(&self.code, DETAIL_TEXT);
+        if let Some(e) = &self.view.error {
+            self.view.error = Some(cut(e, DETAIL_TEXT));
+        }
+        if let Some(r) = &mut self.view.result {
+            r.stdout = cut(&r.stdout, DETAIL_TEXT);
+            if let Some(e) = &r.stderr {
+                r.stderr = Some(cut(e, DETAIL_TEXT));
+            }
+            let text = r.response.to_string();
+            if text.len() > DETAIL_TEXT {
+                r.response = serde_json::Value::String(cut(&text, DETAIL_TEXT));
+            }
+        }
+        self
+    }
+}
+
+/// `s` cut to at most `max` bytes (on a character boundary), with a marker
+/// saying how much was left out.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} more bytes not shown]", &s[..end], s.len() - end)
+}
+
+/// The routes anyone may fetch: the page, its assets, the session state and
+/// the login. None of them shows cluster data.
+pub fn open_routes() -> Router<Arc<Cluster>> {
+    Router::new()
+        .route("/", get(page))
+        .route("/ui/", get(page))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/style.css", get(style_css))
+}
+
+/// The dashboard's own data routes: behind the API's token check.
+pub fn data_routes() -> Router<Arc<Cluster>> {
+    Router::new()
+        .route("/ui/events", get(events))
+        .route("/ui/tasks", get(task_rows))
+        .route("/ui/tasks/{id}", get(task_detail))
+}
+
+/// The session routes: they take the token themselves.
+pub fn session_routes(token: Option<String>) -> Router<Arc<Cluster>> {
+    let token = Arc::new(token);
+    let t1 = token.clone();
+    let t2 = token.clone();
+    Router::new()
+        .route(
+            "/ui/session",
+            get(move |headers: HeaderMap| async move { session(&t1, &headers) }),
+        )
+        .route(
+            "/ui/login",
+            post(move |body: Body<LoginBody>| async move { login(&t2, body) }),
+        )
+        .route("/ui/logout", post(logout))
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    let mut resp = asset("text/html; charset=utf-8", INDEX_HTML);
+    let h = resp.headers_mut();
+    // Only this master's own script, styles and connections; the page is
+    // never framed. Task output is shown as text, never as markup.
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    resp
+}
+
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn style_css() -> Response {
+    asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+#[derive(Serialize)]
+struct SessionState {
+    /// Whether this master asks for a token.
+    auth: bool,
+    /// Whether this request is authorised (always, without a token).
+    authenticated: bool,
+}
+
+fn session(token: &Option<String>, headers: &HeaderMap) -> Json<SessionState> {
+    let authenticated = match token {
+        None => true,
+        Some(t) => session_cookie(headers)
+            .is_some_and(|c| constant_time_eq(c.as_bytes(), session_value(t).as_bytes())),
+    };
+    Json(SessionState {
+        auth: token.is_some(),
+        authenticated,
+    })
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginBody {
+    token: String,
+}
+
+fn login(token: &Option<String>, Body(body): Body<LoginBody>) -> Response {
+    let Some(expected) = token else {
+        return (StatusCode::NO_CONTENT).into_response();
+    };
+    if !constant_time_eq(body.token.as_bytes(), expected.as_bytes()) {
+        tracing::warn!("dashboard login refused: wrong token");
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong token: it must be this master's FLOTILLA_TOKEN",
+        )
+        .into_response();
+    }
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+        session_value(expected)
+    );
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
+}
+
+async fn logout() -> Response {
+    let cookie = format!("{SESSION_COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0");
+    (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
+}
+
+/// `GET /ui/events`: one update at once, then one after each change of the
+/// scheduling state, at most one per [`MIN_GAP`] (changes in between are
+/// coalesced) and at least one per [`KEEPALIVE`].
+async fn events(State(cluster): State<Arc<Cluster>>) -> Response {
+    struct Conn {
+        cluster: Arc<Cluster>,
+        changes: tokio::sync::watch::Receiver<u64>,
+        cursor: Cursor,
+        last: Option<Instant>,
+    }
+    let conn = Conn {
+        changes: cluster.subscribe(),
+        cluster,
+        cursor: Cursor::default(),
+        last: None,
+    };
+    let stream = futures::stream::unfold(conn, |mut c| async move {
+        if let Some(last) = c.last {
+            tokio::time::sleep_until((last + MIN_GAP).into()).await;
+            let waited = tokio::time::timeout(KEEPALIVE, c.changes.changed()).await;
+            if let Ok(Err(_)) = waited {
+                return None; // the cluster is gone
+            }
+        } else {
+            c.changes.mark_unchanged();
+        }
+        let update = c.cluster.dashboard_update(&mut c.cursor);
+        c.last = Some(Instant::now());
+        let event = Event::default()
+            .event("update")
+            .retry(Duration::from_secs(1))
+            .json_data(&update)
+            .unwrap_or_else(|e| Event::default().event("error").data(e.to_string()));
+        Some((Ok::<_, Infallible>(event), c))
+    });
+    let mut resp = Sse::new(stream).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// A row of the dashboard's task table: the task without its result, and
+/// a one-line summary of its error or response.
+#[derive(Serialize, Debug)]
+pub struct TaskRow {
+    pub id: TaskId,
+    pub state: TaskState,
+    pub node: Option<WorkerId>,
+    pub attempts: Attempt,
+    pub submitted_at: u64,
+    pub started_at: Option<u64>,
+    pub finished_at: Option<u64>,
+    pub summary: String,
+}
+
+impl From<TaskView> for TaskRow {
+    fn from(t: TaskView) -> Self {
+        let summary = match (&t.error, &t.result) {
+            (Some(e), _) => e.lines().last().unwrap_or_default().to_string(),
+            (None, Some(r)) => match &r.response {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            (None, None) => String::new(),
+        };
+        TaskRow {
+            id: t.id,
+            state: t.state,
+            node: t.node,
+            attempts: t.attempts,
+            submitted_at: t.submitted_at,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+            summary: cut(&summary, SUMMARY),
+        }
+    }
+}
+
+#[derive(Serialize, Debug)]
+pub struct TaskRows {
+    pub tasks: Vec<TaskRow>,
+    pub next: Option<TaskId>,
+}
+
+/// `GET /ui/tasks?state=&node=&limit=&after=`: the task listing (same
+/// parameters and paging as `GET /tasks`) in table rows, so a page of a
+/// thousand tasks stays small whatever their results.
+async fn task_rows(
+    State(cluster): State<Arc<Cluster>>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<TaskRows>, ApiError> {
+    let p = crate::api::list_params(&q)?;
+    let (tasks, next) = cluster.list_tasks(p.after, p.state, p.node, p.limit);
+    Ok(Json(TaskRows {
+        tasks: tasks.into_iter().map(TaskRow::from).collect(),
+        next,
+    }))
+}
+
+/// `GET /ui/tasks/{id}`: a task with its code, attempts and trace.
+async fn task_detail(
+    State(cluster): State<Arc<Cluster>>,
+    Path(id): Path<String>,
+) -> Result<Json<TaskDetail>, ApiError> {
+    let id = crate::api::parse_task_id(&id)?;
+    match cluster.task_detail(id).await {
+        Some(detail) => Ok(Json(detail.bounded())),
+        None if cluster.expired(id) => Err(ApiError::new(
+            StatusCode::GONE,
+            format!("task {id}'s result expired"),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("task {id} does not exist"),
+        )),
+    }
+}
+
+/// Whether `req` is authorised by the dashboard's session cookie for
+/// `token`.
+pub fn has_session(req: &Request, token: &str) -> bool {
+    session_cookie(req.headers())
+        .is_some_and(|c| constant_time_eq(c.as_bytes(), session_value(token).as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_session_cookie_is_found_among_others_and_is_not_the_token() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; flotilla_session=abc; b=2"),
+        );
+        assert_eq!(session_cookie(&h), Some("abc"));
+        assert_eq!(session_cookie(&HeaderMap::new()), None);
+        let v = session_value("secret");
+        assert_eq!(v.len(), 64);
+        assert!(!v.contains("secret"));
+        assert_ne!(v, session_value("secret2"));
+    }
+
+    #[test]
+    fn series_gives_throughput_and_only_new_samples() {
+        let mut s = Series::default();
+        s.push(1_000, 0, 5, 1);
+        s.push(2_000, 500, 3, 1);
+        s.push(2_500, 1_000, 0, 0);
+        assert_eq!(s.throughput_now(), 1000.0);
+        let (all, last) = s.after(0);
+        assert_eq!((all.len(), last), (3, 3));
+        assert_eq!(all[1].throughput, 500.0);
+        let (fresh, _) = s.after(2);
+        assert_eq!(fresh.len(), 1);
+        for i in 0..(SERIES_LEN + 10) {
+            s.push(3_000 + i as u64 * 1000, 1_000, 0, 0);
+        }
+        assert_eq!(s.after(0).0.len(), SERIES_LEN);
+    }
+
+    #[test]
+    fn cut_keeps_whole_characters_and_says_what_it_left_out() {
+        assert_eq!(cut("short", 10), "short");
+        let c = cut("ééé", 3);
+        assert!(c.starts_with('é') && c.contains("4 more bytes"), "{c}");
+    }
+}
