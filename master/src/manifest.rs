@@ -547,8 +547,10 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     if let Some(t) = s.result_ttl_seconds {
         spec.result_ttl = seconds("spec.resultTtlSeconds", t)?;
     }
-    if let Some(t) = s.master_grace_seconds {
-        spec.master_grace = seconds("spec.masterGraceSeconds", t)?;
+    match s.master_grace_seconds {
+        Some(t) => spec.master_grace = seconds("spec.masterGraceSeconds", t)?,
+        // The default is 60 s, or two heartbeat intervals if longer.
+        None => spec.master_grace = spec.master_grace.max(spec.heartbeat_interval * 2),
     }
     if let Some(d) = s.state_dir {
         if d.trim().is_empty() {
@@ -787,6 +789,36 @@ system:
       sleep: 0
       body: { type: python, command: "response = 1" }
 "#;
+
+    #[test]
+    fn the_master_grace_period_defaults_to_a_minute_and_outlasts_two_heartbeats() {
+        let native = |spec: &str| {
+            format!("apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: {{name: g}}\nspec:\n  workers: [{{capacity: 1}}]\n{spec}")
+        };
+        let grace = |spec: &str| parse(&native(spec), "g.yaml").map(|s| s.master_grace);
+        assert_eq!(grace("").unwrap(), Duration::from_secs(60));
+        assert_eq!(
+            grace("  masterGraceSeconds: 10\n").unwrap(),
+            Duration::from_secs(10)
+        );
+        // A long heartbeat interval lengthens the default...
+        assert_eq!(
+            grace("  heartbeat: {intervalSeconds: 45, timeoutSeconds: 90}\n").unwrap(),
+            Duration::from_secs(90)
+        );
+        // ...and a grace period shorter than two intervals is refused.
+        let err = grace(
+            "  heartbeat: {intervalSeconds: 5, timeoutSeconds: 10}\n  masterGraceSeconds: 8\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("spec.masterGraceSeconds"), "{err}");
+        assert!(err.contains("twice the heartbeat interval"), "{err}");
+        assert_eq!(
+            parse(SEED, "seed.yaml").unwrap().master_grace,
+            Duration::from_secs(60)
+        );
+    }
 
     #[test]
     fn deep_nesting_is_refused_at_once() {

@@ -418,3 +418,108 @@ fn cancel_takes_a_task_out_wherever_it_is_and_tells_the_worker_to_stop_a_running
     );
     assert_eq!(s.cancel(999), Err(CancelError::Unknown(999)));
 }
+
+/// A master restarted on its store, with worker 0 adopted and worker 1
+/// gone: worker 0 keeps its incarnation, its running attempt (same lease)
+/// and its write grant (same token), so its release publishes once, and a
+/// resent release is answered as done; worker 1 gets the next incarnation,
+/// its attempt is lost (the task queued again) and its lease is dead.
+#[test]
+fn a_restart_keeps_the_attempts_and_grants_of_adopted_workers_only() {
+    use crate::resources::ResourceType;
+    use crate::store::Store;
+    let dir = std::env::temp_dir().join(format!(
+        "flotilla-adopt-{:x}",
+        rand::random::<u64>()
+    ));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let secret = "cluster-secret";
+    let fresh = |s: &mut Scheduler| {
+        s.keep_journal();
+        s.set_lease_secret(secret);
+        s.add_worker(1);
+        s.add_worker(1);
+    };
+
+    // The first master: A runs on worker 0 and holds the write lock on r;
+    // B runs on worker 1.
+    let (store, _) = Store::open(&dir, "c", secret).unwrap();
+    let mut s = Scheduler::new(3);
+    fresh(&mut s);
+    s.locks
+        .create("r", ResourceType::Integer, serde_json::json!(0))
+        .unwrap();
+    for w in 0..2 {
+        s.register(w, 1, 1, None, None).unwrap();
+        s.set_handle(w, 1, Some(format!("h{w}")));
+    }
+    s.submit(spec("a"));
+    s.submit(spec("b"));
+    let a = poll(&mut s, 0, 0, None).try_recv().unwrap();
+    let b = poll(&mut s, 1, 0, None).try_recv().unwrap();
+    let (gtx, mut grx) = oneshot::channel();
+    s.lock_acquire(&a.lease, "r", LockMode::Write, gtx, false)
+        .unwrap();
+    let grant = grx.try_recv().unwrap();
+    assert_eq!(grant.token, 1);
+    store.append(s.take_journal());
+    rt.block_on(store.flush()).unwrap();
+    drop(store);
+
+    // The next master adopts worker 0 only.
+    let (store, rec) = Store::open(&dir, "c", "unused").unwrap();
+    let mut s = Scheduler::new(3);
+    fresh(&mut s);
+    for r in &rec.resources {
+        s.locks.restore(r).unwrap();
+    }
+    let adopted = AdoptedWorker {
+        id: 0,
+        incarnation: 1,
+        locator: "pid 1".into(),
+        handle: Some("h0".into()),
+    };
+    s.restore(&rec, &[adopted]);
+    assert_eq!(s.worker(0).unwrap().incarnation, 1);
+    assert_eq!(s.worker(1).unwrap().incarnation, 2);
+    assert_eq!(s.task(a.task_id).unwrap().state, TaskState::Running);
+    // B waits to run again (queued, or already placed in a worker's queue).
+    assert!(matches!(
+        s.task(b.task_id).unwrap().state,
+        TaskState::Queued | TaskState::Assigned
+    ));
+    let view = s.locks.view("r").unwrap();
+    assert_eq!(view.holders.len(), 1, "A's grant is held again");
+    assert_eq!(view.holders[0].owner.task, a.task_id);
+    // B's attempt is over: its lease is dead.
+    assert_eq!(
+        s.lock_release(&b.lease, "r", LockMode::Read, None, false),
+        Err(LockCallError::StaleLease)
+    );
+    // A's release, with the lease and token of before, publishes once...
+    let publish = Some((serde_json::json!(7), grant.token));
+    assert_eq!(
+        s.lock_release(&a.lease, "r", LockMode::Write, publish.clone(), false),
+        Ok((1, true))
+    );
+    // ...and the same release resent (its answer lost) is answered as done,
+    // not published again, while a plain repeat is refused.
+    assert_eq!(
+        s.lock_release(&a.lease, "r", LockMode::Write, publish.clone(), true),
+        Ok((1, true))
+    );
+    assert!(s
+        .lock_release(&a.lease, "r", LockMode::Write, publish, false)
+        .is_err());
+    assert_eq!(s.locks.view("r").unwrap().value, serde_json::json!(7));
+    // Worker 0 registers again and reports A: recorded once.
+    s.register(0, 1, 1, None, None).unwrap();
+    let (tx, _rx) = oneshot::channel();
+    s.poll(0, 1, 0, report(&a, ok(7)), tx).unwrap();
+    assert_eq!(s.task(a.task_id).unwrap().state, TaskState::Succeeded);
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}
