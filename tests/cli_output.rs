@@ -23,6 +23,7 @@ fn up_with_stderr_to_a_file(name: &str, args: &[&str]) -> String {
         .arg(fresh_state_dir())
         .args(args)
         .env("RUST_LOG", "info")
+        .env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir())
         .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
         .stderr(log)
@@ -100,6 +101,7 @@ fn run_text(file: &Path) -> String {
         .arg(file)
         .args(["--port", "0", "--timeout", "60"])
         .env("RUST_LOG", "warn")
+        .env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir())
         .stderr(Stdio::inherit())
         .output()
         .unwrap();

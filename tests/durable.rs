@@ -414,6 +414,7 @@ fn up_ephemeral(name: &str, extra: &[&str]) -> (std::process::Child, String, std
         .args(["up", path.to_str().unwrap(), "--port", "0", "--ephemeral"])
         .args(extra)
         .env("RUST_LOG", "info")
+        .env("FLOTILLA_RUNTIME_DIR", flotilla_e2e::fresh_runtime_dir())
         .stdout(std::process::Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()

@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla::runtime::kubernetes::{KubernetesRuntime, KubernetesSettings};
+use flotilla::runtime::owner::Owner;
 use flotilla::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
 use flotilla_e2e::kube_standin::{describe, KubeApiStandin};
 use flotilla_e2e::{bin, fresh_state_dir, read_banner_url, temp_file};
@@ -314,8 +315,15 @@ async fn standin_api_server_second_master_adopts_existing_pods_without_duplicate
     // The first master dies without cleaning up (OOM-killed, node lost).
     drop(first);
 
-    // The next master of the same release, whose manifest has two workers.
+    // The next master of the same release, whose manifest has two workers:
+    // it claims the release (no one holds it), then deletes what is left.
     let (second, mut events) = connect(&standin, "demo").await;
+    assert_eq!(standin.pods(NS).len(), 4, "connecting deletes nothing");
+    second
+        .claim(&Owner::me("master", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    second.remove_leftovers().await.unwrap();
     assert_eq!(
         names(&standin.pods(NS)),
         ["other-worker-0"],
@@ -594,4 +602,204 @@ async fn standin_api_server_bad_values_fail_at_start_naming_them() {
     );
     assert!(err.contains("`Sometimes`"), "{err}");
     assert!(standin.pods(NS).is_empty());
+}
+
+/// Runs `flotilla ARGS` against the stand-in (through `kubeconfig`),
+/// expecting it to end within 30 s; returns (success, stdout, stderr).
+fn flotilla_at(kubeconfig: &str, args: &[&str]) -> (bool, String, String) {
+    let kubeconfig = temp_file("k8s-owner-kubeconfig.yaml", kubeconfig);
+    let mut child = Command::new(bin("flotilla"))
+        .args(args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("flotilla {args:?} still running after 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn holder(standin: &KubeApiStandin) -> String {
+    standin.lease(NS, "e2e-owner").expect("the release's Lease")["spec"]["holderIdentity"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// One owner per release: the master holds a Lease `<release>-owner` and
+/// renews it; a second master of the release (another state directory)
+/// refuses to start, naming the first, and no pod is deleted or created; a
+/// master that took over from a SIGKILLed one holds the Lease next; the
+/// Lease is handed back on Ctrl-C.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_no_pod() {
+    let standin = KubeApiStandin::start().await;
+    let kubeconfig = standin.kubeconfig(NS);
+    let envs = [("FLOTILLA_ADVERTISE_URL", "http://e2e:5000")];
+    let first = Master::start(E2E_MANIFEST, &kubeconfig, &envs);
+    let pods = standin
+        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
+        .await
+        .unwrap();
+    let uids: Vec<String> = pods.iter().map(uid).collect();
+    let first_pid = first.child.id();
+    assert!(
+        holder(&standin).ends_with(&format!("/{first_pid}")),
+        "{}",
+        holder(&standin)
+    );
+    let lease = standin.lease(NS, "e2e-owner").unwrap();
+    assert_eq!(lease["spec"]["leaseDurationSeconds"], 15);
+    let renewed = lease["spec"]["renewTime"].clone();
+
+    let manifest = temp_file("k8s-owner.yaml", E2E_MANIFEST);
+    let second_state = fresh_state_dir();
+    let pod_requests = |standin: &KubeApiStandin| {
+        standin
+            .requests()
+            .into_iter()
+            .filter(|r| (r.starts_with("POST") || r.starts_with("DELETE")) && r.contains("/pods"))
+            .count()
+    };
+    let writes_before = pod_requests(&standin);
+    let (ok, _, err) = flotilla_at(
+        &kubeconfig,
+        &[
+            "up",
+            manifest.to_str().unwrap(),
+            "--port",
+            "0",
+            "--runtime",
+            "kubernetes",
+            "--state-dir",
+            second_state.to_str().unwrap(),
+        ],
+    );
+    assert!(!ok, "the second master started: {err}");
+    for expected in [
+        "cluster `e2e` is owned by a live master".to_string(),
+        format!("pid {first_pid} on host"),
+        "API at http://e2e:5000".to_string(),
+        "Lease flotilla-test/e2e-owner".to_string(),
+    ] {
+        assert!(err.contains(&expected), "`{expected}` in: {err}");
+    }
+    let pods = standin.pods(NS);
+    assert_eq!(pods.iter().map(uid).collect::<Vec<_>>(), uids, "same pods");
+    assert_eq!(
+        pod_requests(&standin),
+        writes_before,
+        "the refused master neither created nor deleted a pod"
+    );
+
+    // The owner renews its Lease (every third of its 15 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while standin.lease(NS, "e2e-owner").unwrap()["spec"]["renewTime"] == renewed {
+        assert!(Instant::now() < deadline, "the Lease was never renewed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // `flotilla down` refuses while the owner lives.
+    let (ok, _, err) = flotilla_at(
+        &kubeconfig,
+        &[
+            "down",
+            manifest.to_str().unwrap(),
+            "--runtime",
+            "kubernetes",
+            "--state-dir",
+            second_state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        !ok && err.contains("refusing: cluster `e2e` is owned by a live master"),
+        "{err}"
+    );
+    assert_eq!(standin.pods(NS).iter().map(uid).collect::<Vec<_>>(), uids);
+
+    // SIGKILLed: its Lease is still fresh, but its process is gone, so the
+    // next master takes the Lease over at once.
+    drop(first);
+    let next = Master::start(E2E_MANIFEST, &kubeconfig, &envs);
+    let next_pid = next.child.id();
+    standin
+        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
+        .await
+        .unwrap();
+    assert!(
+        holder(&standin).ends_with(&format!("/{next_pid}")),
+        "{}",
+        holder(&standin)
+    );
+    assert_eq!(
+        standin.lease(NS, "e2e-owner").unwrap()["spec"]["leaseTransitions"],
+        1
+    );
+    // Ctrl-C: pods deleted, the Lease handed back.
+    assert!(next.interrupt().success());
+    assert!(standin.pods(NS).is_empty());
+    assert_eq!(holder(&standin), "");
+}
+
+/// `flotilla down` deletes the pods a SIGKILLed master left, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_flotilla_down_deletes_the_pods_a_dead_master_left() {
+    let standin = KubeApiStandin::start().await;
+    let kubeconfig = standin.kubeconfig(NS);
+    let master = Master::start(E2E_MANIFEST, &kubeconfig, &[]);
+    standin
+        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
+        .await
+        .unwrap();
+    drop(master); // SIGKILL: the pods stay
+    assert_eq!(standin.pods(NS).len(), 2);
+    let manifest = temp_file("k8s-down.yaml", E2E_MANIFEST);
+    let state = fresh_state_dir();
+    let (ok, out, err) = flotilla_at(
+        &kubeconfig,
+        &[
+            "down",
+            manifest.to_str().unwrap(),
+            "--runtime",
+            "kubernetes",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("removed 2 workers")
+            && out.contains("pod flotilla-test/e2e-worker-0")
+            && out.contains("pod flotilla-test/e2e-worker-1"),
+        "{out}"
+    );
+    assert!(standin.pods(NS).is_empty());
+    assert_eq!(holder(&standin), "", "down hands the Lease back");
+    let (ok, out, err) = flotilla_at(
+        &kubeconfig,
+        &[
+            "down",
+            manifest.to_str().unwrap(),
+            "--runtime",
+            "kubernetes",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("no worker left to remove"), "{out}");
 }

@@ -305,6 +305,7 @@ async fn logs_can_be_json() {
         .args(["--log-format", "json", "--log-level", "info", "run"])
         .arg(&path)
         .args(["--port", "0", "--timeout", "30"])
+        .env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir())
         .env_remove("RUST_LOG")
         .output()
         .unwrap();
@@ -441,6 +442,7 @@ async fn info_logs_carry_no_task_data() {
             .args(["--log-level", level, "run"])
             .arg(&path)
             .args(["--port", "0", "--timeout", "60", "--json"])
+            .env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir())
             .env_remove("RUST_LOG")
             .output()
             .unwrap()

@@ -278,6 +278,8 @@ pub const MASTER_INCARNATION_HEADER: &str = "flotilla-master-incarnation";
 /// The fallback, body limit and incarnation header every listener has.
 fn serve(routes: Router<Arc<Cluster>>, cluster: Arc<Cluster>) -> Router {
     let incarnation = header::HeaderValue::from(cluster.master_incarnation);
+    let session = header::HeaderValue::from_str(&cluster.cfg.session)
+        .unwrap_or_else(|_| header::HeaderValue::from_static("?"));
     routes
         .fallback(|req: Request| async move {
             ApiError::not_found(format!(
@@ -289,9 +291,12 @@ fn serve(routes: Router<Arc<Cluster>>, cluster: Arc<Cluster>) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(DEFAULT_BODY_LIMIT))
         .layer(middleware::map_response(move |mut resp: Response| {
             let incarnation = incarnation.clone();
+            let session = session.clone();
             async move {
                 resp.headers_mut()
                     .insert(MASTER_INCARNATION_HEADER, incarnation);
+                resp.headers_mut()
+                    .insert(crate::runtime::owner::SESSION_HEADER, session);
                 resp
             }
         }))

@@ -79,7 +79,14 @@ impl Target {
             Some(d) => vec!["--state-dir".into(), d.into()],
             None => vec!["--ephemeral".into()],
         };
+        // A claim directory of its own: a bench beside other masters of the
+        // same cluster name (another bench, a test) must not be refused.
+        let claims = {
+            use rand::Rng;
+            dir.join(format!("run-{:x}", rand::thread_rng().gen::<u64>()))
+        };
         let mut child = Command::new(flotilla)
+            .env("FLOTILLA_RUNTIME_DIR", &claims)
             .args(["--log-level", "error", "up"])
             .arg(&path)
             .args(["--port", "0"])

@@ -58,6 +58,10 @@ pub struct ClusterConfig {
     /// `spec.telemetry.jaegerUrl`: the dashboard links each task's trace
     /// there.
     pub jaeger_url: Option<String>,
+    /// This start of the master, as its claim on the cluster records it;
+    /// every response carries it (`Flotilla-Master-Session`), so that a
+    /// second master can tell this one is alive.
+    pub session: String,
 }
 
 /// The default of `spec.maxWorkers`.
@@ -89,6 +93,7 @@ impl Default for ClusterConfig {
             max_workers: DEFAULT_MAX_WORKERS,
             master_grace: Duration::from_secs(60),
             jaeger_url: None,
+            session: random_secret()[..16].to_string(),
         }
     }
 }
@@ -1170,6 +1175,7 @@ impl Cluster {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runtime.shutdown().await;
+        self.runtime.release_claim().await;
         self.close_store().await;
     }
 
@@ -1180,6 +1186,7 @@ impl Cluster {
         self.stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.runtime.detach().await;
+        self.runtime.release_claim().await;
         self.close_store().await;
     }
 

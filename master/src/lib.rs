@@ -24,6 +24,7 @@ use tracing::info;
 
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::manifest::{ClusterSpec, RuntimeKind};
+use crate::runtime::owner::Owner;
 use crate::runtime::WorkerEndpoint;
 
 /// How the master listens.
@@ -205,9 +206,29 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         }
         None => None,
     };
+    let listener = TcpListener::bind((opts.bind, opts.port))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {}:{} (is another master running? try --port)",
+                opts.bind, opts.port
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let worker_host = if opts.bind.is_unspecified() {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        opts.bind
+    };
+    let api_url = format!("http://{}", SocketAddr::new(worker_host, addr.port()));
     let runtime_kind = opts.runtime.unwrap_or(spec.runtime);
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let runtime = runtime::connect(runtime_kind, spec, events_tx).await?;
+    // One owner per cluster: claimed before any worker is touched, so a
+    // live owner's workers are left alone; only then are a gone owner's
+    // adopted or removed (below).
+    let me = Owner::me("master", opts.advertise_url.as_deref().unwrap_or(&api_url));
+    runtime.claim(&me).await?;
     let cfg = ClusterConfig {
         name: spec.name.clone(),
         heartbeat_interval: spec.heartbeat_interval,
@@ -220,6 +241,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         max_workers: spec.max_workers,
         master_grace: spec.master_grace,
         jaeger_url: spec.jaeger_url.clone(),
+        session: me.session.clone(),
         ..ClusterConfig::default()
     };
     let cluster = Cluster::new(
@@ -266,15 +288,6 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
             .map_err(|e| anyhow::anyhow!("state directory {}: {e}", store.dir().display()))?;
     }
     drop(durable);
-    let listener = TcpListener::bind((opts.bind, opts.port))
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {}:{} (is another master running? try --port)",
-                opts.bind, opts.port
-            )
-        })?;
-    let addr = listener.local_addr()?;
     let metrics_listener = match opts.metrics_port {
         None => None,
         Some(port) => Some(
@@ -292,12 +305,6 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         .as_ref()
         .map(|l| l.local_addr())
         .transpose()?;
-    let worker_host = if opts.bind.is_unspecified() {
-        IpAddr::from([127, 0, 0, 1])
-    } else {
-        opts.bind
-    };
-    let api_url = format!("http://{}", SocketAddr::new(worker_host, addr.port()));
     let worker_server = match cluster
         .worker_endpoint(opts.advertise_url.as_deref(), &api_url)
         .await?
@@ -347,6 +354,57 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         metrics_server,
         worker_server,
     })
+}
+
+/// What `flotilla down` is told.
+#[derive(Clone, Debug, Default)]
+pub struct DownOptions {
+    pub runtime: Option<RuntimeKind>,
+    /// Where the cluster's state is (the recorded process workers' PIDs).
+    pub state_dir: Option<std::path::PathBuf>,
+    /// Remove the workers even though a live master owns the cluster.
+    pub force: bool,
+}
+
+/// `flotilla down`: removes the cluster's workers for good (processes
+/// recorded in the state directory and still ours, labelled containers,
+/// the release's pods). Refuses while a live master owns the cluster,
+/// unless `force`. Returns one line per worker removed.
+pub async fn down(spec: &ClusterSpec, opts: &DownOptions) -> Result<Vec<String>> {
+    use crate::runtime::owner::ClaimError;
+    let kind = opts.runtime.unwrap_or(spec.runtime);
+    let (events, _ignored) = tokio::sync::mpsc::unbounded_channel();
+    let runtime = runtime::connect(kind, spec, events).await?;
+    let me = Owner::me("flotilla down", "");
+    match runtime.claim(&me).await {
+        Ok(()) => {}
+        Err(ClaimError::Held { owner, claim, .. }) if opts.force => {
+            tracing::warn!(%owner, %claim, "--force: removing the workers of a cluster a live master owns (it will start them again)");
+        }
+        Err(ClaimError::Held {
+            cluster,
+            owner,
+            claim,
+        }) => bail!(
+            "refusing: cluster `{cluster}` is owned by a live {owner} (claim: {claim}). Stop that master (Ctrl-C there stops its workers too), or pass --force to remove its workers anyway (a live master starts them again)"
+        ),
+        Err(e) => return Err(e.into()),
+    }
+    let recorded = match &opts.state_dir {
+        Some(dir) => store::Store::recorded_workers(dir)?
+            .into_iter()
+            .map(|(id, incarnation, pid, key)| runtime::RecordedWorker {
+                id,
+                incarnation,
+                pid,
+                key,
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let removed = runtime.remove_workers(&recorded).await;
+    runtime.release_claim().await;
+    Ok(removed?)
 }
 
 async fn serve(listener: TcpListener, app: axum::Router) {

@@ -105,6 +105,24 @@ enum Command {
     },
     /// Check a manifest and print what it describes.
     Check { file: PathBuf },
+    /// Remove a cluster's workers for good (processes, containers, pods);
+    /// refuses while a live master owns the cluster, unless --force.
+    Down {
+        /// The cluster's manifest (as given to `up`).
+        file: PathBuf,
+        /// Override the manifest's runtime.
+        #[arg(long)]
+        runtime: Option<RuntimeKind>,
+        /// The cluster's state directory, where its process workers' PIDs
+        /// are recorded (default: as `up`: spec.stateDir, else
+        /// .flotilla/<cluster name>).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Remove the workers even though a live master owns the cluster
+        /// (that master starts them again).
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the benchmark workloads (README, "Performance") against fresh clusters.
     Bench {
         /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round
@@ -437,6 +455,38 @@ async fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&figures)?);
             } else {
                 print_figures(&figures);
+            }
+        }
+        Command::Down {
+            file,
+            runtime,
+            state_dir,
+            force,
+        } => {
+            let spec = manifest::load_file(&file)?;
+            let _telemetry = logs.init_telemetry("warn", None);
+            let state_dir = state_dir
+                .or_else(|| spec.state_dir.clone())
+                .unwrap_or_else(|| flotilla::store::Store::default_dir(&spec.name));
+            let opts = flotilla::DownOptions {
+                runtime,
+                state_dir: Some(state_dir),
+                force,
+            };
+            let removed = flotilla::down(&spec, &opts).await?;
+            let kind = format!("{:?}", runtime.unwrap_or(spec.runtime)).to_lowercase();
+            if removed.is_empty() {
+                println!("cluster `{}` ({kind}): no worker left to remove", spec.name);
+            } else {
+                println!(
+                    "cluster `{}` ({kind}): removed {} worker{}:",
+                    spec.name,
+                    removed.len(),
+                    if removed.len() == 1 { "" } else { "s" }
+                );
+                for line in removed {
+                    println!("  {line}");
+                }
             }
         }
         Command::Check { file } => {

@@ -30,6 +30,8 @@ MANIFESTS = ROOT / "manifests" / "kubernetes"
 # A recent release that kind and minikube ship and kubernetes-validate has schemas for.
 KUBE_VERSION = "1.35.0"
 POD_VERBS = ["get", "list", "watch", "create", "delete"]
+# The release's Lease <release>-owner: read, created, renewed.
+LEASE_VERBS = ["get", "create", "update"]
 
 _spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "charts" / "render-manifests.py")
 render_manifests = importlib.util.module_from_spec(_spec)
@@ -170,9 +172,12 @@ def test_every_rendered_object_validates(case):
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
 
-def test_role_grants_exactly_the_pod_verbs_the_runtime_uses(case):
+def test_role_grants_exactly_the_pod_and_lease_verbs_the_runtime_uses(case):
     _, _, objects, _ = case
-    assert objects["Role"]["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": POD_VERBS}]
+    assert objects["Role"]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": POD_VERBS},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": LEASE_VERBS},
+    ]
     binding = objects["RoleBinding"]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": objects["Role"]["metadata"]["name"],

@@ -23,6 +23,12 @@
 //!   server also deletes at once a pod that was never bound to a node, which
 //!   is every pod here.
 //!
+//! - Leases (`coordination.k8s.io/v1`, what a master claims its release
+//!   with): `POST` creates (`409 AlreadyExists`), `GET {name}` reads, `PUT
+//!   {name}` replaces only with the current `metadata.resourceVersion`
+//!   (else `409 Conflict`, the optimistic concurrency every Lease client
+//!   relies on).
+//!
 //! Errors are `Status` objects with the real reasons. Nothing else exists:
 //! no scheduler, no kubelet (pods never run: the test plays the kubelet with
 //! [`KubeApiStandin::set_pod_status`]), no graceful deletion, no
@@ -72,6 +78,8 @@ struct ApiState {
     watches: Vec<Watch>,
     /// `METHOD path?query` of every request, in order.
     requests: Vec<String>,
+    /// (namespace, name) -> the Lease as a GET returns it.
+    leases: BTreeMap<(String, String), Value>,
 }
 
 struct Recorded {
@@ -237,6 +245,14 @@ impl KubeApiStandin {
                 "/api/v1/namespaces/{ns}/pods/{name}",
                 get(read).delete(delete),
             )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
+                axum::routing::post(create_lease),
+            )
+            .route(
+                "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{name}",
+                get(read_lease).put(replace_lease),
+            )
             .fallback(|method: Method, uri: Uri| async move {
                 status_error(
                     StatusCode::NOT_FOUND,
@@ -342,6 +358,15 @@ impl KubeApiStandin {
         state.compacted = state.resource_version + 1;
         drop(state);
         self.shared.changed.notify_waiters();
+    }
+
+    /// The Lease `name` of `namespace`, as a GET returns it.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .leases
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
     }
 
     /// `METHOD path?query` of every request so far.
@@ -673,4 +698,108 @@ fn watch_response(rx: mpsc::UnboundedReceiver<Bytes>, timeout: Duration) -> Resp
         .header("content-type", "application/json")
         .body(Body::from_stream(lines))
         .unwrap()
+}
+
+async fn create_lease(
+    State(shared): State<Arc<Shared>>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON".into(),
+        );
+    };
+    let Some(name) = lease["metadata"]["name"].as_str().map(String::from) else {
+        return status_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "Lease \"\" is invalid: metadata.name: Required value".into(),
+        );
+    };
+    let mut state = shared.state.lock().unwrap();
+    let key = (ns.clone(), name.clone());
+    if state.leases.contains_key(&key) {
+        return status_error(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("leases.coordination.k8s.io \"{name}\" already exists"),
+        );
+    }
+    state.next_uid += 1;
+    let rv = state.bump();
+    lease["kind"] = json!("Lease");
+    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+    let meta = &mut lease["metadata"];
+    meta["namespace"] = json!(ns);
+    meta["uid"] = json!(format!("00000000-0000-4000-9000-{:012x}", state.next_uid));
+    meta["resourceVersion"] = json!(rv);
+    meta["creationTimestamp"] = json!(now_rfc3339());
+    state.leases.insert(key, lease.clone());
+    (StatusCode::CREATED, Json(lease)).into_response()
+}
+
+async fn read_lease(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let state = shared.state.lock().unwrap();
+    match state.leases.get(&(ns, name.clone())) {
+        Some(lease) => Json(lease.clone()).into_response(),
+        None => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        ),
+    }
+}
+
+async fn replace_lease(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Response {
+    let Ok(mut lease) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON".into(),
+        );
+    };
+    let mut state = shared.state.lock().unwrap();
+    let key = (ns.clone(), name.clone());
+    let Some(current) = state.leases.get(&key) else {
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("leases.coordination.k8s.io \"{name}\" not found"),
+        );
+    };
+    let has = current["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap_or("");
+    let sent = lease["metadata"]["resourceVersion"].as_str().unwrap_or("");
+    if sent != has {
+        return status_error(
+            StatusCode::CONFLICT,
+            "Conflict",
+            format!("Operation cannot be fulfilled on leases.coordination.k8s.io \"{name}\": the object has been modified; please apply your changes to the latest version and try again"),
+        );
+    }
+    let (uid, created) = (
+        current["metadata"]["uid"].clone(),
+        current["metadata"]["creationTimestamp"].clone(),
+    );
+    let rv = state.bump();
+    lease["kind"] = json!("Lease");
+    lease["apiVersion"] = json!("coordination.k8s.io/v1");
+    let meta = &mut lease["metadata"];
+    meta["namespace"] = json!(ns);
+    meta["uid"] = uid;
+    meta["creationTimestamp"] = created;
+    meta["resourceVersion"] = json!(rv);
+    state.leases.insert(key, lease.clone());
+    Json(lease).into_response()
 }

@@ -70,6 +70,17 @@ pub fn fresh_state_dir() -> PathBuf {
         .join(format!("state-{n}"))
 }
 
+/// A new runtime directory (`FLOTILLA_RUNTIME_DIR`: where a process
+/// cluster's claim file is), so that tests running side by side with the
+/// same cluster name do not refuse each other's masters.
+pub fn fresh_runtime_dir() -> PathBuf {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::env::temp_dir()
+        .join(format!("flotilla-e2e-{}", std::process::id()))
+        .join(format!("run-{n}"))
+}
+
 /// A running `flotilla up`, killed (with its workers) on drop.
 pub struct Cluster {
     child: Child,
@@ -113,6 +124,8 @@ impl Cluster {
             "RUST_LOG",
             std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "info".into()),
         );
+        // A claim of its own unless the test shares one on purpose.
+        cmd.env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir());
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -324,6 +337,7 @@ pub fn flotilla_run(file: &Path, extra: &[&str]) -> Result<Value> {
         .arg(file)
         .args(["--port", "0", "--json"])
         .args(extra)
+        .env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir())
         .env(
             "RUST_LOG",
             std::env::var("FLOTILLA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -350,7 +364,8 @@ pub fn flotilla_run(file: &Path, extra: &[&str]) -> Result<Value> {
 /// Runs the CLI expecting failure; returns stderr.
 pub fn flotilla_fails(args: &[&str], envs: &[(&str, &str)]) -> String {
     let mut cmd = Command::new(bin("flotilla"));
-    cmd.args(args);
+    cmd.args(args)
+        .env("FLOTILLA_RUNTIME_DIR", fresh_runtime_dir());
     for (k, v) in envs {
         cmd.env(k, v);
     }

@@ -54,6 +54,9 @@ class Master:
         full_env.pop("FLOTILLA_TOKEN", None)
         full_env.update(env or {})
         full_env.setdefault("RUST_LOG", "warn")
+        # Its claim on the cluster name in a directory of its own, so that
+        # masters of the same name elsewhere on the machine do not refuse it.
+        full_env.setdefault("FLOTILLA_RUNTIME_DIR", str(Path(self.dir.name) / "run"))
         self.proc = subprocess.Popen(
             # Durable, in a state directory of its own (removed with the rest).
             [flotilla_bin(), "up", str(path), "--port", "0",

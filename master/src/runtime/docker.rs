@@ -12,7 +12,12 @@
 //! start, not adopted: they carry the old master's secret and address, and an
 //! incarnation the new master never issued, while the tasks they held lived
 //! only in the old master's memory. Removing them is the one way to be sure
-//! nothing runs twice.
+//! nothing runs twice. They are removed only once the cluster is claimed
+//! (see [`super::owner`]): a container `<cluster>-owner`, created and never
+//! started, labelled with its owner's record. Creating a container under a
+//! taken name fails, so the engine itself decides between two masters
+//! starting at once; a claim whose owner is seen gone (its process on this
+//! host, or its API not answering with its session) is removed and taken.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -37,7 +42,10 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch};
+use super::owner::{self, ClaimError, Owner, Verdict};
+use super::{
+    RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch,
+};
 
 /// The worker image when the manifest names none.
 pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
@@ -45,6 +53,10 @@ pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
 pub const LABEL_CLUSTER: &str = "dev.flotilla.cluster";
 pub const LABEL_WORKER: &str = "dev.flotilla.worker";
 pub const LABEL_INCARNATION: &str = "dev.flotilla.incarnation";
+/// On the claim container `<cluster>-owner`: the cluster it claims, and the
+/// owner's record (JSON).
+pub const LABEL_OWNER_OF: &str = "dev.flotilla.owner-of";
+pub const LABEL_OWNER: &str = "dev.flotilla.owner";
 
 /// Longest wait for one engine call (the event stream is not bounded by it).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -90,6 +102,11 @@ impl DockerSettings {
         format!("{}-worker-{worker}", self.cluster)
     }
 
+    /// The claim container's name (see the module comment).
+    pub fn claim_name(&self) -> String {
+        format!("{}-owner", self.cluster)
+    }
+
     /// The CPU quota of a worker of this capacity, in units of 1e-9 CPUs:
     /// capacity x cpuPerCapacity, capped at the engine's CPU count (Docker
     /// refuses a quota above it).
@@ -108,13 +125,6 @@ pub enum DockerSetupError {
     ImageMissing { image: String },
     #[error("docker network `{network}`: {reason}")]
     Network { network: String, reason: String },
-    #[error(
-        "cannot remove the containers left by an earlier run of cluster `{cluster}`: {source}"
-    )]
-    Leftovers {
-        cluster: String,
-        source: BollardError,
-    },
 }
 
 /// The container that runs a worker's current incarnation.
@@ -136,6 +146,8 @@ struct Inner {
     events: UnboundedSender<RuntimeEvent>,
     /// Set on shutdown: deaths are then expected, and not reported.
     stopping: AtomicBool,
+    /// This master's claim on the cluster, once made: (owner, container ID).
+    claim: Mutex<Option<(Owner, String)>>,
 }
 
 pub struct DockerRuntime {
@@ -165,8 +177,9 @@ fn now_unix() -> Duration {
 
 impl DockerRuntime {
     /// Connects to the engine (DOCKER_HOST or the local socket), checks the
-    /// image, creates the network if it is missing, removes containers left
-    /// by an earlier run of this cluster, and starts following its events.
+    /// image, creates the network if it is missing, and starts following
+    /// the cluster's events. Containers left by an earlier run are removed
+    /// by [`Runtime::remove_workers`], once the cluster is claimed.
     pub async fn connect(
         settings: DockerSettings,
         events: UnboundedSender<RuntimeEvent>,
@@ -214,21 +227,8 @@ impl DockerRuntime {
             containers: Mutex::new(HashMap::new()),
             events,
             stopping: AtomicBool::new(false),
+            claim: Mutex::new(None),
         });
-        let removed =
-            inner
-                .remove_labelled()
-                .await
-                .map_err(|source| DockerSetupError::Leftovers {
-                    cluster: inner.settings.cluster.clone(),
-                    source,
-                })?;
-        if removed > 0 {
-            info!(
-                cluster = %inner.settings.cluster,
-                removed, "removed worker containers left by an earlier run of this cluster"
-            );
-        }
         let watcher = tokio::spawn(inner.clone().watch_events(since));
         Ok(DockerRuntime {
             inner,
@@ -306,8 +306,19 @@ impl Inner {
         format!("{LABEL_CLUSTER}={}", self.settings.cluster)
     }
 
-    /// Removes every container labelled with this cluster; returns how many.
-    async fn remove_labelled(&self) -> Result<usize, BollardError> {
+    /// Removes every container labelled with this cluster but those it
+    /// tracks when `spare_tracked` (adopted ones); returns their names and
+    /// short IDs.
+    async fn remove_labelled(&self, spare_tracked: bool) -> Result<Vec<String>, BollardError> {
+        let spared: Vec<String> = if spare_tracked {
+            let containers = self.containers.lock().expect("containers lock");
+            containers
+                .values()
+                .map(|t| t.container_id.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let filters = HashMap::from([("label", vec![self.cluster_filter()])]);
         let list = self
             .docker
@@ -318,12 +329,67 @@ impl Inner {
                     .build(),
             ))
             .await?;
-        let ids: Vec<String> = list.into_iter().filter_map(|c| c.id).collect();
-        let removals = ids.iter().map(|id| self.remove(id));
+        let found: Vec<(String, String)> = list
+            .into_iter()
+            .filter_map(|c| {
+                let name = c.names.and_then(|n| n.first().cloned()).unwrap_or_default();
+                c.id.map(|id| (id, name.trim_start_matches('/').to_string()))
+            })
+            .filter(|(id, _)| !spared.contains(id))
+            .collect();
+        let removals = found.iter().map(|(id, _)| self.remove(id));
         for result in futures::future::join_all(removals).await {
             result?;
         }
-        Ok(ids.len())
+        Ok(found
+            .into_iter()
+            .map(|(id, name)| format!("container {name} ({})", &id[..12.min(id.len())]))
+            .collect())
+    }
+
+    /// The claim container as it is now: its ID and owner record, if any.
+    async fn read_claim(&self) -> Result<Option<(String, Option<Owner>)>, String> {
+        let name = self.settings.claim_name();
+        match self.docker.inspect_container(&name, None).await {
+            Ok(c) => {
+                let owner = c
+                    .config
+                    .and_then(|c| c.labels)
+                    .and_then(|l| l.get(LABEL_OWNER).cloned())
+                    .and_then(|json| serde_json::from_str::<Owner>(&json).ok());
+                Ok(Some((c.id.unwrap_or(name), owner)))
+            }
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(format!("cannot inspect container {name}: {e}")),
+        }
+    }
+
+    /// Creates the claim container for `me`; `Ok(None)` when the name is
+    /// taken.
+    async fn create_claim(&self, me: &Owner) -> Result<Option<String>, String> {
+        let name = self.settings.claim_name();
+        let body = ContainerCreateBody {
+            image: Some(self.settings.image.clone()),
+            labels: Some(HashMap::from([
+                (LABEL_OWNER_OF.to_string(), self.settings.cluster.clone()),
+                (
+                    LABEL_OWNER.to_string(),
+                    serde_json::to_string(me).expect("an owner serialises"),
+                ),
+            ])),
+            // Never started: a record, not a process.
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        match self.docker.create_container(Some(options), body).await {
+            Ok(c) => Ok(Some(c.id)),
+            Err(e) if status_of(&e) == Some(409) => Ok(None),
+            Err(e) => Err(format!("cannot create container {name}: {e}")),
+        }
     }
 
     /// `docker rm -f`: SIGKILL if running (paused too), then remove.
@@ -694,6 +760,102 @@ impl Runtime for DockerRuntime {
         })
     }
 
+    async fn claim(&self, me: &Owner) -> Result<(), ClaimError> {
+        let inner = &self.inner;
+        let cluster = inner.settings.cluster.clone();
+        let claim = format!("container {}", inner.settings.claim_name());
+        let failed = |detail: String| ClaimError::Failed {
+            cluster: cluster.clone(),
+            claim: claim.clone(),
+            detail,
+        };
+        // When an owner that can be neither seen nor reached loses its claim.
+        let mut unknown_since: Option<tokio::time::Instant> = None;
+        loop {
+            if let Some(id) = inner.create_claim(me).await.map_err(&failed)? {
+                *inner.claim.lock().expect("claim lock") = Some((me.clone(), id));
+                return Ok(());
+            }
+            let Some((id, holder)) = inner.read_claim().await.map_err(&failed)? else {
+                continue; // removed meanwhile: try again
+            };
+            let verdict = match &holder {
+                Some(h) if h.session == me.session => Verdict::Alive,
+                Some(h) => owner::liveness(h).await,
+                None => Verdict::Gone("the claim names no owner".into()),
+            };
+            match (verdict, holder) {
+                (Verdict::Alive, Some(h)) => {
+                    return Err(ClaimError::Held {
+                        cluster,
+                        owner: Box::new(h),
+                        claim,
+                    })
+                }
+                (Verdict::Unknown(why), Some(h))
+                    if unknown_since
+                        .get_or_insert_with(tokio::time::Instant::now)
+                        .elapsed()
+                        < owner::LEASE =>
+                {
+                    warn!(owner = %h, %why, lease = ?owner::LEASE, "the cluster's owner cannot be reached; taking its claim over if it stays so for the lease");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                (verdict, _) => {
+                    info!(
+                        ?verdict,
+                        "the cluster's previous owner is gone; taking its claim over"
+                    );
+                    inner.remove(&id).await.map_err(|e| {
+                        failed(format!("cannot remove the gone owner's claim: {e}"))
+                    })?;
+                }
+            }
+        }
+    }
+
+    async fn release_claim(&self) {
+        let inner = &self.inner;
+        let Some((me, id)) = inner.claim.lock().expect("claim lock").take() else {
+            return;
+        };
+        // Only if it is still ours.
+        if let Ok(Some((now, Some(holder)))) = inner.read_claim().await {
+            if now == id && holder.session == me.session {
+                if let Err(e) = inner.remove(&id).await {
+                    warn!(error = %e, "could not remove the cluster's claim container");
+                }
+            }
+        }
+    }
+
+    async fn remove_workers(
+        &self,
+        _recorded: &[RecordedWorker],
+    ) -> Result<Vec<String>, RuntimeError> {
+        self.inner.remove_labelled(false).await.map_err(|e| {
+            RuntimeError::Remove(format!(
+                "containers of cluster `{}`: {e}",
+                self.inner.settings.cluster
+            ))
+        })
+    }
+
+    /// With the claim held (their master is gone): the containers of the
+    /// cluster that were not adopted.
+    async fn remove_leftovers(&self) -> Result<(), RuntimeError> {
+        let removed = self.inner.remove_labelled(true).await.map_err(|e| {
+            RuntimeError::Remove(format!(
+                "cannot remove the containers left by an earlier master of cluster `{}`: {e}",
+                self.inner.settings.cluster
+            ))
+        })?;
+        if !removed.is_empty() {
+            info!(cluster = %self.inner.settings.cluster, ?removed, "removed worker containers left by a master that is gone");
+        }
+        Ok(())
+    }
+
     async fn shutdown(&self) {
         let inner = &self.inner;
         inner.stopping.store(true, Ordering::SeqCst);
@@ -701,8 +863,8 @@ impl Runtime for DockerRuntime {
         inner.containers.lock().expect("containers lock").clear();
         // Every container with the label, tracked or not (a start that
         // failed half-way leaves one).
-        match inner.remove_labelled().await {
-            Ok(n) => info!(removed = n, "removed the worker containers"),
+        match inner.remove_labelled(false).await {
+            Ok(n) => info!(removed = n.len(), "removed the worker containers"),
             Err(e) => warn!(error = %e, "could not remove every worker container"),
         }
         if self.created_network {
@@ -776,6 +938,7 @@ mod tests {
             containers: Mutex::new(HashMap::new()),
             events: tx,
             stopping: AtomicBool::new(false),
+            claim: Mutex::new(None),
         }
     }
 

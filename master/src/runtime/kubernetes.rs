@@ -12,6 +12,14 @@
 //! eviction), or unable to start (an image that cannot be pulled). The
 //! heartbeat stays the backstop for a pod that hangs.
 //!
+//! One owner. Before it touches any pod, a master claims the release with a
+//! `coordination.k8s.io/v1` Lease `<release>-owner` (holder: its pod, else
+//! host/PID; its full record in an annotation), renewed every third of
+//! [`owner::LEASE`]. A second master refuses to start while the holder is
+//! alive and its lease fresh; it takes the Lease over once the lease has
+//! expired or the holder is seen gone (its pod deleted or finished, its
+//! process on this host ended, its API answering with another session).
+//!
 //! Adoption. Pods left by an earlier master of the same release (it crashed,
 //! or was killed before it could clean up) are deleted at start and the
 //! workers are created again under the same names; they are not reused. A
@@ -35,12 +43,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use flotilla_proto::{env, Incarnation, WorkerId};
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext, PodSpec,
     ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::watcher::{self, Event};
@@ -48,9 +57,12 @@ use kube::runtime::WatchStreamExt;
 use kube::{Client, Config};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use super::{Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch};
+use super::owner::{self, ClaimError, Owner, Verdict};
+use super::{
+    RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch,
+};
 
 /// The worker image when the manifest names none.
 pub const DEFAULT_IMAGE: &str = "flotilla-worker:0.1.0";
@@ -65,6 +77,8 @@ pub const LABEL_WORKER: &str = "flotilla.dev/worker";
 pub const LABEL_INCARNATION: &str = "flotilla.dev/incarnation";
 /// Which start of a master created the pod (see the module comment).
 pub const ANNOTATION_SESSION: &str = "flotilla.dev/master-session";
+/// On the release's Lease: the holder's full record (JSON).
+pub const ANNOTATION_OWNER: &str = "flotilla.dev/owner";
 
 /// The environment the chart gives the master.
 pub const ENV_RELEASE: &str = "FLOTILLA_RELEASE";
@@ -124,9 +138,7 @@ pub enum KubernetesSetupError {
         url: String,
         source: Box<kube::Error>,
     },
-    #[error(
-        "cannot delete the worker pods left by an earlier master of release `{release}`: {reason}"
-    )]
+    #[error("cannot delete the worker pods of release `{release}`: {reason}")]
     Leftovers { release: String, reason: String },
 }
 
@@ -178,6 +190,11 @@ impl KubernetesSettings {
 
     pub fn pod_name(&self, worker: WorkerId) -> String {
         format!("{}-worker-{worker}", self.release)
+    }
+
+    /// The release's Lease (see the module comment).
+    pub fn lease_name(&self) -> String {
+        format!("{}-owner", self.release)
     }
 
     /// Selects this release's worker pods, and nothing else.
@@ -414,6 +431,12 @@ struct Tracked {
 
 struct Inner {
     pods: Api<Pod>,
+    leases: Api<Lease>,
+    /// The API server's URL, for errors.
+    url: String,
+    /// This master's claim, once made; and the task renewing it.
+    claim: Mutex<Option<Owner>>,
+    renewer: Mutex<Option<JoinHandle<()>>>,
     settings: KubernetesSettings,
     namespace: String,
     session: String,
@@ -445,8 +468,10 @@ impl KubernetesRuntime {
         Self::connect_with(config, settings, events).await
     }
 
-    /// Connects with `config`, deletes the pods an earlier master left, and
-    /// starts watching the release's worker pods.
+    /// Connects with `config`, checks that the release's worker pods can
+    /// be listed, and starts watching them. The pods an earlier master left
+    /// are deleted by [`Runtime::remove_workers`], once the release is
+    /// claimed.
     pub async fn connect_with(
         config: Config,
         settings: KubernetesSettings,
@@ -460,7 +485,11 @@ impl KubernetesRuntime {
         let client =
             Client::try_from(config).map_err(|e| KubernetesSetupError::Config(e.to_string()))?;
         let inner = Arc::new(Inner {
-            pods: Api::namespaced(client, &namespace),
+            pods: Api::namespaced(client.clone(), &namespace),
+            leases: Api::namespaced(client, &namespace),
+            url: url.clone(),
+            claim: Mutex::new(None),
+            renewer: Mutex::new(None),
             settings,
             namespace,
             session: random_session(),
@@ -468,7 +497,8 @@ impl KubernetesRuntime {
             events,
             stopping: AtomicBool::new(false),
         });
-        inner.remove_leftovers(&url).await?;
+        // The master's ServiceAccount must be able to see the pods.
+        inner.list_workers().await?;
         let watch = tokio::spawn(inner.clone().watch());
         Ok(KubernetesRuntime { inner, watch })
     }
@@ -485,6 +515,9 @@ impl KubernetesRuntime {
 impl Drop for KubernetesRuntime {
     fn drop(&mut self) {
         self.watch.abort();
+        if let Some(r) = self.inner.renewer.lock().expect("renewer lock").take() {
+            r.abort();
+        }
     }
 }
 
@@ -499,34 +532,52 @@ fn is_api(e: &kube::Error, check: impl Fn(&kube::core::Status) -> bool) -> bool 
 }
 
 impl Inner {
-    /// Deletes every worker pod of the release that exists before this
-    /// master starts any (see the module comment), and waits until they are
-    /// gone so that their names are free.
-    async fn remove_leftovers(&self, url: &str) -> Result<(), KubernetesSetupError> {
-        let list = self
-            .pods
+    /// The release's worker pods.
+    async fn list_workers(&self) -> Result<Vec<Pod>, KubernetesSetupError> {
+        self.pods
             .list(&ListParams::default().labels(&self.settings.selector()))
             .await
+            .map(|l| l.items)
             .map_err(|source| KubernetesSetupError::Api {
                 release: self.settings.release.clone(),
                 namespace: self.namespace.clone(),
-                url: url.to_string(),
+                url: self.url.clone(),
                 source: Box::new(source),
-            })?;
-        if list.items.is_empty() {
-            return Ok(());
+            })
+    }
+
+    /// Deletes every worker pod of the release that exists before this
+    /// master starts any (see the module comment), and waits until they are
+    /// gone so that their names are free. Returns their names.
+    async fn remove_leftovers(
+        &self,
+        spare_tracked: bool,
+    ) -> Result<Vec<String>, KubernetesSetupError> {
+        let spared: Vec<String> = if spare_tracked {
+            let tracked = self.tracked.lock().expect("tracked lock");
+            tracked.values().filter_map(|t| t.uid.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let items: Vec<Pod> = self
+            .list_workers()
+            .await?
+            .into_iter()
+            .filter(|p| p.metadata.uid.as_ref().is_none_or(|u| !spared.contains(u)))
+            .collect();
+        if items.is_empty() {
+            return Ok(Vec::new());
         }
-        let names: Vec<&str> = list
-            .items
+        let names: Vec<&str> = items
             .iter()
             .filter_map(|p| p.metadata.name.as_deref())
             .collect();
         info!(
             release = %self.settings.release,
             pods = ?names,
-            "deleting the worker pods an earlier master left; they are created again under the same names"
+            "deleting the worker pods of a master that is gone"
         );
-        let deletions = list.items.iter().map(|pod| async move {
+        let deletions = items.iter().map(|pod| async move {
             let name = pod.metadata.name.clone().unwrap_or_default();
             let uid = pod.metadata.uid.clone().unwrap_or_default();
             self.delete_and_wait(&name, &uid)
@@ -539,12 +590,225 @@ impl Inner {
             .filter_map(Result::err)
             .collect();
         if failures.is_empty() {
-            Ok(())
+            Ok(items
+                .iter()
+                .filter_map(|p| p.metadata.name.as_deref())
+                .map(|n| format!("pod {}/{n}", self.namespace))
+                .collect())
         } else {
             Err(KubernetesSetupError::Leftovers {
                 release: self.settings.release.clone(),
                 reason: failures.join("; "),
             })
+        }
+    }
+
+    /// The Lease naming `me` as the holder, renewed now.
+    fn lease_for(
+        &self,
+        me: &Owner,
+        transitions: i32,
+        resource_version: Option<String>,
+        acquired: Option<MicroTime>,
+    ) -> Lease {
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(self.settings.lease_name()),
+                resource_version,
+                labels: Some(BTreeMap::from([
+                    (LABEL_NAME.to_string(), "flotilla".to_string()),
+                    (LABEL_INSTANCE.to_string(), self.settings.release.clone()),
+                ])),
+                annotations: Some(BTreeMap::from([(
+                    ANNOTATION_OWNER.to_string(),
+                    serde_json::to_string(me).expect("an owner serialises"),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(me.holder_identity()),
+                lease_duration_seconds: Some(owner::LEASE.as_secs() as i32),
+                acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+                renew_time: Some(now),
+                lease_transitions: Some(transitions),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// Whether a Lease's holder is alive: its pod when it runs in one (gone
+    /// when deleted or finished), else [`owner::liveness`].
+    async fn holder_liveness(&self, holder: &Owner) -> Verdict {
+        if let Some(pod) = &holder.pod {
+            let path = pod.trim_start_matches("pod ");
+            let (ns, name) = path.split_once('/').unwrap_or(("", path));
+            if ns.is_empty() || ns == self.namespace {
+                return match self.pods.get_opt(name).await {
+                    Ok(None) => Verdict::Gone(format!("pod {path} no longer exists")),
+                    Ok(Some(p)) => match pod_gone(&p, false) {
+                        Some(why) => Verdict::Gone(why),
+                        None => Verdict::Alive,
+                    },
+                    Err(e) => Verdict::Unknown(format!("cannot read pod {path}: {e}")),
+                };
+            }
+        }
+        owner::liveness(holder).await
+    }
+
+    /// Claims the release's Lease for `me` (see the module comment).
+    async fn claim_lease(&self, me: &Owner) -> Result<(), ClaimError> {
+        let name = self.settings.lease_name();
+        let claim = format!("Lease {}/{name}", self.namespace);
+        let failed = |detail: String| {
+            ClaimError::Failed {
+            cluster: self.settings.release.clone(),
+            claim: claim.clone(),
+            detail: format!("{detail}. The master's ServiceAccount needs get, create and update on leases.coordination.k8s.io (the chart's Role)"),
+        }
+        };
+        loop {
+            let current = self
+                .leases
+                .get_opt(&name)
+                .await
+                .map_err(|e| failed(format!("cannot read it: {e}")))?;
+            let Some(lease) = current else {
+                let fresh = self.lease_for(me, 0, None, None);
+                match self.leases.create(&PostParams::default(), &fresh).await {
+                    Ok(_) => return Ok(()),
+                    Err(e) if is_api(&e, |s| s.is_already_exists()) => continue,
+                    Err(e) => return Err(failed(format!("cannot create it: {e}"))),
+                }
+            };
+            let spec = lease.spec.clone().unwrap_or_default();
+            let holder = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_OWNER))
+                .and_then(|json| serde_json::from_str::<Owner>(json).ok());
+            let free = spec.holder_identity.as_deref().unwrap_or("").is_empty();
+            let now = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+            let duration = i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000;
+            let expired = spec
+                .renew_time
+                .as_ref()
+                .or(spec.acquire_time.as_ref())
+                .is_none_or(|t| t.0.as_millisecond() + duration < now);
+            let verdict = match &holder {
+                _ if free => Verdict::Gone("the Lease was released".into()),
+                Some(h) if h.session == me.session => Verdict::Gone("it is this master".into()),
+                Some(h) => self.holder_liveness(h).await,
+                None => Verdict::Unknown("the Lease carries no Flotilla owner record".into()),
+            };
+            let take = match &verdict {
+                Verdict::Gone(_) => true,
+                Verdict::Alive | Verdict::Unknown(_) => expired,
+            };
+            if !take {
+                if verdict == Verdict::Alive {
+                    let owner = holder.expect("a live holder has a record");
+                    return Err(ClaimError::Held {
+                        cluster: self.settings.release.clone(),
+                        owner: Box::new(owner),
+                        claim,
+                    });
+                }
+                warn!(?verdict, holder = ?spec.holder_identity, "the release's owner cannot be reached; taking the Lease over once it expires");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            if !free {
+                info!(?verdict, expired, holder = ?spec.holder_identity, "the release's previous owner is gone; taking its Lease over");
+            }
+            let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!free);
+            let taken = self.lease_for(me, transitions, lease.metadata.resource_version, None);
+            match self
+                .leases
+                .replace(&name, &PostParams::default(), &taken)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Someone else changed it meanwhile: look again.
+                Err(e) if is_api(&e, |s| s.is_conflict()) => continue,
+                Err(e) => return Err(failed(format!("cannot take it over: {e}"))),
+            }
+        }
+    }
+
+    /// Renews the Lease every third of its duration while it is `me`'s.
+    async fn renew_lease(self: Arc<Self>, me: Owner) {
+        let name = self.settings.lease_name();
+        loop {
+            tokio::time::sleep(owner::LEASE / 3).await;
+            let lease = match self.leases.get_opt(&name).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, lease = %name, "cannot read the release's Lease to renew it; retrying");
+                    continue;
+                }
+            };
+            let Some(mut lease) = lease else {
+                warn!(lease = %name, "the release's Lease was deleted; claiming it again");
+                if let Err(e) = self.claim_lease(&me).await {
+                    error!(error = %e, "this master lost its claim on the release");
+                    return;
+                }
+                continue;
+            };
+            let holder = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_OWNER))
+                .and_then(|json| serde_json::from_str::<Owner>(json).ok());
+            if holder.as_ref().map(|h| h.session.as_str()) != Some(me.session.as_str()) {
+                error!(lease = %name, holder = ?lease.spec.as_ref().and_then(|s| s.holder_identity.clone()), "another master took this release over (this one was not heard from for the lease); stop this master");
+                return;
+            }
+            if let Some(spec) = lease.spec.as_mut() {
+                spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+            }
+            if let Err(e) = self
+                .leases
+                .replace(&name, &PostParams::default(), &lease)
+                .await
+            {
+                warn!(error = %e, lease = %name, "cannot renew the release's Lease; retrying");
+            }
+        }
+    }
+
+    /// Hands the Lease back (holder cleared), if it is still `me`'s.
+    async fn release_lease(&self, me: &Owner) {
+        let name = self.settings.lease_name();
+        let Ok(Some(mut lease)) = self.leases.get_opt(&name).await else {
+            return;
+        };
+        let ours = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_OWNER))
+            .and_then(|json| serde_json::from_str::<Owner>(json).ok())
+            .is_some_and(|h| h.session == me.session);
+        if !ours {
+            return;
+        }
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
+        }
+        if let Some(a) = lease.metadata.annotations.as_mut() {
+            a.remove(ANNOTATION_OWNER);
+        }
+        if let Err(e) = self
+            .leases
+            .replace(&name, &PostParams::default(), &lease)
+            .await
+        {
+            warn!(error = %e, lease = %name, "could not hand the release's Lease back; the next master waits for it to expire");
         }
     }
 
@@ -794,6 +1058,48 @@ impl Runtime for KubernetesRuntime {
             ),
             key: t.uid.clone(),
         })
+    }
+
+    async fn claim(&self, me: &Owner) -> Result<(), ClaimError> {
+        let inner = &self.inner;
+        inner.claim_lease(me).await?;
+        *inner.claim.lock().expect("claim lock") = Some(me.clone());
+        let renewer = tokio::spawn(inner.clone().renew_lease(me.clone()));
+        if let Some(old) = inner.renewer.lock().expect("renewer lock").replace(renewer) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    async fn release_claim(&self) {
+        let inner = &self.inner;
+        if let Some(r) = inner.renewer.lock().expect("renewer lock").take() {
+            r.abort();
+        }
+        let me = inner.claim.lock().expect("claim lock").take();
+        if let Some(me) = me {
+            inner.release_lease(&me).await;
+        }
+    }
+
+    async fn remove_workers(
+        &self,
+        _recorded: &[RecordedWorker],
+    ) -> Result<Vec<String>, RuntimeError> {
+        self.inner
+            .remove_leftovers(false)
+            .await
+            .map_err(|e| RuntimeError::Remove(e.to_string()))
+    }
+
+    /// With the Lease held (their master is gone): the release's pods that
+    /// were not adopted.
+    async fn remove_leftovers(&self) -> Result<(), RuntimeError> {
+        self.inner
+            .remove_leftovers(true)
+            .await
+            .map(|_| ())
+            .map_err(|e| RuntimeError::Remove(e.to_string()))
     }
 
     async fn shutdown(&self) {

@@ -8,6 +8,8 @@ pub mod docker;
 pub mod process;
 // Worker pods through the Kubernetes API server.
 pub mod kubernetes;
+// One owner per cluster: the claim each runtime keeps.
+pub mod owner;
 
 use async_trait::async_trait;
 use flotilla_proto::{Incarnation, WorkerId};
@@ -105,7 +107,8 @@ pub async fn connect(
     Ok(match kind {
         RuntimeKind::Process => std::sync::Arc::new(
             process::ProcessRuntime::new(process::find_worker_binary(), events)
-                .with_memory_limit(spec.worker_resources.memory_bytes),
+                .with_memory_limit(spec.worker_resources.memory_bytes)
+                .with_claim(&spec.name, owner::runtime_dir()),
         ),
         RuntimeKind::Docker => std::sync::Arc::new(
             docker::DockerRuntime::connect(docker::DockerSettings::from_spec(spec), events).await?,
@@ -149,6 +152,20 @@ pub enum RuntimeError {
     Start { worker: WorkerId, reason: String },
     #[error("cannot kill worker {worker}: {reason}")]
     Kill { worker: WorkerId, reason: String },
+    #[error("cannot remove the workers: {0}")]
+    Remove(String),
+}
+
+/// A worker as the state directory recorded it: what `flotilla down`
+/// looks for besides what the runtime lists itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedWorker {
+    pub id: WorkerId,
+    pub incarnation: Incarnation,
+    /// The process worker's PID, as it registered.
+    pub pid: Option<u32>,
+    /// The runtime's handle of it ([`WorkerHandle::key`]), when recorded.
+    pub key: Option<String>,
 }
 
 /// What `inspect` reports about a running worker.
@@ -234,6 +251,26 @@ pub trait Runtime: Send + Sync + 'static {
     /// without a master). The runtime stops watching them; nothing is
     /// killed or removed. The default does nothing.
     async fn detach(&self) {}
+
+    /// Claims the cluster for `me` (see [`owner`]) before any worker is
+    /// touched: refused, naming the holder, while another live master (or
+    /// `flotilla down`) holds it. Held until [`release_claim`] or the end
+    /// of this process.
+    ///
+    /// [`release_claim`]: Runtime::release_claim
+    async fn claim(&self, me: &owner::Owner) -> Result<(), owner::ClaimError>;
+    /// Gives the claim up (a clean exit), so the next master need not wait
+    /// for it to expire. Only a claim this runtime holds is touched.
+    async fn release_claim(&self);
+    /// Removes every worker of the cluster it finds, whoever started it:
+    /// the runtime's own (labelled containers, pods of the release) and, for
+    /// processes, the `recorded` ones still running as this user's
+    /// `flotilla-worker`. Only with the claim held (their owner is gone) or
+    /// by `flotilla down --force`. Returns one line per worker removed.
+    async fn remove_workers(
+        &self,
+        recorded: &[RecordedWorker],
+    ) -> Result<Vec<String>, RuntimeError>;
 }
 
 #[cfg(test)]

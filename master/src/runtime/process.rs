@@ -15,7 +15,8 @@
 //! few times more, for processes re-parented late) and reaps it.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
 
@@ -27,7 +28,10 @@ use tokio::process::Command;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info, warn};
 
-use super::{Adoptable, Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch};
+use super::owner::{ClaimError, ClaimFile, Owner};
+use super::{
+    Adoptable, RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerHandle, WorkerLaunch,
+};
 
 /// The worker processes alive in this process, whichever runtime started
 /// them (tests run several masters in one process): the sweep spares them.
@@ -100,6 +104,11 @@ pub struct ProcessRuntime {
     events: UnboundedSender<RuntimeEvent>,
     /// Set by `detach`: deaths are no longer reported.
     detached: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The cluster's name: its claim file's.
+    cluster: String,
+    /// Where the claim file is (see [`super::owner::runtime_dir`]).
+    claim_dir: PathBuf,
+    claim: Mutex<Option<ClaimFile>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +167,14 @@ impl ProcessRuntime {
         self
     }
 
+    /// The cluster whose claim this runtime takes, in `dir` (the default:
+    /// [`super::owner::runtime_dir`]).
+    pub fn with_claim(mut self, cluster: &str, dir: PathBuf) -> Self {
+        self.cluster = cluster.to_string();
+        self.claim_dir = dir;
+        self
+    }
+
     pub fn new(worker_bin: PathBuf, events: UnboundedSender<RuntimeEvent>) -> Self {
         if let Err(e) = flotilla_proto::reap::become_subreaper() {
             tracing::warn!(error = %e, "cannot become a child subreaper; processes a dead worker's tasks started in their own session may outlive it");
@@ -168,6 +185,9 @@ impl ProcessRuntime {
             children: Mutex::new(HashMap::new()),
             events,
             detached: Default::default(),
+            cluster: "flotilla".into(),
+            claim_dir: super::owner::runtime_dir(),
+            claim: Mutex::new(None),
         }
     }
 }
@@ -368,6 +388,27 @@ impl Runtime for ProcessRuntime {
         }
     }
 
+    async fn claim(&self, me: &Owner) -> Result<(), ClaimError> {
+        let file = ClaimFile::claim(&self.claim_dir, &self.cluster, me)?;
+        debug!(claim = %file.path().display(), "cluster claimed");
+        *self.claim.lock().expect("claim lock") = Some(file);
+        Ok(())
+    }
+
+    async fn release_claim(&self) {
+        self.claim.lock().expect("claim lock").take();
+    }
+
+    async fn remove_workers(
+        &self,
+        recorded: &[RecordedWorker],
+    ) -> Result<Vec<String>, RuntimeError> {
+        let recorded = recorded.to_vec();
+        tokio::task::spawn_blocking(move || remove_recorded(&recorded))
+            .await
+            .map_err(|e| RuntimeError::Remove(e.to_string()))
+    }
+
     async fn shutdown(&self) {
         let all: Vec<_> = self
             .children
@@ -395,4 +436,81 @@ impl Runtime for ProcessRuntime {
             }
         }
     }
+}
+
+/// Whether `pid` is a worker process of this user: a `flotilla-worker`
+/// leading its own process group, as this runtime starts them. (A worker is
+/// not dumpable: its environment cannot be read to check more.)
+fn is_our_worker(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let named = Path::new(std::ffi::OsStr::from_bytes(argv0))
+        .file_name()
+        .is_some_and(|n| n == "flotilla-worker");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let uid = super::owner::my_uid().to_string();
+    let same_user = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().next())
+        == Some(uid.as_str());
+    let leader = nix::unistd::getpgid(Some(Pid::from_raw(pid as i32)))
+        .is_ok_and(|g| g.as_raw() == pid as i32);
+    named && same_user && leader
+}
+
+/// SIGKILLs each recorded worker that still runs (and everything under
+/// it), waits until they are gone; one line per worker removed.
+fn remove_recorded(recorded: &[RecordedWorker]) -> Vec<String> {
+    use flotilla_proto::reap;
+    let mine = std::process::id();
+    let procs = reap::snapshot();
+    let kids = reap::children(&procs);
+    let mut removed = Vec::new();
+    let mut doomed = Vec::new();
+    for w in recorded {
+        // The handle names the very process (PID and start time); a bare
+        // PID must at least still be one of this user's workers.
+        let (pid, checked) = match w.key.as_deref().and_then(parse_key) {
+            Some((pid, started)) => (
+                pid,
+                flotilla_proto::reap::start_time(pid as i32) == Some(started),
+            ),
+            None => match w.pid {
+                Some(pid) => (pid, true),
+                None => continue,
+            },
+        };
+        if !checked || pid == mine || pid <= 1 || !is_our_worker(pid) {
+            continue;
+        }
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        doomed.extend(reap::subtree(&kids, pid as i32));
+        doomed.push(pid as i32);
+        removed.push(format!(
+            "worker {} (incarnation {}): process {pid}",
+            w.id, w.incarnation
+        ));
+    }
+    reap::kill_all(&doomed);
+    // Gone once reaped by whoever is their parent now (zombies count as gone).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for pid in &doomed {
+        while std::time::Instant::now() < deadline && runs(*pid) {
+            reap::reap(*pid);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    removed
+}
+
+/// A process that exists and is not a zombie.
+fn runs(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }

@@ -234,6 +234,9 @@ struct Progress {
     failed: Option<String>,
 }
 
+/// A recorded worker: ID, incarnation, PID, the runtime's handle.
+pub type RecordedRow = (WorkerId, Incarnation, Option<u32>, Option<String>);
+
 /// The open store of one state directory.
 pub struct Store {
     dir: PathBuf,
@@ -359,6 +362,33 @@ impl Store {
         if let Some(h) = self.writer.lock().expect("store writer lock").take() {
             let _ = h.join();
         }
+    }
+
+    /// The workers a state directory records (ID, incarnation, PID, the
+    /// runtime's handle), read without opening the store for writing (a
+    /// live master may hold it); none when the directory holds no store.
+    pub fn recorded_workers(dir: &Path) -> Result<Vec<RecordedRow>, StoreError> {
+        if !dir.join(DB_FILE).is_file() {
+            return Ok(Vec::new());
+        }
+        let conn = schema::open_reader(dir)?;
+        let read = || -> rusqlite::Result<Vec<RecordedRow>> {
+            let mut stmt =
+                conn.prepare("SELECT id, incarnation, pid, handle FROM workers ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as WorkerId,
+                    r.get::<_, i64>(1)? as Incarnation,
+                    r.get::<_, Option<i64>>(2)?.map(|p| p as u32),
+                    r.get::<_, Option<String>>(3)?,
+                ))
+            })?;
+            rows.collect()
+        };
+        read().map_err(|e| StoreError::Unreadable {
+            dir: dir.to_path_buf(),
+            detail: format!("reading the recorded workers: {e}"),
+        })
     }
 
     /// The default state directory of a cluster: `.flotilla/<name>` under
