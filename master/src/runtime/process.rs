@@ -514,3 +514,67 @@ fn runs(pid: i32) -> bool {
             .is_some_and(|state| state != "Z" && state != "X")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+
+    /// `sleep 60` started as `name`, leading its own process group.
+    fn sleeper(dir: &Path, name: &str) -> std::process::Child {
+        let exe = dir.join(name);
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        std::process::Command::new(&exe)
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap()
+    }
+
+    #[test]
+    fn only_recorded_processes_that_are_still_workers_are_removed() {
+        let dir = std::env::temp_dir().join(format!(
+            "flotilla-remove-test-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut worker = sleeper(&dir, "flotilla-worker");
+        // A recorded PID now used by something else (the PID was reused).
+        let mut stranger = sleeper(&dir, "not-a-worker");
+        let recorded = [
+            RecordedWorker {
+                id: 0,
+                incarnation: 3,
+                pid: Some(worker.id()),
+                key: None,
+            },
+            RecordedWorker {
+                id: 1,
+                incarnation: 1,
+                pid: Some(stranger.id()),
+                key: None,
+            },
+            RecordedWorker {
+                id: 2,
+                incarnation: 1,
+                pid: None,
+                key: None,
+            },
+        ];
+        let removed = remove_recorded(&recorded);
+        assert_eq!(
+            removed,
+            [format!("worker 0 (incarnation 3): process {}", worker.id())]
+        );
+        let status = worker.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        assert!(stranger.try_wait().unwrap().is_none(), "left alone");
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
