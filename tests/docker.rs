@@ -957,3 +957,120 @@ async fn worker_spans_reach_a_collector_on_the_host() {
     .await
     .unwrap();
 }
+
+/// One owner per cluster on Docker: a second master of the cluster (another
+/// state directory) refuses to start, naming the first, whose containers are
+/// untouched and still serve; `flotilla down` refuses while the owner lives,
+/// and once it is gone (SIGKILLed, its containers left running) removes
+/// them, saying which.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_master_refuses_and_flotilla_down_removes_what_a_dead_one_left() {
+    let Some(_d) = DockerTest::begin("owner").await else {
+        return;
+    };
+    let name = "e2e-owner";
+    let first = start(name, &[2, 2], 1.0, 5.0).await;
+    let before: HashSet<String> = cluster_containers(name).into_iter().collect();
+    assert_eq!(before.len(), 2);
+    let claim = inspect(&format!("{name}-owner")).expect("the claim container");
+    assert_eq!(claim["State"]["Status"], "created", "never started");
+    assert_eq!(label(&claim, "dev.flotilla.owner-of"), name);
+
+    let manifest = temp_file(
+        "docker-owner.yaml",
+        &docker_manifest(name, &[2, 2], 1.0, 5.0),
+    );
+    let second_state = fresh_state_dir();
+    let err = flotilla_fails(
+        &[
+            "up",
+            manifest.to_str().unwrap(),
+            "--port",
+            "0",
+            "--state-dir",
+            second_state.to_str().unwrap(),
+        ],
+        &[],
+    );
+    for expected in [
+        format!(
+            "cluster `{name}` is owned by a live master pid {} on host",
+            first.pid()
+        ),
+        format!("container {name}-owner"),
+    ] {
+        assert!(err.contains(&expected), "`{expected}` in: {err}");
+    }
+    let now: HashSet<String> = cluster_containers(name).into_iter().collect();
+    assert_eq!(now, before, "the same containers");
+    for node in 0..2 {
+        let id = first
+            .send_to_path(&format!("/send/{node}"), "response = self.node_id")
+            .await
+            .unwrap();
+        let t = first.wait_task(id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+    }
+    let nodes = first.nodes().await.unwrap();
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["restarts"] == 0 && n["incarnation"] == 1),
+        "{nodes:?}"
+    );
+
+    let down = |force: bool| {
+        let mut args = vec![
+            "down",
+            manifest.to_str().unwrap(),
+            "--state-dir",
+            second_state.to_str().unwrap(),
+        ];
+        if force {
+            args.push("--force");
+        }
+        std::process::Command::new(bin("flotilla"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = down(false);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("refusing"), "{err}");
+    assert_eq!(
+        cluster_containers(name).into_iter().collect::<HashSet<_>>(),
+        before
+    );
+
+    // SIGKILL: the containers stay; `down` removes them for good.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.pid() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    drop(first);
+    assert_eq!(
+        cluster_containers(name).len(),
+        2,
+        "a SIGKILLed master leaves them"
+    );
+    let out = down(false);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("removed 2 workers")
+            && stdout.contains(&format!("container {name}-worker-0"))
+            && stdout.contains(&format!("container {name}-worker-1")),
+        "{stdout}"
+    );
+    assert!(cluster_containers(name).is_empty());
+    assert!(
+        inspect(&format!("{name}-owner")).is_none(),
+        "the claim is gone too"
+    );
+    remove_cluster(name);
+}

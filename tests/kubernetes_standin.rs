@@ -736,8 +736,11 @@ async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_n
     drop(first);
     let next = Master::start(E2E_MANIFEST, &kubeconfig, &envs);
     let next_pid = next.child.id();
+    // (Nothing to adopt: its state directory is new, so it replaces them.)
     standin
-        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
+        .wait_for_pods(NS, WAIT, "two new worker pods", |p| {
+            p.len() == 2 && p.iter().all(|p| !uids.contains(&uid(p)))
+        })
         .await
         .unwrap();
     assert!(
@@ -750,7 +753,8 @@ async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_n
         1
     );
     // Ctrl-C: pods deleted, the Lease handed back.
-    assert!(next.interrupt().success());
+    let status = next.interrupt();
+    assert!(status.success(), "{status:?}");
     assert!(standin.pods(NS).is_empty());
     assert_eq!(holder(&standin), "");
 }

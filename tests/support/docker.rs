@@ -95,6 +95,8 @@ pub fn remove_cluster(cluster: &str) {
         args.extend(ids.iter().map(String::as_str));
         let _ = docker(&args);
     }
+    // The cluster's claim (a never-started container).
+    let _ = docker(&["rm", "-f", &format!("{cluster}-owner")]);
     let _ = docker(&["network", "rm", cluster]);
 }
 
