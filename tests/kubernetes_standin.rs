@@ -406,15 +406,28 @@ struct Master {
 
 impl Master {
     fn start(manifest: &str, kubeconfig: &str, envs: &[(&str, &str)]) -> Master {
-        let n = std::process::id();
+        let state = fresh_state_dir();
+        let args = ["--port", "0", "--state-dir", state.to_str().unwrap()];
+        Self::start_with(manifest, kubeconfig, envs, &args)
+    }
+
+    /// `flotilla up --runtime kubernetes` with `args` (port, state
+    /// directory...).
+    fn start_with(
+        manifest: &str,
+        kubeconfig: &str,
+        envs: &[(&str, &str)],
+        args: &[&str],
+    ) -> Master {
+        static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let manifest = temp_file(&format!("k8s-cluster-{n}.yaml"), manifest);
         let kubeconfig = temp_file(&format!("k8s-kubeconfig-{n}.yaml"), kubeconfig);
         let mut cmd = Command::new(bin("flotilla"));
         cmd.arg("up")
             .arg(&manifest)
-            .args(["--port", "0", "--runtime", "kubernetes"])
-            .arg("--state-dir")
-            .arg(fresh_state_dir())
+            .args(["--runtime", "kubernetes"])
+            .args(args)
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
             .env(
@@ -806,4 +819,169 @@ async fn standin_api_server_flotilla_down_deletes_the_pods_a_dead_master_left() 
     );
     assert!(ok, "{err}");
     assert!(out.contains("no worker left to remove"), "{out}");
+}
+
+const ADD_ONE: &str = "import time\ntotal = request_write_resource('total')\ntotal.value += 1\nrelease_write_resource('total')\ntime.sleep(0.15)\nresponse = total.value";
+
+/// Follows the completion feed from the start until `want` tasks are in it.
+async fn feed(url: &str, want: usize, timeout: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + timeout;
+    let (mut all, mut next) = (Vec::new(), 0u64);
+    while all.len() < want && Instant::now() < deadline {
+        let body: Value = reqwest::get(format!("{url}/tasks/finished?after={next}&wait=5"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        all.extend(body["tasks"].as_array().unwrap().iter().cloned());
+        next = body["next"].as_u64().unwrap();
+    }
+    all
+}
+
+async fn get_json(url: &str) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
+/// (id, incarnation, restarts) of each worker, once all are active.
+async fn active_workers(url: &str, count: usize) -> Vec<(u64, u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes = get_json(&format!("{url}/nodes")).await;
+        let nodes = nodes.as_array().unwrap();
+        if nodes.len() == count && nodes.iter().all(|n| n["state"] == "active") {
+            return nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n["id"].as_u64().unwrap(),
+                        n["incarnation"].as_u64().unwrap(),
+                        n["restarts"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers not all active: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Pod creations and deletions the API server was asked for.
+fn pod_writes(standin: &KubeApiStandin) -> Vec<String> {
+    standin
+        .requests()
+        .into_iter()
+        .filter(|r| (r.starts_with("POST") || r.starts_with("DELETE")) && r.contains("/pods"))
+        .collect()
+}
+
+/// A master restart on Kubernetes deletes and creates no pod: the stand-in
+/// runs its pods (as processes of the worker binary); 60 tasks each add 1 to
+/// an Integer under a write lock on 3 workers of 2 slots; the master is
+/// SIGKILLed after about 20 have finished and started again on the same
+/// state directory and address. Every task succeeds exactly once, the total
+/// is 60 at version 60, the new master adopted the same pods (same UIDs, same
+/// incarnations, no restart) and asked the API server for no pod creation or
+/// deletion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_a_master_restart_deletes_or_creates_no_pod() {
+    const TASKS: usize = 60;
+    let standin = KubeApiStandin::start_with_kubelet(bin("flotilla-worker")).await;
+    let kubeconfig = standin.kubeconfig(NS);
+    let port = flotilla_e2e::free_port().to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let state = fresh_state_dir();
+    let manifest = "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: { name: adopt }\nspec:\n  heartbeat: { intervalSeconds: 1, timeoutSeconds: 10 }\n  workers: [{ capacity: 2 }, { capacity: 2 }, { capacity: 2 }]\n  resources:\n    - { name: total, type: Integer, initialValue: 0 }\n";
+    let args = [
+        "--port",
+        port.as_str(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--slots",
+        "2",
+    ];
+    // The pods reach the master where a Service would route them.
+    let envs = [("FLOTILLA_ADVERTISE_URL", url.as_str())];
+    let mut first = Master::start_with(manifest, &kubeconfig, &envs, &args);
+    let workers = active_workers(&url, 3).await;
+    let pods = standin.pods(NS);
+    let uids: Vec<String> = pods.iter().map(uid).collect();
+    assert_eq!(uids.len(), 3);
+
+    let tasks: Vec<Value> = (0..TASKS)
+        .map(|_| json!({"type": "python", "command": ADD_ONE}))
+        .collect();
+    let (status, body) = first.post("/tasks", json!({ "tasks": tasks })).await;
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<u64> = body["task_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let before = feed(&url, 20, Duration::from_secs(60)).await;
+    assert!(before.len() >= 20, "only {} finished", before.len());
+
+    let writes = pod_writes(&standin);
+    let _ = first.child.kill(); // SIGKILL, the master only
+    let _ = first.child.wait();
+    for pod in &pods {
+        let name = pod["metadata"]["name"].as_str().unwrap();
+        assert!(
+            standin.pod_process(NS, name).is_some(),
+            "pod {name} stopped with its master"
+        );
+    }
+
+    let second = Master::start_with(manifest, &kubeconfig, &envs, &args);
+    let after = feed(&second.url, TASKS, Duration::from_secs(120)).await;
+    let mut seen: HashMap<u64, usize> = HashMap::new();
+    for t in &after {
+        *seen.entry(t["id"].as_u64().unwrap()).or_default() += 1;
+        assert_eq!(t["state"], "succeeded", "{t}");
+    }
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "task {id} once in the feed");
+    }
+    assert_eq!(after.len(), TASKS);
+    let total = get_json(&format!("{url}/resources/total")).await;
+    assert_eq!(total["value"], TASKS, "{total}");
+    assert_eq!(total["version"], TASKS, "{total}");
+
+    assert_eq!(
+        pod_writes(&standin),
+        writes,
+        "the new master created or deleted no pod"
+    );
+    assert_eq!(standin.pods(NS).iter().map(uid).collect::<Vec<_>>(), uids);
+    assert_eq!(
+        active_workers(&url, 3).await,
+        workers,
+        "same incarnations, no restart"
+    );
+
+    // SIGTERM leaves the pods to the next master, which adopts them too.
+    let mut second = second;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(second.child.wait().unwrap().success());
+    let third = Master::start_with(manifest, &kubeconfig, &envs, &args);
+    assert_eq!(active_workers(&third.url, 3).await, workers);
+    assert_eq!(pod_writes(&standin), writes, "no pod created or deleted");
+    assert_eq!(standin.pods(NS).iter().map(uid).collect::<Vec<_>>(), uids);
+    let (status, body) = third
+        .post(
+            "/send",
+            json!({"type": "python", "command": "response = 7"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    drop(third);
 }

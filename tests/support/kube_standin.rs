@@ -29,9 +29,17 @@
 //!   (else `409 Conflict`, the optimistic concurrency every Lease client
 //!   relies on).
 //!
+//! Pods never run, and the test plays the kubelet with
+//! [`KubeApiStandin::set_pod_status`], unless the stand-in is started with
+//! [`KubeApiStandin::start_with_kubelet`]: then each pod created runs at once
+//! as a local process of the worker binary with the pod's environment (no
+//! image, no container: a process, as the process runtime runs workers),
+//! `phase: Running`; deleting the pod kills the process's group, and a
+//! process that ends by itself makes its pod `Failed` with the exit code,
+//! as a kubelet reports a container that ended under `restartPolicy: Never`.
+//!
 //! Errors are `Status` objects with the real reasons. Nothing else exists:
-//! no scheduler, no kubelet (pods never run: the test plays the kubelet with
-//! [`KubeApiStandin::set_pod_status`]), no graceful deletion, no
+//! no scheduler, no graceful deletion, no
 //! authentication, no periodic bookmarks or compaction, no other resources or
 //! verbs.
 
@@ -62,6 +70,10 @@ struct Shared {
     state: Mutex<ApiState>,
     /// Fires on every change to the pods.
     changed: Notify,
+    /// With a kubelet: the worker binary each pod runs.
+    kubelet: Option<std::path::PathBuf>,
+    /// The running pods' processes, by (namespace, name): (pod UID, PID).
+    processes: Mutex<HashMap<(String, String), (String, u32)>>,
 }
 
 #[derive(Default)]
@@ -232,9 +244,29 @@ impl ApiState {
 
 impl KubeApiStandin {
     pub async fn start() -> KubeApiStandin {
+        Self::start_inner(None).await
+    }
+
+    /// A stand-in whose pods run, each as a process of `worker_bin` (see the
+    /// module comment).
+    pub async fn start_with_kubelet(worker_bin: std::path::PathBuf) -> KubeApiStandin {
+        Self::start_inner(Some(worker_bin)).await
+    }
+
+    /// The PID of the process running pod `name`, while it runs.
+    pub fn pod_process(&self, namespace: &str, name: &str) -> Option<u32> {
+        let procs = self.shared.processes.lock().unwrap();
+        procs
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(|(_, pid)| *pid)
+    }
+
+    async fn start_inner(kubelet: Option<std::path::PathBuf>) -> KubeApiStandin {
         let shared = Arc::new(Shared {
             state: Mutex::new(ApiState::default()),
             changed: Notify::new(),
+            kubelet,
+            processes: Mutex::new(HashMap::new()),
         });
         let app = Router::new()
             .route(
@@ -318,6 +350,7 @@ impl KubeApiStandin {
             .unwrap()
             .remove(namespace, name)
             .is_some();
+        stop_pod(&self.shared, namespace, name);
         self.shared.changed.notify_waiters();
         removed
     }
@@ -415,6 +448,17 @@ pub fn describe(pod: &Value) -> String {
 impl Drop for KubeApiStandin {
     fn drop(&mut self) {
         self.server.abort();
+        let all: Vec<(String, u32)> = self
+            .shared
+            .processes
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        for (_, pid) in all {
+            kill_group(pid);
+        }
     }
 }
 
@@ -508,6 +552,10 @@ async fn create(
         );
     };
     let created = admit(&mut shared.state.lock().unwrap(), &ns, pod);
+    let created = match created {
+        Ok(pod) if shared.kubelet.is_some() => Ok(run_pod(&shared, &ns, pod)),
+        other => other,
+    };
     shared.changed.notify_waiters();
     match created {
         Ok(pod) => (StatusCode::CREATED, Json(pod)).into_response(),
@@ -569,6 +617,7 @@ async fn delete(
     }
     let removed = state.remove(&ns, &name).expect("present");
     drop(state);
+    stop_pod(&shared, &ns, &name);
     shared.changed.notify_waiters();
     Json(removed).into_response()
 }
@@ -802,4 +851,134 @@ async fn replace_lease(
     meta["resourceVersion"] = json!(rv);
     state.leases.insert(key, lease.clone());
     Json(lease).into_response()
+}
+
+/// SIGKILLs a pod's process and everything under it (its interpreters lead
+/// process groups of their own), as a container's end takes all it ran.
+fn kill_group(pid: u32) {
+    let mut parents: HashMap<u32, Vec<u32>> = HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parents.entry(ppid).or_default().push(child);
+        }
+    }
+    let mut doomed = vec![pid];
+    let mut i = 0;
+    while i < doomed.len() {
+        doomed.extend(parents.get(&doomed[i]).cloned().unwrap_or_default());
+        i += 1;
+    }
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    for p in doomed {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// The kubelet: runs a just-admitted pod as a process of the worker binary
+/// with the pod's environment, marks it `Running`, and follows the process:
+/// when it ends by itself the pod is `Failed` with its exit code.
+fn run_pod(shared: &Arc<Shared>, namespace: &str, pod: Value) -> Value {
+    use std::os::unix::process::CommandExt;
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
+    let mut cmd = std::process::Command::new(shared.kubelet.as_ref().expect("a kubelet"));
+    for e in pod["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
+            cmd.env(k, v);
+        }
+    }
+    cmd.stdin(std::process::Stdio::null()).process_group(0);
+    let status = match cmd.spawn() {
+        Ok(mut child) => {
+            let pid = child.id();
+            shared
+                .processes
+                .lock()
+                .unwrap()
+                .insert((namespace.to_string(), name.clone()), (uid.clone(), pid));
+            let (shared, ns, pod_name, pod_uid) = (
+                shared.clone(),
+                namespace.to_string(),
+                name.clone(),
+                uid.clone(),
+            );
+            std::thread::spawn(move || {
+                let code = child.wait().ok().and_then(|s| s.code()).unwrap_or(137);
+                let mut procs = shared.processes.lock().unwrap();
+                let key = (ns.clone(), pod_name.clone());
+                if procs.get(&key).is_some_and(|(u, _)| *u == pod_uid) {
+                    procs.remove(&key);
+                    drop(procs);
+                    ended(&shared, &ns, &pod_name, &pod_uid, code);
+                }
+            });
+            json!({"phase": "Running"})
+        }
+        Err(e) => json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()}),
+    };
+    let mut state = shared.state.lock().unwrap();
+    let rv = state.bump();
+    let key = (namespace.to_string(), name);
+    let Some(stored) = state.pods.get_mut(&key) else {
+        return pod;
+    };
+    stored["status"] = status;
+    stored["metadata"]["resourceVersion"] = json!(rv);
+    let stored = stored.clone();
+    state.emit(namespace, "MODIFIED", stored.clone());
+    stored
+}
+
+/// A pod's process ended by itself: the pod is `Failed` with its exit code.
+fn ended(shared: &Arc<Shared>, namespace: &str, name: &str, uid: &str, code: i32) {
+    let mut state = shared.state.lock().unwrap();
+    let key = (namespace.to_string(), name.to_string());
+    if state
+        .pods
+        .get(&key)
+        .and_then(|p| p["metadata"]["uid"].as_str())
+        != Some(uid)
+    {
+        return;
+    }
+    let rv = state.bump();
+    let pod = state.pods.get_mut(&key).expect("present");
+    pod["status"] = json!({"phase": "Failed", "containerStatuses": [{
+        "name": "worker", "image": "", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": code, "reason": "Error"}}}]});
+    pod["metadata"]["resourceVersion"] = json!(rv);
+    let pod = pod.clone();
+    state.emit(namespace, "MODIFIED", pod);
+    drop(state);
+    shared.changed.notify_waiters();
+}
+
+/// The pod is gone: its process goes too.
+fn stop_pod(shared: &Arc<Shared>, namespace: &str, name: &str) {
+    let gone = shared
+        .processes
+        .lock()
+        .unwrap()
+        .remove(&(namespace.to_string(), name.to_string()));
+    if let Some((_, pid)) = gone {
+        kill_group(pid);
+    }
 }

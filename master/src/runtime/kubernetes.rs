@@ -20,16 +20,13 @@
 //! expired or the holder is seen gone (its pod deleted or finished, its
 //! process on this host ended, its API answering with another session).
 //!
-//! Adoption. Pods left by an earlier master of the same release (it crashed,
-//! or was killed before it could clean up) are deleted at start and the
-//! workers are created again under the same names; they are not reused. A
-//! surviving pod carries the old master's worker secret and an incarnation
-//! the new master never issued, and whatever it was running belonged to a
-//! queue that lived only in the old master's memory: the new master could
-//! neither authenticate it nor account for its work. Deleting it costs one
-//! pod start and guarantees that no name is duplicated and nothing runs
-//! twice. Pods of worker IDs the new manifest does not have (added with
-//! `/add` before) are deleted too.
+//! Adoption. A master started after a crash or SIGTERM adopts the pods the
+//! store names ([`Runtime::adopt`]: same name, same UID, same incarnation,
+//! and the pod may run): nothing is deleted or created, and the pod's events
+//! are recognised by its UID. What was not adopted (another incarnation,
+//! workers added with `/add`, a master without a store) is deleted by
+//! [`Runtime::remove_leftovers`], once the release's Lease is held, and
+//! created again under the same name: no name is ever duplicated.
 //!
 //! Pods this master created carry an annotation with a random session ID,
 //! so that events about an earlier master's pods (same names, same
@@ -61,7 +58,8 @@ use tracing::{debug, error, info, warn};
 
 use super::owner::{self, ClaimError, Owner, Verdict};
 use super::{
-    RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch,
+    Adoptable, RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle,
+    WorkerLaunch,
 };
 
 /// The worker image when the manifest names none.
@@ -921,20 +919,27 @@ impl Inner {
 
     fn on_pod(&self, pod: &Pod, deleted: bool) {
         let meta = &pod.metadata;
-        let ours = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(ANNOTATION_SESSION))
-            .is_some_and(|s| *s == self.session);
-        if !ours {
-            return;
-        }
         let label = |key: &str| meta.labels.as_ref().and_then(|l| l.get(key));
         let worker = label(LABEL_WORKER).and_then(|v| v.parse::<WorkerId>().ok());
         let incarnation = label(LABEL_INCARNATION).and_then(|v| v.parse::<Incarnation>().ok());
         let (Some(worker), Some(incarnation)) = (worker, incarnation) else {
             return;
         };
+        // Created by this master, or adopted by it (that very pod).
+        let created = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_SESSION))
+            .is_some_and(|s| *s == self.session);
+        let adopted = || {
+            let tracked = self.tracked.lock().expect("tracked lock");
+            tracked
+                .get(&worker)
+                .is_some_and(|t| t.uid.is_some() && t.uid == meta.uid)
+        };
+        if !created && !adopted() {
+            return;
+        }
         if let Some(detail) = pod_gone(pod, deleted) {
             self.report(worker, incarnation, detail);
         }
@@ -1044,6 +1049,68 @@ impl Runtime for KubernetesRuntime {
             })?;
         debug!(worker, pod = %name, "deleted worker pod");
         Ok(())
+    }
+
+    /// Takes over the pod an earlier master created for this incarnation,
+    /// if it is still there, is that very pod (its UID) and may run: no pod
+    /// is deleted or created. From then on its events are this master's
+    /// (by UID, as it carries the earlier master's session).
+    async fn adopt(&self, worker: &Adoptable) -> Result<Option<WorkerHandle>, RuntimeError> {
+        let inner = &self.inner;
+        let name = inner.settings.pod_name(worker.worker_id);
+        let pod = inner
+            .pods
+            .get_opt(&name)
+            .await
+            .map_err(|e| RuntimeError::Start {
+                worker: worker.worker_id,
+                reason: format!("cannot read pod {}/{name}: {e}", inner.namespace),
+            })?;
+        let Some(pod) = pod else { return Ok(None) };
+        let incarnation = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_INCARNATION))
+            .and_then(|v| v.parse::<Incarnation>().ok());
+        let same = pod.metadata.uid.as_deref() == Some(worker.key.as_str())
+            && incarnation == Some(worker.incarnation);
+        if !same {
+            return Ok(None);
+        }
+        if let Some(why) = pod_gone(&pod, false) {
+            debug!(worker = worker.worker_id, %why, "not adopting a pod that will not run");
+            return Ok(None);
+        }
+        inner.tracked.lock().expect("tracked lock").insert(
+            worker.worker_id,
+            Tracked {
+                incarnation: worker.incarnation,
+                uid: Some(worker.key.clone()),
+                reported: false,
+            },
+        );
+        info!(worker = worker.worker_id, incarnation = worker.incarnation, pod = %name, "adopted the worker pod of the previous master");
+        Ok(Some(WorkerHandle {
+            incarnation: worker.incarnation,
+            locator: format!("pod {}/{name}", inner.namespace),
+            key: Some(worker.key.clone()),
+        }))
+    }
+
+    /// SIGTERM: the pods keep running for the next master; events about
+    /// them are no longer this master's business.
+    async fn detach(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        self.watch.abort();
+        let left = inner.tracked.lock().expect("tracked lock").len();
+        if left > 0 {
+            info!(
+                pods = left,
+                "leaving the worker pods running for the next master"
+            );
+        }
     }
 
     async fn inspect(&self, worker: WorkerId) -> Option<WorkerHandle> {
