@@ -660,14 +660,26 @@ fn holder(standin: &KubeApiStandin) -> String {
 /// Lease is handed back on Ctrl-C.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_no_pod() {
-    let standin = KubeApiStandin::start().await;
+    // Its pods run (as worker processes), so they can be seen serving.
+    let standin = KubeApiStandin::start_with_kubelet(bin("flotilla-worker")).await;
     let kubeconfig = standin.kubeconfig(NS);
-    let envs = [("FLOTILLA_ADVERTISE_URL", "http://e2e:5000")];
-    let first = Master::start(E2E_MANIFEST, &kubeconfig, &envs);
-    let pods = standin
-        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
-        .await
-        .unwrap();
+    let port = flotilla_e2e::free_port().to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let envs = [("FLOTILLA_ADVERTISE_URL", url.as_str())];
+    let first_state = fresh_state_dir();
+    let first = Master::start_with(
+        E2E_MANIFEST,
+        &kubeconfig,
+        &envs,
+        &[
+            "--port",
+            &port,
+            "--state-dir",
+            first_state.to_str().unwrap(),
+        ],
+    );
+    let workers = active_workers(&url, 2).await;
+    let pods = standin.pods(NS);
     let uids: Vec<String> = pods.iter().map(uid).collect();
     let first_pid = first.child.id();
     assert!(
@@ -706,7 +718,7 @@ async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_n
     for expected in [
         "cluster `e2e` is owned by a live master".to_string(),
         format!("pid {first_pid} on host"),
-        "API at http://e2e:5000".to_string(),
+        format!("API at {url}"),
         "Lease flotilla-test/e2e-owner".to_string(),
     ] {
         assert!(err.contains(&expected), "`{expected}` in: {err}");
@@ -718,6 +730,20 @@ async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_n
         writes_before,
         "the refused master neither created nor deleted a pod"
     );
+    // Its workers untouched: same incarnations, still serving.
+    assert_eq!(active_workers(&url, 2).await, workers);
+    for node in 0..2 {
+        let (status, sent) = first
+            .post(
+                &format!("/send/{node}"),
+                json!({"type": "python", "command": "response = self.node_id"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{sent}");
+        let task = get_json(&format!("{url}/tasks/{}?wait=30", sent["task_id"])).await;
+        assert_eq!(task["state"], "succeeded", "{task}");
+        assert_eq!(task["result"]["response"], node);
+    }
 
     // The owner renews its Lease (every third of its 15 s).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -747,7 +773,13 @@ async fn standin_api_server_a_second_master_of_the_release_refuses_and_touches_n
     // SIGKILLed: its Lease is still fresh, but its process is gone, so the
     // next master takes the Lease over at once.
     drop(first);
-    let next = Master::start(E2E_MANIFEST, &kubeconfig, &envs);
+    let next_state = fresh_state_dir();
+    let next = Master::start_with(
+        E2E_MANIFEST,
+        &kubeconfig,
+        &envs,
+        &["--port", &port, "--state-dir", next_state.to_str().unwrap()],
+    );
     let next_pid = next.child.id();
     // (Nothing to adopt: its state directory is new, so it replaces them.)
     standin

@@ -156,3 +156,107 @@ async fn a_second_master_of_the_cluster_refuses_naming_the_first_and_leaves_its_
     let t = next.run_python("response = 1").await;
     assert_eq!(t["state"], "succeeded", "{t}");
 }
+
+/// Every process under `pid` (its interpreters lead groups of their own).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut parents: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        if let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parents.entry(ppid).or_default().push(child);
+        }
+    }
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        all.extend(parents.get(&all[i]).cloned().unwrap_or_default());
+        i += 1;
+    }
+    all.remove(0);
+    all
+}
+
+/// Running: present and not a zombie.
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// `flotilla down` removes for good the worker processes a master left
+/// running (SIGTERM leaves them for the next master), their interpreters
+/// with them, and says which; then there is nothing left to remove.
+#[tokio::test(flavor = "multi_thread")]
+async fn flotilla_down_removes_the_worker_processes_a_master_left() {
+    let runtime_dir = fresh_runtime_dir();
+    let rt = runtime_dir.to_str().unwrap();
+    let text = manifest("downed");
+    let state = fresh_state_dir();
+    let state_arg = state.to_str().unwrap();
+    let mut master = Cluster::start_with(
+        &text,
+        &["--state-dir", state_arg],
+        &[("FLOTILLA_RUNTIME_DIR", rt)],
+    )
+    .await
+    .unwrap();
+    let t = master.run_python("response = 1").await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let pids: Vec<u32> = workers(&master.nodes().await.unwrap())
+        .iter()
+        .map(|w| w.1 as u32)
+        .collect();
+    let under: Vec<u32> = pids.iter().flat_map(|p| descendants(*p)).collect();
+    assert!(!under.is_empty(), "each worker keeps a warm interpreter");
+    // SIGTERM: the master goes, its workers stay for the next one.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(master.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while runs(master.pid()) {
+        assert!(
+            Instant::now() < deadline,
+            "the master did not exit on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    master.kill_master(); // reaps it
+    assert!(pids.iter().all(|p| runs(*p)), "SIGTERM leaves the workers");
+
+    let path = temp_file("downed.yaml", &text);
+    let (ok, out, err) = flotilla(
+        &["down", path.to_str().unwrap(), "--state-dir", state_arg],
+        &runtime_dir,
+    );
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("cluster `downed` (process): removed 2 workers"),
+        "{out}"
+    );
+    for (id, pid) in pids.iter().enumerate() {
+        assert!(
+            out.contains(&format!("worker {id} (incarnation 1): process {pid}")),
+            "{out}"
+        );
+    }
+    for pid in pids.iter().chain(&under) {
+        assert!(!runs(*pid), "process {pid} outlived flotilla down");
+    }
+    let (ok, out, err) = flotilla(
+        &["down", path.to_str().unwrap(), "--state-dir", state_arg],
+        &runtime_dir,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("no worker left to remove"), "{out}");
+}

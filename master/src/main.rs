@@ -365,6 +365,9 @@ async fn main() -> Result<()> {
             let mut opts = serve_options(&args, workers);
             opts.state_dir = up_state_dir(&args, &spec);
             let master = flotilla::start(&spec, &opts).await?;
+            // Listening for Ctrl-C and SIGTERM before saying it is up: a
+            // signal sent right after the banner is not the default death.
+            let mut signals = StopSignals::new()?;
             let state = match &opts.state_dir {
                 Some(dir) => format!("state in {}", dir.display()),
                 None => "ephemeral: nothing is kept".into(),
@@ -374,7 +377,7 @@ async fn main() -> Result<()> {
                 master.url(),
                 spec.capacities.len()
             );
-            let signal = stop_signal().await?;
+            let signal = signals.recv().await;
             let unfinished = master.cluster.unfinished();
             match (signal, &opts.state_dir) {
                 (Stop::Interrupt, _) => {
@@ -523,11 +526,30 @@ enum Stop {
 /// exits; on SIGTERM a durable master keeps its unfinished tasks for the
 /// next one, an ephemeral one drains first (`--drain-seconds`).
 async fn stop_signal() -> Result<Stop> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    Ok(tokio::select! {
-        r = tokio::signal::ctrl_c() => { r?; Stop::Interrupt }
-        _ = term.recv() => Stop::Terminate,
-    })
+    Ok(StopSignals::new()?.recv().await)
+}
+
+/// Ctrl-C and SIGTERM, listened for from creation on.
+struct StopSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            interrupt: signal(SignalKind::interrupt())?,
+            terminate: signal(SignalKind::terminate())?,
+        })
+    }
+
+    async fn recv(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.interrupt.recv() => Stop::Interrupt,
+            _ = self.terminate.recv() => Stop::Terminate,
+        }
+    }
 }
 
 fn print_figures(f: &serde_json::Value) {
