@@ -33,6 +33,7 @@ fn settings(release: &str) -> KubernetesSettings {
         memory_bytes: 512 << 20,
         delete_timeout: WAIT,
         owner: None,
+        worker_owner: None,
         worker_otlp_endpoint: None,
         worker_pods: Default::default(),
     }
@@ -1016,4 +1017,73 @@ async fn standin_api_server_a_master_restart_deletes_or_creates_no_pod() {
         .await;
     assert_eq!(status, 200, "{body}");
     drop(third);
+}
+
+/// In a pod run by a Deployment, worker pods are owned by that Deployment
+/// (found through the master's pod and its ReplicaSet), not by the master's
+/// pod: a replaced master pod leaves them to the next master, and deleting
+/// the Deployment (`helm uninstall`) deletes them.
+#[tokio::test]
+async fn standin_api_server_worker_pods_are_owned_by_the_masters_deployment() {
+    let standin = KubeApiStandin::start().await;
+    let master_pod = standin.put_pod(
+        NS,
+        json!({"metadata": {"name": "flotilla-7d9-x2", "labels": {"app.kubernetes.io/component": "master"},
+                            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                                "name": "flotilla-7d9", "uid": "rs-uid", "controller": true}]},
+               "spec": {"containers": [{"name": "master", "image": "flotilla-master:0.1.0"}]}}),
+    );
+    standin.put_replicaset(
+        NS,
+        json!({"metadata": {"name": "flotilla-7d9", "uid": "rs-uid",
+                            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                "name": "flotilla", "uid": "deployment-uid", "controller": true,
+                                "blockOwnerDeletion": true}]}}),
+    );
+    let mut s = settings("demo");
+    let pod_uid = uid(&master_pod);
+    s.owner = Some(("flotilla-7d9-x2".into(), pod_uid.clone()));
+    // As from_spec gives it (FLOTILLA_POD_NAME, FLOTILLA_POD_UID): the pod.
+    s.worker_owner = Some(
+        serde_json::from_value(json!(
+            {"apiVersion": "v1", "kind": "Pod", "name": "flotilla-7d9-x2", "uid": pod_uid}
+        ))
+        .unwrap(),
+    );
+    let mut config = kube::Config::new(standin.url().parse().unwrap());
+    config.default_namespace = NS.into();
+    let (tx, _rx) = unbounded_channel();
+    let rt = KubernetesRuntime::connect_with(config, s, tx)
+        .await
+        .unwrap();
+    rt.start(launch(0, 1, 1)).await.unwrap();
+    let pod = standin.pod(NS, "demo-worker-0").unwrap();
+    assert_eq!(
+        pod["metadata"]["ownerReferences"],
+        json!([{"apiVersion": "apps/v1", "kind": "Deployment", "name": "flotilla", "uid": "deployment-uid"}])
+    );
+
+    // A master pod no Deployment runs (or whose ReplicaSet cannot be read)
+    // owns its workers itself.
+    let mut s = settings("solo");
+    s.owner = Some(("flotilla-7d9-x2".into(), pod_uid.clone()));
+    s.worker_owner = Some(
+        serde_json::from_value(json!(
+            {"apiVersion": "v1", "kind": "Pod", "name": "flotilla-7d9-x2", "uid": pod_uid}
+        ))
+        .unwrap(),
+    );
+    standin.put_replicaset(
+        NS,
+        json!({"metadata": {"name": "flotilla-7d9", "uid": "rs-uid"}}),
+    );
+    let mut config = kube::Config::new(standin.url().parse().unwrap());
+    config.default_namespace = NS.into();
+    let (tx, _rx) = unbounded_channel();
+    let rt = KubernetesRuntime::connect_with(config, s, tx)
+        .await
+        .unwrap();
+    rt.start(launch(0, 1, 1)).await.unwrap();
+    let pod = standin.pod(NS, "solo-worker-0").unwrap();
+    assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Pod");
 }

@@ -177,6 +177,7 @@ def test_role_grants_exactly_the_pod_and_lease_verbs_the_runtime_uses(case):
     assert objects["Role"]["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": POD_VERBS},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": LEASE_VERBS},
+        {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
     ]
     binding = objects["RoleBinding"]
     assert binding["roleRef"] == {

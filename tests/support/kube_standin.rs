@@ -23,6 +23,8 @@
 //!   server also deletes at once a pod that was never bound to a node, which
 //!   is every pod here.
 //!
+//! - ReplicaSets (`apps/v1`): `GET {name}` of those the test puts
+//!   ([`KubeApiStandin::put_replicaset`]), to find the master's Deployment;
 //! - Leases (`coordination.k8s.io/v1`, what a master claims its release
 //!   with): `POST` creates (`409 AlreadyExists`), `GET {name}` reads, `PUT
 //!   {name}` replaces only with the current `metadata.resourceVersion`
@@ -92,6 +94,8 @@ struct ApiState {
     requests: Vec<String>,
     /// (namespace, name) -> the Lease as a GET returns it.
     leases: BTreeMap<(String, String), Value>,
+    /// (namespace, name) -> a ReplicaSet (read only: see `put_replicaset`).
+    replicasets: BTreeMap<(String, String), Value>,
 }
 
 struct Recorded {
@@ -278,6 +282,10 @@ impl KubeApiStandin {
                 get(read).delete(delete),
             )
             .route(
+                "/apis/apps/v1/namespaces/{ns}/replicasets/{name}",
+                get(read_replicaset),
+            )
+            .route(
                 "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
                 axum::routing::post(create_lease),
             )
@@ -391,6 +399,21 @@ impl KubeApiStandin {
         state.compacted = state.resource_version + 1;
         drop(state);
         self.shared.changed.notify_waiters();
+    }
+
+    /// Plays the Deployment controller: a ReplicaSet (its metadata is what
+    /// matters), read back with `GET`.
+    pub fn put_replicaset(&self, namespace: &str, mut set: Value) {
+        let name = set["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
+        set["kind"] = json!("ReplicaSet");
+        set["apiVersion"] = json!("apps/v1");
+        set["metadata"]["namespace"] = json!(namespace);
+        let mut state = self.shared.state.lock().unwrap();
+        set["metadata"]["resourceVersion"] = json!(state.bump());
+        state.replicasets.insert((namespace.to_string(), name), set);
     }
 
     /// The Lease `name` of `namespace`, as a GET returns it.
@@ -980,5 +1003,20 @@ fn stop_pod(shared: &Arc<Shared>, namespace: &str, name: &str) {
         .remove(&(namespace.to_string(), name.to_string()));
     if let Some((_, pid)) = gone {
         kill_group(pid);
+    }
+}
+
+async fn read_replicaset(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let state = shared.state.lock().unwrap();
+    match state.replicasets.get(&(ns, name.clone())) {
+        Some(set) => Json(set.clone()).into_response(),
+        None => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("replicasets.apps \"{name}\" not found"),
+        ),
     }
 }

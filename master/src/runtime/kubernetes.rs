@@ -102,10 +102,16 @@ pub struct KubernetesSettings {
     /// again.
     pub delete_timeout: Duration,
     /// The master's own pod (name, UID), when it runs in one
-    /// (`FLOTILLA_POD_NAME`, `FLOTILLA_POD_UID`). Worker pods name it as their
-    /// owner, so Kubernetes' garbage collector deletes them with it (`helm
-    /// uninstall`, a deleted master pod) even when the master could not.
+    /// (`FLOTILLA_POD_NAME`, `FLOTILLA_POD_UID`): where the worker pods' owner
+    /// is found (see [`KubernetesSettings::worker_owner`]).
     pub owner: Option<(String, String)>,
+    /// What worker pods name as their owner, so that Kubernetes' garbage
+    /// collector deletes them with it (`helm uninstall`) even when the
+    /// master could not: the Deployment that runs the master (found at
+    /// connect through its pod and ReplicaSet), so that a replaced master
+    /// pod (`helm upgrade`, a deleted pod) leaves them to the next master to
+    /// adopt; else the master's pod itself; none outside a pod.
+    pub worker_owner: Option<OwnerReference>,
     /// `spec.telemetry.workerOtlpEndpoint`: replaces the OTLP endpoint the
     /// workers inherit from the master.
     pub worker_otlp_endpoint: Option<String>,
@@ -181,6 +187,9 @@ impl KubernetesSettings {
             memory_bytes: spec.worker_resources.memory_bytes,
             delete_timeout: Duration::from_secs(60),
             owner: var(ENV_POD_NAME).zip(var(ENV_POD_UID)),
+            worker_owner: var(ENV_POD_NAME)
+                .zip(var(ENV_POD_UID))
+                .map(|(name, uid)| pod_owner(&name, &uid)),
             worker_otlp_endpoint: spec.worker_otlp_endpoint.clone(),
             worker_pods: spec.worker_pods.clone(),
         })
@@ -259,15 +268,7 @@ impl KubernetesSettings {
                     ANNOTATION_SESSION.to_string(),
                     session.to_string(),
                 )])),
-                owner_references: self.owner.as_ref().map(|(name, uid)| {
-                    vec![OwnerReference {
-                        api_version: "v1".into(),
-                        kind: "Pod".into(),
-                        name: name.clone(),
-                        uid: uid.clone(),
-                        ..Default::default()
-                    }]
-                }),
+                owner_references: self.worker_owner.clone().map(|o| vec![o]),
                 ..Default::default()
             },
             spec: Some(PodSpec {
@@ -331,6 +332,61 @@ impl KubernetesSettings {
             ..Default::default()
         }
     }
+}
+
+/// The master's pod as an owner reference.
+fn pod_owner(name: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        name: name.to_string(),
+        uid: uid.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The Deployment that runs the master's pod (pod -> its controlling
+/// ReplicaSet -> its controlling Deployment), as the worker pods' owner;
+/// `None` when there is none or it cannot be read (the master's pod is then
+/// their owner).
+async fn deployment_of(
+    client: &Client,
+    namespace: &str,
+    pod: &(String, String),
+) -> Option<OwnerReference> {
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    let controller = |refs: &Option<Vec<OwnerReference>>, kind: &str| {
+        refs.iter()
+            .flatten()
+            .find(|r| r.controller == Some(true) && r.kind == kind)
+            .cloned()
+    };
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let me = match pods.get_opt(&pod.0).await {
+        Ok(Some(me)) if me.metadata.uid.as_deref() == Some(pod.1.as_str()) => me,
+        Ok(_) => return None,
+        Err(e) => {
+            warn!(error = %e, pod = %pod.0, "cannot read the master's own pod; worker pods are owned by it");
+            return None;
+        }
+    };
+    let rs = controller(&me.metadata.owner_references, "ReplicaSet")?;
+    let sets: Api<ReplicaSet> = Api::namespaced(client.clone(), namespace);
+    let set = match sets.get_opt(&rs.name).await {
+        Ok(set) => set?,
+        Err(e) => {
+            warn!(error = %e, replicaset = %rs.name, "cannot read the master's ReplicaSet (the Role needs get on replicasets); worker pods are owned by the master's pod, and go with it");
+            return None;
+        }
+    };
+    let deployment = controller(&set.metadata.owner_references, "Deployment")?;
+    Some(OwnerReference {
+        api_version: deployment.api_version,
+        kind: deployment.kind,
+        name: deployment.name,
+        uid: deployment.uid,
+        ..Default::default()
+    })
 }
 
 fn none_if_empty<T: Clone>(v: &[T]) -> Option<Vec<T>> {
@@ -482,6 +538,13 @@ impl KubernetesRuntime {
             .unwrap_or_else(|| config.default_namespace.clone());
         let client =
             Client::try_from(config).map_err(|e| KubernetesSetupError::Config(e.to_string()))?;
+        let mut settings = settings;
+        if let Some(pod) = &settings.owner {
+            if let Some(deployment) = deployment_of(&client, &namespace, pod).await {
+                info!(deployment = %deployment.name, "worker pods are owned by the master's Deployment");
+                settings.worker_owner = Some(deployment);
+            }
+        }
         let inner = Arc::new(Inner {
             pods: Api::namespaced(client.clone(), &namespace),
             leases: Api::namespaced(client, &namespace),
