@@ -1074,3 +1074,107 @@ async fn a_second_master_refuses_and_flotilla_down_removes_what_a_dead_one_left(
     );
     remove_cluster(name);
 }
+
+/// A master in a container (as with compose) owns its cluster too: a master
+/// on the host with the same cluster name refuses, naming the container,
+/// since that container runs (whatever the host can resolve of its address);
+/// once the container is stopped, `flotilla down` from the host takes the
+/// claim over and removes the workers it left.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_in_a_container_owns_the_cluster_against_one_on_the_host() {
+    let Some(_d) = DockerTest::begin("owner_container").await else {
+        return;
+    };
+    let name = "e2e-ownc";
+    let master_ct = format!("{name}-master");
+    remove_cluster(name);
+    let _ = docker(&["rm", "-f", &master_ct]);
+    let text = docker_manifest(name, &[1, 1], 1.0, 5.0);
+    let manifest = temp_file("docker-ownc.yaml", &text);
+    let _ = docker(&["network", "create", name]);
+    let gid = docker_socket_gid();
+    let mount = format!("{}:/etc/flotilla/cluster.yaml:ro", manifest.display());
+    let advertise = format!("FLOTILLA_ADVERTISE_URL=http://{master_ct}:5000");
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &master_ct,
+        "--network",
+        name,
+        "--user",
+        "10001:10001",
+        "--group-add",
+        &gid,
+        "-v",
+        "/var/run/docker.sock:/var/run/docker.sock",
+        "-v",
+        &mount,
+        "-e",
+        &advertise,
+        "-e",
+        "FLOTILLA_TOKEN=e2e-ownc-token",
+        MASTER_IMAGE,
+        "up",
+        "/etc/flotilla/cluster.yaml",
+        "--bind",
+        "0.0.0.0",
+        "--port",
+        "5000",
+        "--ephemeral",
+    ])
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster_containers(name).len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the master in a container started no workers: {}",
+            docker(&["logs", &master_ct]).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before: HashSet<String> = cluster_containers(name).into_iter().collect();
+    let container_id = inspect(&master_ct).unwrap()["Id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let err = flotilla_fails(
+        &[
+            "up",
+            manifest.to_str().unwrap(),
+            "--port",
+            "0",
+            "--ephemeral",
+        ],
+        &[],
+    );
+    assert!(
+        err.contains(&format!(
+            "cluster `{name}` is owned by a live master container {}",
+            &container_id[..12]
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        cluster_containers(name).into_iter().collect::<HashSet<_>>(),
+        before
+    );
+
+    // Stopped: its claim is taken over at once, and `down` removes its workers.
+    docker(&["kill", &master_ct]).unwrap();
+    let out = std::process::Command::new(bin("flotilla"))
+        .args(["down", manifest.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("removed 2 workers"), "{stdout}");
+    assert!(cluster_containers(name).is_empty());
+    let _ = docker(&["rm", "-f", &master_ct]);
+    remove_cluster(name);
+}

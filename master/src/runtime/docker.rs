@@ -347,6 +347,31 @@ impl Inner {
             .collect())
     }
 
+    /// Whether a claim's owner lives: a master in a container of this
+    /// engine (seen from elsewhere: another container, the host) lives while
+    /// its container runs; else [`owner::liveness`].
+    async fn holder_liveness(&self, holder: &Owner) -> Verdict {
+        if let (Some(id), false) = (&holder.container, holder.host == owner::hostname()) {
+            match self.docker.inspect_container(id, None).await {
+                Ok(c) => {
+                    let state = c.state.unwrap_or_default();
+                    return if state.running == Some(true) {
+                        Verdict::Alive
+                    } else {
+                        Verdict::Gone(format!(
+                            "its container {} is not running",
+                            &id[..12.min(id.len())]
+                        ))
+                    };
+                }
+                // Not one of this engine's: ask it.
+                Err(e) if status_of(&e) == Some(404) => {}
+                Err(e) => return Verdict::Unknown(format!("cannot inspect its container: {e}")),
+            }
+        }
+        owner::liveness(holder).await
+    }
+
     /// The claim container as it is now: its ID and owner record, if any.
     async fn read_claim(&self) -> Result<Option<(String, Option<Owner>)>, String> {
         let name = self.settings.claim_name();
@@ -781,7 +806,7 @@ impl Runtime for DockerRuntime {
             };
             let verdict = match &holder {
                 Some(h) if h.session == me.session => Verdict::Alive,
-                Some(h) => owner::liveness(h).await,
+                Some(h) => inner.holder_liveness(h).await,
                 None => Verdict::Gone("the claim names no owner".into()),
             };
             match (verdict, holder) {

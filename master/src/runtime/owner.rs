@@ -52,6 +52,9 @@ pub struct Owner {
     /// `pod <namespace>/<name>` when the master runs in a pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<String>,
+    /// The Docker container it runs in, when it runs in one (its ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     /// Where its API is reached (empty for `flotilla down`).
     #[serde(default)]
     pub address: String,
@@ -87,6 +90,7 @@ impl Owner {
             pid,
             pid_start: pid_start(pid).unwrap_or(0),
             pod,
+            container: container_id(),
             address: address.to_string(),
             since: crate::scheduler::unix_ms(),
             role: role.to_string(),
@@ -110,9 +114,16 @@ impl std::fmt::Display for Owner {
             self.role.as_str()
         };
         write!(f, "{role} ")?;
-        match &self.pod {
-            Some(pod) => write!(f, "{pod} (pid {} on host {})", self.pid, self.host)?,
-            None => write!(f, "pid {} on host {}", self.pid, self.host)?,
+        match (&self.pod, &self.container) {
+            (Some(pod), _) => write!(f, "{pod} (pid {} on host {})", self.pid, self.host)?,
+            (None, Some(id)) => write!(
+                f,
+                "container {} (pid {} on host {})",
+                &id[..12.min(id.len())],
+                self.pid,
+                self.host
+            )?,
+            (None, None) => write!(f, "pid {} on host {}", self.pid, self.host)?,
         }
         if !self.address.is_empty() {
             write!(f, ", API at {}", self.address)?;
@@ -133,6 +144,27 @@ pub fn hostname() -> String {
         .ok()
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "?".into())
+}
+
+/// The Docker container this process runs in: the engine bind-mounts
+/// `/var/lib/docker/containers/<id>/hostname` on `/etc/hostname`.
+pub fn container_id() -> Option<String> {
+    container_in(&std::fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+/// [`container_id`] from a mount table's text.
+fn container_in(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let root = fields.nth(3)?;
+        let mount_point = fields.next()?;
+        if mount_point != "/etc/hostname" {
+            return None;
+        }
+        let rest = &root[root.find("/containers/")? + "/containers/".len()..];
+        let id: String = rest.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+        (id.len() == 64 && rest[64..].starts_with("/hostname")).then_some(id)
+    })
 }
 
 /// Field 22 of `/proc/<pid>/stat`: when the process started.
@@ -296,6 +328,7 @@ impl ClaimFile {
                     pid: 0,
                     pid_start: 0,
                     pod: None,
+                    container: None,
                     address: String::new(),
                     since: 0,
                     role: "master that is starting".into(),
@@ -412,6 +445,24 @@ mod tests {
     }
 
     #[test]
+    fn the_container_is_found_from_the_hostname_mount_only() {
+        let id = "9a".repeat(32);
+        let table = format!(
+            "1 0 8:1 / / rw - overlay overlay rw\n\
+             2 1 8:1 /var/lib/docker/containers/{other}/mounts/shm /dev/shm rw - tmpfs shm rw\n\
+             3 1 8:1 /var/lib/docker/containers/{id}/hostname /etc/hostname rw - ext4 /dev/sda1 rw\n",
+            other = "11".repeat(32)
+        );
+        assert_eq!(container_in(&table), Some(id));
+        // On a host, the engine's shm mounts name containers: not ours.
+        let host = format!(
+            "2 1 8:1 /var/lib/docker/containers/{}/mounts/shm /var/lib/docker/containers/x/mounts/shm rw - tmpfs shm rw\n",
+            "11".repeat(32)
+        );
+        assert_eq!(container_in(&host), None);
+    }
+
+    #[test]
     fn an_owner_is_named_with_its_process_address_and_time() {
         let o = Owner {
             session: "s".into(),
@@ -419,6 +470,7 @@ mod tests {
             pid: 42,
             pid_start: 7,
             pod: None,
+            container: None,
             address: "http://10.0.0.1:5000".into(),
             since: 1_764_606_600_000,
             role: "master".into(),
