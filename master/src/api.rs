@@ -156,15 +156,27 @@ fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
 
 /// Deserialises with the path of the offending field in the error
 /// (`max_capacity: invalid type: string "big", expected i64`).
-fn deserialize_named<T: DeserializeOwned>(value: Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            e.inner().to_string()
-        } else {
-            format!("{path}: {}", e.inner())
-        }
-    })
+fn deserialize_named<T: DeserializeOwned>(value: Value) -> Result<T, BodyError> {
+    serde_path_to_error::deserialize(value).map_err(BodyError::Shape)
+}
+
+/// Why a JSON body (or one task of it) is refused.
+#[derive(Debug, thiserror::Error)]
+enum BodyError {
+    /// The body does not fit its type; the message names the field's path.
+    #[error("{}", at_path(.0))]
+    Shape(serde_path_to_error::Error<serde_json::Error>),
+    #[error(transparent)]
+    Task(#[from] flotilla_proto::TaskSpecError),
+}
+
+fn at_path(e: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = e.path().to_string();
+    if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    }
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -525,7 +537,8 @@ async fn send(
     Body(spec): Body<TaskSpec>,
 ) -> ApiResult<Json<Sent>> {
     accepting(&cluster)?;
-    spec.check().map_err(ApiError::bad_request)?;
+    spec.check()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let task_id = cluster.submit(vec![spec])[0];
     durable(&cluster).await?;
     Ok(Json(Sent {
@@ -543,7 +556,8 @@ async fn send_to(
 ) -> ApiResult<Json<Sent>> {
     let node = parse_node(&node)?;
     accepting(&cluster)?;
-    spec.check().map_err(ApiError::bad_request)?;
+    spec.check()
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     match cluster.submit_to(node, spec).await {
         Ok(task_id) => {
             durable(&cluster).await?;
@@ -765,13 +779,13 @@ async fn submit_tasks(
                 .enumerate()
                 .map(|(i, t)| {
                     deserialize_named::<TaskSpec>(t.clone())
-                        .and_then(|spec| spec.check().map(|()| spec))
+                        .and_then(|spec| Ok(spec.check().map(|()| spec)?))
                         .map_err(|e| ApiError::bad_request(format!("tasks[{i}]: {e}")))
                 })
                 .collect::<ApiResult<_>>()?
         }
         other => vec![deserialize_named::<TaskSpec>(other)
-            .and_then(|spec| spec.check().map(|()| spec))
+            .and_then(|spec| Ok(spec.check().map(|()| spec)?))
             .map_err(|e| ApiError::bad_request(format!("invalid task: {e}")))?],
     };
     accepting(&cluster)?;
@@ -833,7 +847,11 @@ async fn cancel_tasks(
     let state = match q.get("state") {
         None => None,
         Some(raw) => {
-            let state: TaskState = raw.parse().map_err(ApiError::bad_request)?;
+            let state: TaskState =
+                raw.parse()
+                    .map_err(|e: flotilla_proto::api::UnknownTaskState| {
+                        ApiError::bad_request(e.to_string())
+                    })?;
             if state.is_final() {
                 return Err(ApiError::bad_request(format!(
                     "tasks that are {state} have finished; cancel queued, assigned or running ones"
@@ -935,7 +953,7 @@ pub(crate) fn list_params(q: &HashMap<String, String>) -> ApiResult<ListParams> 
         .get("state")
         .map(|s| s.parse::<TaskState>())
         .transpose()
-        .map_err(ApiError::bad_request)?;
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let node = q
         .get("node")
         .map(|raw| {

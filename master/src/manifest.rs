@@ -24,9 +24,52 @@ pub enum ManifestError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{origin}: {message}")]
-    Invalid { origin: String, message: String },
+    #[error("{origin}: {problem}")]
+    Invalid {
+        origin: String,
+        problem: Box<SpecError>,
+    },
 }
+
+/// What is wrong with a manifest's content; each message names the field.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("not valid YAML: {0}")]
+    NotYaml(serde_yaml::Error),
+    /// A key or value the format does not have (the message names it and its line).
+    #[error("{0}")]
+    Shape(serde_yaml::Error),
+    #[error("line {line}: collections nested more than {MAX_NESTING} levels deep")]
+    TooDeep { line: usize },
+    #[error("spec.workerResources.{0}")]
+    Memory(QuantityError),
+    #[error("{field} must be a positive number of seconds, got {value}")]
+    Seconds { field: &'static str, value: f64 },
+    #[error("requests[{index}].endpoint: {source}")]
+    Endpoint { index: usize, source: EndpointError },
+    #[error("shared resource `{name}`: {source}")]
+    Value {
+        name: String,
+        source: crate::resources::ResourceError,
+    },
+    /// A value breaking a rule; the message names the field and states the rule.
+    #[error("{0}")]
+    Rule(String),
+}
+
+/// A memory quantity that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QuantityError {
+    #[error("memory `{0}` is not a quantity like 512Mi or 1Gi")]
+    NotANumber(String),
+    #[error("memory `{raw}` has an unknown unit `{unit}` (use Ki, Mi, Gi, K, M or G)")]
+    UnknownUnit { raw: String, unit: String },
+}
+
+/// A scenario endpoint that is not an http(s) URL.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an http:// URL")]
+pub struct EndpointError(pub String);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -367,13 +410,13 @@ struct NativeTelemetry {
 }
 
 /// Parses `"512Mi"`, `"1Gi"`, `"500M"`, `"1048576"` into bytes.
-pub fn parse_memory(raw: &str) -> Result<u64, String> {
+pub fn parse_memory(raw: &str) -> Result<u64, QuantityError> {
     let raw = raw.trim();
     let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
     let (num, unit) = raw.split_at(split);
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("memory `{raw}` is not a quantity like 512Mi or 1Gi"))?;
+        .map_err(|_| QuantityError::NotANumber(raw.to_string()))?;
     let mult: u64 = match unit {
         "" => 1,
         "Ki" => 1 << 10,
@@ -383,9 +426,10 @@ pub fn parse_memory(raw: &str) -> Result<u64, String> {
         "M" => 1_000_000,
         "G" => 1_000_000_000,
         other => {
-            return Err(format!(
-                "memory `{raw}` has an unknown unit `{other}` (use Ki, Mi, Gi, K, M or G)"
-            ))
+            return Err(QuantityError::UnknownUnit {
+                raw: raw.to_string(),
+                unit: other.to_string(),
+            })
         }
     };
     Ok(n * mult)
@@ -401,21 +445,23 @@ pub fn load_file(path: &Path) -> Result<ClusterSpec, ManifestError> {
 
 /// Parses either form. `origin` names the source in error messages.
 pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
-    let invalid = |message: String| ManifestError::Invalid {
+    let invalid = |problem: SpecError| ManifestError::Invalid {
         origin: origin.to_string(),
-        message,
+        problem: Box::new(problem),
     };
     check_nesting(text).map_err(invalid)?;
     let probe: serde_yaml::Value =
-        serde_yaml::from_str(text).map_err(|e| invalid(format!("not valid YAML: {e}")))?;
+        serde_yaml::from_str(text).map_err(|e| invalid(SpecError::NotYaml(e)))?;
     let Some(map) = probe.as_mapping() else {
-        return Err(invalid("a manifest is a YAML mapping: either `system:` (the seed form) or `apiVersion: flotilla.dev/v1` with `kind: Cluster`".into()));
+        return Err(invalid(SpecError::Rule("a manifest is a YAML mapping: either `system:` (the seed form) or `apiVersion: flotilla.dev/v1` with `kind: Cluster`".into())));
     };
     let spec = if map.contains_key("apiVersion") {
-        let file: NativeFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let file: NativeFile =
+            serde_yaml::from_str(text).map_err(|e| invalid(SpecError::Shape(e)))?;
         from_native(file).map_err(invalid)?
     } else if map.contains_key("system") {
-        let file: SeedFile = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let file: SeedFile =
+            serde_yaml::from_str(text).map_err(|e| invalid(SpecError::Shape(e)))?;
         from_seed(file.system).map_err(invalid)?
     } else {
         let keys: Vec<String> = map
@@ -427,9 +473,9 @@ pub fn parse(text: &str, origin: &str) -> Result<ClusterSpec, ManifestError> {
                     .to_string()
             })
             .collect();
-        return Err(invalid(format!(
+        return Err(invalid(SpecError::Rule(format!(
             "unknown top-level key(s) {keys:?}: expected `system` (the seed form) or `apiVersion`, `kind`, `metadata`, `spec` (the native form)"
-        )));
+        ))));
     };
     validate(&spec).map_err(invalid)?;
     Ok(spec)
@@ -442,7 +488,7 @@ pub const MAX_NESTING: usize = 64;
 
 /// Refuses flow collections nested deeper than [`MAX_NESTING`] (brackets
 /// inside quoted strings and comments do not count).
-fn check_nesting(text: &str) -> Result<(), String> {
+fn check_nesting(text: &str) -> Result<(), SpecError> {
     let (mut depth, mut line) = (0usize, 1usize);
     let mut quote: Option<char> = None;
     let mut chars = text.chars().peekable();
@@ -467,9 +513,7 @@ fn check_nesting(text: &str) -> Result<(), String> {
             (None, '[') | (None, '{') => {
                 depth += 1;
                 if depth > MAX_NESTING {
-                    return Err(format!(
-                        "line {line}: collections nested more than {MAX_NESTING} levels deep"
-                    ));
+                    return Err(SpecError::TooDeep { line });
                 }
             }
             (None, ']') | (None, '}') => depth = depth.saturating_sub(1),
@@ -480,16 +524,16 @@ fn check_nesting(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn from_seed(system: SeedSystem) -> Result<ClusterSpec, String> {
+fn from_seed(system: SeedSystem) -> Result<ClusterSpec, SpecError> {
     let capacities = match system.node_capacities {
         None => vec![DEFAULT_CAPACITY; system.node_quantity],
         Some(c) if c.len() == system.node_quantity => c,
         Some(c) => {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "system.node_capacities has {} entries but system.node_quantity is {}: give one capacity per node",
                 c.len(),
                 system.node_quantity
-            ))
+            )))
         }
     };
     let mut spec = ClusterSpec::defaults("flotilla".into());
@@ -503,18 +547,18 @@ fn from_seed(system: SeedSystem) -> Result<ClusterSpec, String> {
     Ok(spec)
 }
 
-fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
+fn from_native(file: NativeFile) -> Result<ClusterSpec, SpecError> {
     if file.api_version != API_VERSION {
-        return Err(format!(
+        return Err(SpecError::Rule(format!(
             "apiVersion `{}` is not supported: use `{API_VERSION}`",
             file.api_version
-        ));
+        )));
     }
     if file.kind != "Cluster" {
-        return Err(format!(
+        return Err(SpecError::Rule(format!(
             "kind `{}` is not supported: use `Cluster`",
             file.kind
-        ));
+        )));
     }
     let s = file.spec;
     let mut spec = ClusterSpec::defaults(file.metadata.name);
@@ -529,8 +573,7 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
             spec.worker_resources.cpu_per_capacity = c;
         }
         if let Some(m) = wr.memory {
-            spec.worker_resources.memory_bytes =
-                parse_memory(&m).map_err(|e| format!("spec.workerResources.{e}"))?;
+            spec.worker_resources.memory_bytes = parse_memory(&m).map_err(SpecError::Memory)?;
         }
     }
     if let Some(hb) = s.heartbeat {
@@ -554,25 +597,25 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     }
     if let Some(d) = s.state_dir {
         if d.trim().is_empty() {
-            return Err(
+            return Err(SpecError::Rule(
                 "spec.stateDir must not be empty (leave it out for the default .flotilla/<name>)"
                     .into(),
-            );
+            ));
         }
         spec.state_dir = Some(d.into());
     }
     if let Some(t) = s.task_timeout_seconds {
         if !(t.is_finite() && t > 0.0 && t <= flotilla_proto::MAX_TASK_TIMEOUT_S) {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "spec.taskTimeoutSeconds must be a number of seconds above 0 and at most {} (one week), got {t}",
                 flotilla_proto::MAX_TASK_TIMEOUT_S
-            ));
+            )));
         }
         spec.task_timeout = Some(t);
     }
     if let Some(m) = s.max_workers {
         if m == 0 {
-            return Err("spec.maxWorkers must be at least 1".into());
+            return Err(SpecError::Rule("spec.maxWorkers must be at least 1".into()));
         }
         spec.max_workers = m;
     }
@@ -603,55 +646,55 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, String> {
     Ok(spec)
 }
 
-fn seconds(field: &str, v: f64) -> Result<Duration, String> {
+fn seconds(field: &'static str, v: f64) -> Result<Duration, SpecError> {
     // At most a year: larger values mean nothing and would overflow a Duration.
     if v.is_finite() && v > 0.0 && v <= 365.0 * 24.0 * 3600.0 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(format!(
-            "{field} must be a positive number of seconds, got {v}"
-        ))
+        Err(SpecError::Seconds { field, value: v })
     }
 }
 
-fn validate(spec: &ClusterSpec) -> Result<(), String> {
+fn validate(spec: &ClusterSpec) -> Result<(), SpecError> {
     if let Some(i) = spec.capacities.iter().position(|&c| c == 0) {
-        return Err(format!(
+        return Err(SpecError::Rule(format!(
             "worker {i} has capacity 0: every capacity must be at least 1"
-        ));
+        )));
     }
     if spec.heartbeat_timeout <= spec.heartbeat_interval {
-        return Err(format!(
+        return Err(SpecError::Rule(format!(
             "the heartbeat timeout ({:?}) must be longer than the heartbeat interval ({:?})",
             spec.heartbeat_timeout, spec.heartbeat_interval
-        ));
+        )));
     }
     if spec.master_grace < spec.heartbeat_interval * 2 {
-        return Err(format!(
+        return Err(SpecError::Rule(format!(
             "spec.masterGraceSeconds ({:?}) must be at least twice the heartbeat interval ({:?}): a worker that hears nothing from its master for that long stops by itself",
             spec.master_grace, spec.heartbeat_interval
-        ));
+        )));
     }
     if spec.capacities.len() > spec.max_workers {
-        return Err(format!(
+        return Err(SpecError::Rule(format!(
             "the manifest has {} workers, more than spec.maxWorkers ({})",
             spec.capacities.len(),
             spec.max_workers
-        ));
+        )));
     }
     if spec.max_attempts == 0 {
-        return Err("maxAttempts must be at least 1".into());
+        return Err(SpecError::Rule("maxAttempts must be at least 1".into()));
     }
     let cpu = spec.worker_resources.cpu_per_capacity;
     if !cpu.is_finite() || cpu <= 0.0 {
-        return Err("spec.workerResources.cpuPerCapacity must be greater than 0".into());
+        return Err(SpecError::Rule(
+            "spec.workerResources.cpuPerCapacity must be greater than 0".into(),
+        ));
     }
     if let Some(p) = &spec.image_pull_policy {
         if !IMAGE_PULL_POLICIES.contains(&p.as_str()) {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "spec.imagePullPolicy `{p}` is not one of {}",
                 IMAGE_PULL_POLICIES.join(", ")
-            ));
+            )));
         }
     }
     for (field, url) in [
@@ -663,94 +706,102 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
     ] {
         if let Some(url) = url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!(
+                return Err(SpecError::Rule(format!(
                     "{field} `{url}` is not an http:// or https:// URL (OTLP over HTTP, port 4318)"
-                ));
+                )));
             }
         }
     }
     if let Some(url) = &spec.jaeger_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "spec.telemetry.jaegerUrl `{url}` is not an http:// or https:// URL (the Jaeger UI, e.g. http://localhost:16686)"
-            ));
+            )));
         }
     }
     let pods = &spec.worker_pods;
     for (i, var) in pods.env.iter().enumerate() {
         if var.name.starts_with("FLOTILLA_") {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "spec.workerPods.env[{i}]: `{}` is reserved (the master sets FLOTILLA_* variables itself)",
                 var.name
-            ));
+            )));
         }
     }
     for (i, mount) in pods.volume_mounts.iter().enumerate() {
         if !pods.volumes.iter().any(|v| v.name == mount.name) {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "spec.workerPods.volumeMounts[{i}] names volume `{}`, which spec.workerPods.volumes does not define",
                 mount.name
-            ));
+            )));
         }
     }
     if let Some(root) = &spec.file_root {
         if !root.is_absolute() {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "spec.fileRoot `{}` must be an absolute path",
                 root.display()
-            ));
+            )));
         }
     }
     let mut names = std::collections::HashSet::new();
     for r in &spec.resources {
         if r.name.is_empty() {
-            return Err("a shared resource needs a non-empty name".into());
+            return Err(SpecError::Rule(
+                "a shared resource needs a non-empty name".into(),
+            ));
         }
         if !names.insert(r.name.as_str()) {
-            return Err(format!("shared resource `{}` is defined twice", r.name));
+            return Err(SpecError::Rule(format!(
+                "shared resource `{}` is defined twice",
+                r.name
+            )));
         }
         match (&r.path, r.kind) {
             (Some(_), ResourceType::File) if !r.initial_value.is_null() => {
-                return Err(format!(
+                return Err(SpecError::Rule(format!(
                     "File resource `{}`: give either path or initial_value, not both",
                     r.name
-                ))
+                )))
             }
             (Some(path), ResourceType::File) if spec.file_root.is_none() => {
-                return Err(format!(
+                return Err(SpecError::Rule(format!(
                     "File resource `{}`: path `{path}` needs spec.fileRoot, the directory File paths are confined to (native form), or give the content as initial_value",
                     r.name
-                ))
+                )))
             }
             (Some(_), ResourceType::File) => {}
             (Some(_), other) => {
-                return Err(format!(
+                return Err(SpecError::Rule(format!(
                     "resource `{}`: path is only for File resources, not {}",
                     r.name,
                     other.name()
-                ))
+                )))
             }
             (None, kind) if !r.initial_value.is_null() => {
                 kind.check(r.initial_value.clone())
-                    .map_err(|e| format!("shared resource `{}`: {e}", r.name))?;
+                    .map_err(|source| SpecError::Value {
+                        name: r.name.clone(),
+                        source,
+                    })?;
             }
             (None, _) => {}
         }
     }
     for (i, r) in spec.requests.iter().enumerate() {
         if !(r.sleep.is_finite() && r.sleep >= 0.0) {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "requests[{i}].sleep must be a number of seconds >= 0, got {}",
                 r.sleep
-            ));
+            )));
         }
-        let path =
-            endpoint_path(&r.endpoint).map_err(|e| format!("requests[{i}].endpoint: {e}"))?;
+        let path = endpoint_path(&r.endpoint)
+            .map_err(|source| SpecError::Endpoint { index: i, source })?;
         if !path.starts_with('/') {
-            return Err(format!(
+            return Err(SpecError::Rule(format!(
                 "requests[{i}].endpoint `{}` has no path",
                 r.endpoint
-            ));
+            )));
         }
     }
     Ok(())
@@ -759,11 +810,11 @@ fn validate(spec: &ClusterSpec) -> Result<(), String> {
 /// The path (and query) of a scenario endpoint: `http://localhost:5000/send`
 /// -> `/send`. The runner sends it to the master it started, wherever that
 /// listens.
-pub fn endpoint_path(endpoint: &str) -> Result<String, String> {
+pub fn endpoint_path(endpoint: &str) -> Result<String, EndpointError> {
     let rest = endpoint
         .strip_prefix("http://")
         .or_else(|| endpoint.strip_prefix("https://"))
-        .ok_or_else(|| format!("`{endpoint}` is not an http:// URL"))?;
+        .ok_or_else(|| EndpointError(endpoint.to_string()))?;
     match rest.find('/') {
         Some(i) => Ok(rest[i..].to_string()),
         None => Ok("/".to_string()),

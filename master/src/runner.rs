@@ -70,7 +70,7 @@ pub async fn run(client: &Client, spec: &ClusterSpec, opts: &RunOptions) -> Resu
     let mut requests = Vec::new();
     let mut created: Vec<u64> = Vec::new();
     for (i, r) in spec.requests.iter().enumerate() {
-        let path = endpoint_path(&r.endpoint).map_err(anyhow::Error::msg)?;
+        let path = endpoint_path(&r.endpoint)?;
         for _ in 0..r.times {
             let (status, body) = client
                 .request(method_of(&r.method), &path, r.body.as_ref())

@@ -50,20 +50,19 @@ impl std::fmt::Display for TaskState {
 }
 
 impl std::str::FromStr for TaskState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownTaskState;
+    fn from_str(s: &str) -> Result<Self, UnknownTaskState> {
         TaskState::ALL
             .into_iter()
             .find(|t| t.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = TaskState::ALL.iter().map(|t| t.name()).collect();
-                format!(
-                    "unknown task state `{s}`: expected one of {}",
-                    names.join(", ")
-                )
-            })
+            .ok_or_else(|| UnknownTaskState(s.to_string()))
     }
 }
+
+/// A name that is none of [`TaskState`]'s.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown task state `{0}`: expected one of {names}", names = TaskState::ALL.map(TaskState::name).join(", "))]
+pub struct UnknownTaskState(pub String);
 
 /// Where a worker is in its life.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -225,7 +224,7 @@ mod tests {
             assert_eq!(s.name().parse::<TaskState>().unwrap(), s);
             assert_eq!(serde_json::to_value(s).unwrap(), s.name());
         }
-        let err = "done".parse::<TaskState>().unwrap_err();
+        let err = "done".parse::<TaskState>().unwrap_err().to_string();
         assert!(err.contains("done") && err.contains("succeeded"), "{err}");
     }
 

@@ -110,14 +110,21 @@ impl TaskSpec {
 
     /// Refuses a `timeout` that is not a number of seconds in
     /// (0, [`MAX_TASK_TIMEOUT_S`]].
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), TaskSpecError> {
         match self.timeout {
-            Some(t) if !(t.is_finite() && t > 0.0 && t <= MAX_TASK_TIMEOUT_S) => Err(format!(
-                "timeout must be a number of seconds above 0 and at most {MAX_TASK_TIMEOUT_S} (one week), got {t}"
-            )),
+            Some(t) if !(t.is_finite() && t > 0.0 && t <= MAX_TASK_TIMEOUT_S) => {
+                Err(TaskSpecError::Timeout(t))
+            }
             _ => Ok(()),
         }
     }
+}
+
+/// What is wrong with a [`TaskSpec`] that deserialised.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskSpecError {
+    #[error("timeout must be a number of seconds above 0 and at most {MAX_TASK_TIMEOUT_S} (one week), got {0}")]
+    Timeout(f64),
 }
 
 /// What a finished task produced.

@@ -29,25 +29,34 @@ pub type RequestId = u64;
 /// The longest resource name (as a Kubernetes object name).
 pub const MAX_NAME: usize = 253;
 
+/// What is wrong with a resource name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("a shared resource needs a non-empty name")]
+    Empty,
+    #[error("a shared resource name is at most {MAX_NAME} characters; this one has {0}")]
+    TooLong(usize),
+    #[error("shared resource name `{name}` has the character {bad:?}; names use letters, digits, `_`, `.` and `-`")]
+    BadCharacter { name: String, bad: char },
+}
+
 /// A resource name: 1 to [`MAX_NAME`] characters of `A-Z a-z 0-9 _ . -`, so
 /// that it can always be read back in `GET /resources/{name}`.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("a shared resource needs a non-empty name".into());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME {
-        return Err(format!(
-            "a shared resource name is at most {MAX_NAME} characters; this one has {}",
-            name.chars().count()
-        ));
+        return Err(NameError::TooLong(name.chars().count()));
     }
     if let Some(bad) = name
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
     {
-        return Err(format!(
-            "shared resource name `{name}` has the character {bad:?}; names use letters, digits, `_`, `.` and `-`"
-        ));
+        return Err(NameError::BadCharacter {
+            name: name.to_string(),
+            bad,
+        });
     }
     Ok(())
 }
@@ -145,12 +154,9 @@ impl LockTable {
         kind: ResourceType,
         value: Value,
     ) -> Result<(), ResourceError> {
-        check_name(name).map_err(ResourceError::BadName)?;
+        check_name(name)?;
         if self.resources.contains_key(name) {
             return Err(ResourceError::Duplicate(name.to_string()));
-        }
-        if name.is_empty() {
-            return Err(ResourceError::EmptyName);
         }
         let value = if value.is_null() {
             kind.zero()

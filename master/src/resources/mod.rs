@@ -4,6 +4,8 @@
 
 pub mod locks;
 
+use std::path::{Path, PathBuf};
+
 use serde_json::Value;
 
 /// The eight resource types of the seed.
@@ -98,19 +100,18 @@ pub enum ResourceError {
     WrongValue { kind: &'static str, what: String },
     #[error("shared resource `{0}` already exists")]
     Duplicate(String),
-    #[error("a shared resource needs a non-empty name")]
-    EmptyName,
-    /// A name outside the rules of `locks::check_name`.
-    #[error("{0}")]
-    BadName(String),
+    #[error(transparent)]
+    BadName(#[from] locks::NameError),
     #[error("shared resource `{name}` is a {manifest} in the manifest but a {stored} in the state directory")]
     KindChanged {
         name: String,
         manifest: &'static str,
         stored: &'static str,
     },
-    #[error("File resource `{name}`: {reason}")]
-    File { name: String, reason: String },
+    #[error("File resource `{name}`: {source}")]
+    File { name: String, source: FileError },
+    #[error("File resource `{name}`: the read did not finish: {detail}")]
+    FileTask { name: String, detail: String },
     #[error("shared resource `{name}`: {source}")]
     Initial {
         name: String,
@@ -160,19 +161,22 @@ pub async fn initial_values(
         let value = match &r.path {
             Some(path) => {
                 // manifest::validate made sure a path comes with a root.
-                let file_error = |reason: String| ResourceError::File {
+                let file_error = |source: FileError| ResourceError::File {
                     name: r.name.clone(),
-                    reason,
+                    source,
                 };
                 let root = file_root
                     .map(|p| p.to_path_buf())
-                    .ok_or_else(|| file_error("values.path needs spec.fileRoot".into()))?;
+                    .ok_or_else(|| file_error(FileError::NoRoot))?;
                 let path = path.clone();
                 let text = tokio::task::spawn_blocking(move || {
                     read_confined(&root, &path, FILE_MAX_BYTES)
                 })
                 .await
-                .map_err(|e| file_error(format!("the read failed: {e}")))?
+                .map_err(|e| ResourceError::FileTask {
+                    name: r.name.clone(),
+                    detail: e.to_string(),
+                })?
                 .map_err(file_error)?;
                 Value::String(text)
             }
@@ -190,23 +194,58 @@ pub async fn initial_values(
     Ok(out)
 }
 
+/// Why a File resource's path was not read. The I/O variants keep the
+/// error's text (not the `io::Error`) so that the error stays `Clone`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    #[error("values.path needs spec.fileRoot")]
+    NoRoot,
+    #[error("spec.fileRoot `{root}`: {detail}")]
+    Root { root: PathBuf, detail: String },
+    #[error("cannot {action} `{path}`: {detail}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
+    #[error("`{path}` is outside spec.fileRoot `{root}`: File paths must name files under it")]
+    Outside { path: String, root: PathBuf },
+    #[error("`{path}` is {what}: a File resource reads regular files only")]
+    NotRegular { path: PathBuf, what: &'static str },
+    #[error("`{path}` has {len} bytes, more than the limit of {limit} bytes")]
+    TooBig { path: PathBuf, len: u64, limit: u64 },
+    #[error("`{path}` grew past the limit of {limit} bytes while it was read")]
+    Grew { path: PathBuf, limit: u64 },
+    #[error("`{0}` is not UTF-8 text")]
+    NotUtf8(PathBuf),
+}
+
 /// The text of `path` (relative to `root`, or absolute), if it is a regular
 /// file under `root` (symbolic links resolved first), of at most `limit`
 /// bytes, in UTF-8. A FIFO, a device, a directory or anything outside the
 /// root is refused without being read; opening never blocks.
-pub fn read_confined(root: &std::path::Path, path: &str, limit: u64) -> Result<String, String> {
+pub fn read_confined(root: &Path, path: &str, limit: u64) -> Result<String, FileError> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
-    let root = std::fs::canonicalize(root)
-        .map_err(|e| format!("spec.fileRoot `{}`: {e}", root.display()))?;
+    let io = |action: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |e: std::io::Error| FileError::Io {
+            action,
+            path,
+            detail: e.to_string(),
+        }
+    };
+    let root = std::fs::canonicalize(root).map_err(|e| FileError::Root {
+        root: root.to_path_buf(),
+        detail: e.to_string(),
+    })?;
     let joined = root.join(path);
-    let real = std::fs::canonicalize(&joined)
-        .map_err(|e| format!("cannot read `{}`: {e}", joined.display()))?;
+    let real = std::fs::canonicalize(&joined).map_err(io("read", &joined))?;
     if !real.starts_with(&root) {
-        return Err(format!(
-            "`{path}` is outside spec.fileRoot `{}`: File paths must name files under it",
-            root.display()
-        ));
+        return Err(FileError::Outside {
+            path: path.to_string(),
+            root,
+        });
     }
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -214,10 +253,8 @@ pub fn read_confined(root: &std::path::Path, path: &str, limit: u64) -> Result<S
         // swapped in since canonicalize is refused.
         .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits() | nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(&real)
-        .map_err(|e| format!("cannot open `{}`: {e}", real.display()))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat `{}`: {e}", real.display()))?;
+        .map_err(io("open", &real))?;
+    let meta = file.metadata().map_err(io("stat", &real))?;
     let ft = meta.file_type();
     if !ft.is_file() {
         use std::os::unix::fs::FileTypeExt;
@@ -232,30 +269,24 @@ pub fn read_confined(root: &std::path::Path, path: &str, limit: u64) -> Result<S
         } else {
             "not a regular file"
         };
-        return Err(format!(
-            "`{}` is {what}: a File resource reads regular files only",
-            real.display()
-        ));
+        return Err(FileError::NotRegular { path: real, what });
     }
     if meta.len() > limit {
-        return Err(format!(
-            "`{}` has {} bytes, more than the limit of {limit} bytes",
-            real.display(),
-            meta.len()
-        ));
+        return Err(FileError::TooBig {
+            path: real,
+            len: meta.len(),
+            limit,
+        });
     }
     let mut bytes = Vec::new();
     // Bounded even if the file grows while it is read.
     file.take(limit + 1)
         .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read `{}`: {e}", real.display()))?;
+        .map_err(io("read", &real))?;
     if bytes.len() as u64 > limit {
-        return Err(format!(
-            "`{}` grew past the limit of {limit} bytes while it was read",
-            real.display()
-        ));
+        return Err(FileError::Grew { path: real, limit });
     }
-    String::from_utf8(bytes).map_err(|_| format!("`{}` is not UTF-8 text", real.display()))
+    String::from_utf8(bytes).map_err(|_| FileError::NotUtf8(real))
 }
 
 #[cfg(test)]
@@ -303,26 +334,36 @@ mod tests {
             ("/proc/self/environ", "outside spec.fileRoot"),
             ("missing.txt", "cannot read"),
         ] {
-            let err = read_confined(&root, path, 100).unwrap_err();
+            let err = read_confined(&root, path, 100).unwrap_err().to_string();
             assert!(err.contains(needle), "{path}: {err}");
         }
         // A link inside the root to a file outside it is outside.
         std::os::unix::fs::symlink("/etc/passwd", root.join("link")).unwrap();
         let err = read_confined(&root, "link", 100).unwrap_err();
-        assert!(err.contains("outside spec.fileRoot"), "{err}");
+        assert!(matches!(err, FileError::Outside { .. }), "{err}");
         // Too big, not UTF-8, a directory.
         std::fs::write(root.join("big"), vec![b'x'; 101]).unwrap();
-        assert!(read_confined(&root, "big", 100)
-            .unwrap_err()
-            .contains("limit of 100"));
+        assert!(matches!(
+            read_confined(&root, "big", 100),
+            Err(FileError::TooBig {
+                len: 101,
+                limit: 100,
+                ..
+            })
+        ));
         std::fs::write(root.join("bin"), [0xff, 0xfe]).unwrap();
-        assert!(read_confined(&root, "bin", 100)
-            .unwrap_err()
-            .contains("UTF-8"));
+        assert!(matches!(
+            read_confined(&root, "bin", 100),
+            Err(FileError::NotUtf8(_))
+        ));
         std::fs::create_dir(root.join("sub")).unwrap();
-        assert!(read_confined(&root, "sub", 100)
-            .unwrap_err()
-            .contains("a directory"));
+        assert!(matches!(
+            read_confined(&root, "sub", 100),
+            Err(FileError::NotRegular {
+                what: "a directory",
+                ..
+            })
+        ));
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -333,7 +374,7 @@ mod tests {
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         // Would hang forever if it waited for a writer.
         let err = read_confined(&root, "pipe", 100).unwrap_err();
-        assert!(err.contains("a FIFO"), "{err}");
+        assert!(err.to_string().contains("a FIFO"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 
@@ -341,6 +382,6 @@ mod tests {
     fn a_device_under_the_root_is_refused() {
         // /dev as the root: /dev/zero is under it, and still never read.
         let err = read_confined(std::path::Path::new("/dev"), "zero", 100).unwrap_err();
-        assert!(err.contains("a device"), "{err}");
+        assert!(err.to_string().contains("a device"), "{err}");
     }
 }

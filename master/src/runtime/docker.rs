@@ -127,6 +127,17 @@ pub enum DockerSetupError {
     Network { network: String, reason: String },
 }
 
+/// Why a container name could not be made free for a new worker container.
+#[derive(Debug, thiserror::Error)]
+pub enum NameTaken {
+    #[error("cannot inspect the container named {name}: {source}")]
+    Inspect { name: String, source: BollardError },
+    #[error("a container named {name} exists and is not a worker of cluster `{cluster}`: remove or rename it (docker rm -f {name}), or give the cluster another metadata.name")]
+    NotOurs { name: String, cluster: String },
+    #[error("cannot remove the old container {name}: {source}")]
+    Remove { name: String, source: BollardError },
+}
+
 /// The container that runs a worker's current incarnation.
 #[derive(Clone, Debug)]
 struct Tracked {
@@ -506,11 +517,16 @@ impl Inner {
 
     /// Makes the name free for a new container: removes what holds it if it
     /// is one of this cluster's; refuses to touch anyone else's.
-    async fn free_name(&self, name: &str) -> Result<(), String> {
+    async fn free_name(&self, name: &str) -> Result<(), NameTaken> {
         let holder = match self.docker.inspect_container(name, None).await {
             Ok(c) => c,
             Err(e) if status_of(&e) == Some(404) => return Ok(()),
-            Err(e) => return Err(format!("cannot inspect the container named {name}: {e}")),
+            Err(source) => {
+                return Err(NameTaken::Inspect {
+                    name: name.to_string(),
+                    source,
+                })
+            }
         };
         let ours = holder
             .config
@@ -518,14 +534,15 @@ impl Inner {
             .and_then(|l| l.get(LABEL_CLUSTER).cloned())
             .is_some_and(|c| c == self.settings.cluster);
         if !ours {
-            return Err(format!(
-                "a container named {name} exists and is not a worker of cluster `{}`: remove or rename it (docker rm -f {name}), or give the cluster another metadata.name",
-                self.settings.cluster
-            ));
+            return Err(NameTaken::NotOurs {
+                name: name.to_string(),
+                cluster: self.settings.cluster.clone(),
+            });
         }
-        self.remove(name)
-            .await
-            .map_err(|e| format!("cannot remove the old container {name}: {e}"))
+        self.remove(name).await.map_err(|source| NameTaken::Remove {
+            name: name.to_string(),
+            source,
+        })
     }
 
     /// Follows the engine's events for this cluster's containers, and
@@ -670,7 +687,10 @@ impl Runtime for DockerRuntime {
         {
             // The name is taken (an old incarnation not yet removed).
             Err(e) if status_of(&e) == Some(409) => {
-                inner.free_name(&name).await.map_err(&fail)?;
+                inner
+                    .free_name(&name)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
                 inner.docker.create_container(Some(options), body).await
             }
             other => other,

@@ -588,6 +588,21 @@ fn random_session() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Why a worker pod could not be created or deleted.
+#[derive(Debug, thiserror::Error)]
+enum PodError {
+    #[error("{0}")]
+    Create(Box<kube::Error>),
+    #[error("cannot read the pod in the way: {0}")]
+    ReadOld(Box<kube::Error>),
+    #[error("delete failed: {0}")]
+    Delete(Box<kube::Error>),
+    #[error("could not watch it go: {0}")]
+    Watch(kube::runtime::wait::Error),
+    #[error("still there {}s after it was deleted", .0.as_secs())]
+    StillThere(Duration),
+}
+
 fn is_api(e: &kube::Error, check: impl Fn(&kube::core::Status) -> bool) -> bool {
     matches!(e, kube::Error::Api(status) if check(status))
 }
@@ -875,7 +890,7 @@ impl Inner {
 
     /// Deletes pod `name` at once, only if it is still the one with `uid`,
     /// and waits until no pod with that UID is left. Already gone is fine.
-    async fn delete_and_wait(&self, name: &str, uid: &str) -> Result<(), String> {
+    async fn delete_and_wait(&self, name: &str, uid: &str) -> Result<(), PodError> {
         let params = DeleteParams {
             grace_period_seconds: Some(0),
             preconditions: Some(Preconditions {
@@ -888,42 +903,39 @@ impl Inner {
             Ok(_) => {}
             // Gone, or the name already belongs to another pod: ours is gone.
             Err(e) if is_api(&e, |s| s.is_not_found() || s.is_conflict()) => return Ok(()),
-            Err(e) => return Err(format!("delete failed: {e}")),
+            Err(e) => return Err(PodError::Delete(Box::new(e))),
         }
         let timeout = self.settings.delete_timeout;
         let gone = await_condition(self.pods.clone(), name, conditions::is_deleted(uid));
         match tokio::time::timeout(timeout, gone).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("could not watch it go: {e}")),
-            Err(_) => Err(format!(
-                "still there {}s after it was deleted",
-                timeout.as_secs()
-            )),
+            Ok(Err(e)) => Err(PodError::Watch(e)),
+            Err(_) => Err(PodError::StillThere(timeout)),
         }
     }
 
     /// Creates the pod; if one of that name is still there (a leftover, or
     /// a delete that did not finish), deletes it and tries once more.
-    async fn create(&self, pod: &Pod) -> Result<Pod, String> {
+    async fn create(&self, pod: &Pod) -> Result<Pod, PodError> {
         let name = pod.metadata.name.clone().unwrap_or_default();
         match self.pods.create(&PostParams::default(), pod).await {
             Ok(created) => return Ok(created),
             Err(e) if is_api(&e, |s| s.is_already_exists()) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(PodError::Create(Box::new(e))),
         }
         warn!(pod = %name, "a pod of that name is still there; deleting it first");
         let old = self
             .pods
             .get_opt(&name)
             .await
-            .map_err(|e| format!("cannot read the pod in the way: {e}"))?;
+            .map_err(|e| PodError::ReadOld(Box::new(e)))?;
         if let Some(uid) = old.and_then(|p| p.metadata.uid) {
             self.delete_and_wait(&name, &uid).await?;
         }
         self.pods
             .create(&PostParams::default(), pod)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| PodError::Create(Box::new(e)))
     }
 
     /// Follows the release's worker pods until the runtime is dropped.

@@ -548,11 +548,11 @@ impl Scheduler {
         }
         let mut finished: Vec<&crate::store::TaskRecord> = Vec::new();
         for t in &rec.tasks {
-            let state = match t.state.as_str() {
-                "succeeded" => TaskState::Succeeded,
-                "failed" => TaskState::Failed,
-                "cancelled" => TaskState::Cancelled,
-                _ => TaskState::Queued,
+            // A task that was not final is queued again (or resumed below).
+            let state = if t.state.is_final() {
+                t.state
+            } else {
+                TaskState::Queued
             };
             let mut task = Task::restored(t, state);
             if let Some(i) = final_index(state) {
@@ -584,7 +584,7 @@ impl Scheduler {
                     },
                 );
             } else {
-                let waited_in = (t.state == "assigned").then_some(t.node).flatten();
+                let waited_in = (t.state == TaskState::Assigned).then_some(t.node).flatten();
                 let target = waited_in
                     .or(t.target)
                     .filter(|&w| (w as usize) < self.workers.len());
@@ -1168,7 +1168,7 @@ impl Scheduler {
             self,
             Op::Finish {
                 id: tid,
-                state: state.name().into(),
+                state,
                 node: task.node,
                 attempts: task.attempts,
                 result: task.result.clone(),

@@ -428,10 +428,7 @@ fn cancel_takes_a_task_out_wherever_it_is_and_tells_the_worker_to_stop_a_running
 fn a_restart_keeps_the_attempts_and_grants_of_adopted_workers_only() {
     use crate::resources::ResourceType;
     use crate::store::Store;
-    let dir = std::env::temp_dir().join(format!(
-        "flotilla-adopt-{:x}",
-        rand::random::<u64>()
-    ));
+    let dir = std::env::temp_dir().join(format!("flotilla-adopt-{:x}", rand::random::<u64>()));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

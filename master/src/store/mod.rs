@@ -32,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use flotilla_proto::api::TaskState;
 use flotilla_proto::{Attempt, Incarnation, TaskId, TaskResult, TaskSpec, WorkerId};
 use nix::fcntl::Flock;
 use serde_json::Value;
@@ -76,13 +77,13 @@ pub enum StoreError {
     Closed { dir: PathBuf },
 }
 
-/// A task as the store keeps it. `state` is the scheduler's state name
-/// (`queued`, `assigned`, `running`, `succeeded`, `failed`).
+/// A task as the store keeps it (its state by name, `queued` ... `cancelled`,
+/// in the database).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskRecord {
     pub id: TaskId,
     pub spec: TaskSpec,
-    pub state: String,
+    pub state: TaskState,
     /// `/send/{node}`: the worker it was submitted to (kept on recovery).
     pub target: Option<WorkerId>,
     pub node: Option<WorkerId>,
@@ -98,7 +99,7 @@ pub struct TaskRecord {
 
 impl TaskRecord {
     pub fn is_final(&self) -> bool {
-        matches!(self.state.as_str(), "succeeded" | "failed" | "cancelled")
+        self.state.is_final()
     }
 }
 
@@ -178,7 +179,7 @@ pub enum Op {
     /// Final: the result, and its place in the completion feed.
     Finish {
         id: TaskId,
-        state: String,
+        state: TaskState,
         node: Option<WorkerId>,
         attempts: Attempt,
         result: Option<TaskResult>,

@@ -354,7 +354,9 @@ fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
             command: r.get("command")?,
             timeout: None,
         },
-        state: r.get("state")?,
+        state: r.get::<_, String>("state")?.parse().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })?,
         target: r.get::<_, Option<i64>>("target")?.map(|v| v as u32),
         node: r.get::<_, Option<i64>>("node")?.map(|v| v as u32),
         attempts: r.get::<_, i64>("attempts")? as u32,

@@ -112,7 +112,7 @@ fn everything_written_is_read_back_in_order() {
         }),
         Op::Finish {
             id: 1,
-            state: "succeeded".into(),
+            state: TaskState::Succeeded,
             node: Some(0),
             attempts: 1,
             result: Some(result.clone()),
@@ -162,14 +162,14 @@ fn everything_written_is_read_back_in_order() {
     let ids: Vec<_> = rec.tasks.iter().map(|t| t.id).collect();
     assert_eq!(ids, [1, 2, 3]);
     let t1 = &rec.tasks[0];
-    assert_eq!(t1.state, "succeeded");
+    assert_eq!(t1.state, TaskState::Succeeded);
     assert_eq!(t1.result.as_ref(), Some(&result));
     assert_eq!(t1.started_at, Some(2000));
     assert_eq!(t1.feed_pos, Some(0));
     assert!(t1.is_final());
-    assert_eq!(rec.tasks[1].state, "assigned");
+    assert_eq!(rec.tasks[1].state, TaskState::Assigned);
     assert_eq!(rec.tasks[1].node, Some(0));
-    assert_eq!(rec.tasks[2].state, "running");
+    assert_eq!(rec.tasks[2].state, TaskState::Running);
     assert_eq!(rec.tasks[2].target, Some(1));
     assert_eq!(rec.tasks[2].spec, spec(3));
     assert_eq!(
@@ -197,7 +197,7 @@ fn everything_written_is_read_back_in_order() {
         drop(_store);
         open(&dir, "alpha").unwrap()
     };
-    assert_eq!(store.task(1).unwrap().unwrap().state, "succeeded");
+    assert_eq!(store.task(1).unwrap().unwrap().state, TaskState::Succeeded);
     assert_eq!(store.task(99).unwrap(), None);
 }
 
@@ -242,7 +242,7 @@ fn grants_and_attempts_can_be_closed() {
     let (_s, rec) = open(&dir, "alpha").unwrap();
     assert!(rec.grants.is_empty());
     assert!(rec.open_attempts.is_empty());
-    assert_eq!(rec.tasks[0].state, "queued");
+    assert_eq!(rec.tasks[0].state, TaskState::Queued);
     assert_eq!(rec.tasks[0].node, None);
     assert_eq!(rec.tasks[0].attempts, 1);
 }
@@ -255,7 +255,7 @@ fn expired_results_are_gone_but_their_ids_are_never_handed_out_again() {
     for id in 1..=5 {
         ops.push(Op::Finish {
             id,
-            state: "succeeded".into(),
+            state: TaskState::Succeeded,
             node: Some(0),
             attempts: 1,
             result: None,
@@ -412,7 +412,7 @@ fn torn_write_child() {
             if next % 3 == 0 {
                 ops.push(Op::Finish {
                     id: next,
-                    state: "succeeded".into(),
+                    state: TaskState::Succeeded,
                     node: Some(0),
                     attempts: 1,
                     result: Some(TaskResult {

@@ -185,7 +185,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             )?
             .execute(params![
                 *id as i64,
-                state,
+                state.name(),
                 node.map(i64::from),
                 attempts,
                 result,
@@ -196,7 +196,7 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             tx.prepare_cached(
                 "UPDATE attempts SET outcome = ?2 WHERE task = ?1 AND outcome IS NULL",
             )?
-            .execute(params![*id as i64, state])?;
+            .execute(params![*id as i64, state.name()])?;
         }
         Op::Resource(r) => {
             tx.prepare_cached(
