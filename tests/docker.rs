@@ -1178,3 +1178,64 @@ async fn a_master_in_a_container_owns_the_cluster_against_one_on_the_host() {
     let _ = docker(&["rm", "-f", &master_ct]);
     remove_cluster(name);
 }
+
+/// A master whose claim another master took over (this one was not heard
+/// from for the lease) stops at once, leaving the containers to the new
+/// owner.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_whose_claim_was_taken_over_stops_and_leaves_its_containers() {
+    let Some(_d) = DockerTest::begin("owner_lost").await else {
+        return;
+    };
+    let name = "e2e-ownl";
+    let mut master = start(name, &[1, 1], 1.0, 5.0).await;
+    let before: HashSet<String> = cluster_containers(name).into_iter().collect();
+    let claim = format!("{name}-owner");
+    let owner_label = format!(
+        "dev.flotilla.owner={}",
+        json!({"session": "another", "host": "elsewhere", "pid": 1, "since": 0,
+               "address": "http://10.0.0.9:5000"})
+    );
+    let owner_of = format!("dev.flotilla.owner-of={name}");
+    // What the other master does once this one's lease is out: the claim
+    // is removed and made again, naming it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = docker(&["rm", "-f", &claim]);
+        let made = docker(&[
+            "create",
+            "--name",
+            &claim,
+            "--label",
+            &owner_of,
+            "--label",
+            &owner_label,
+            "--network",
+            "none",
+            WORKER_IMAGE,
+        ]);
+        if made.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot replace the claim: {made:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = master.try_wait() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the master did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert_eq!(
+        cluster_containers(name).into_iter().collect::<HashSet<_>>(),
+        before,
+        "its containers are left to the new owner"
+    );
+    drop(master);
+    remove_cluster(name);
+}

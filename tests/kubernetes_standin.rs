@@ -93,6 +93,7 @@ async fn next_event(rx: &mut UnboundedReceiver<RuntimeEvent>) -> (u32, u64, Stri
             incarnation,
             detail,
         })) => (worker_id, incarnation, detail),
+        Ok(Some(other)) => panic!("not a death: {other:?}"),
         Ok(None) => panic!("the runtime's event channel closed"),
         Err(_) => panic!("no event from the runtime within {WAIT:?}"),
     }
@@ -1086,4 +1087,47 @@ async fn standin_api_server_worker_pods_are_owned_by_the_masters_deployment() {
     rt.start(launch(0, 1, 1)).await.unwrap();
     let pod = standin.pod(NS, "solo-worker-0").unwrap();
     assert_eq!(pod["metadata"]["ownerReferences"][0]["kind"], "Pod");
+}
+
+/// A master whose Lease another master took over (this one was not heard
+/// from for the lease: a partition, a long pause) stops at once and leaves
+/// the pods, which are the new owner's now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_a_master_that_lost_its_lease_stops_and_leaves_its_pods() {
+    let standin = KubeApiStandin::start().await;
+    let kubeconfig = standin.kubeconfig(NS);
+    let mut master = Master::start(
+        E2E_MANIFEST,
+        &kubeconfig,
+        &[("FLOTILLA_ADVERTISE_URL", "http://e2e:5000")],
+    );
+    let pods = standin
+        .wait_for_pods(NS, WAIT, "two worker pods", |p| p.len() == 2)
+        .await
+        .unwrap();
+    let uids: Vec<String> = pods.iter().map(uid).collect();
+    let mut lease = standin.lease(NS, "e2e-owner").unwrap();
+    lease["spec"]["holderIdentity"] = json!("elsewhere/1");
+    lease["metadata"]["annotations"]["flotilla.dev/owner"] = json!(json!({
+        "session": "another", "host": "elsewhere", "pid": 1, "since": 0,
+        "address": "http://10.0.0.9:5000"
+    })
+    .to_string());
+    standin.put_lease(NS, lease);
+    // Noticed at its next renewal (every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = master.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the master did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert_eq!(
+        standin.pods(NS).iter().map(uid).collect::<Vec<_>>(),
+        uids,
+        "its pods are left to the new owner"
+    );
+    assert_eq!(holder(&standin), "elsewhere/1");
 }

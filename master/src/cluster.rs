@@ -130,6 +130,9 @@ pub struct Cluster {
     /// Throughput and queue length, one sample a second (the dashboard's
     /// charts).
     series: Mutex<crate::dashboard::Series>,
+    /// Set when another master took the cluster's claim over (see
+    /// [`Cluster::claim_lost`]).
+    claim_lost: tokio::sync::watch::Sender<Option<String>>,
 }
 
 pub fn random_secret() -> String {
@@ -171,7 +174,20 @@ impl Cluster {
             changes: tokio::sync::watch::Sender::new(0),
             started: Instant::now(),
             series: Mutex::new(Default::default()),
+            claim_lost: tokio::sync::watch::Sender::new(None),
         })
+    }
+
+    /// Waits until another master has taken this cluster's claim over (this
+    /// one was not heard from for its lease); says how. From then on this
+    /// master must leave the workers alone: `flotilla up` stops.
+    pub async fn claim_lost(&self) -> String {
+        let mut rx = self.claim_lost.subscribe();
+        let got = rx.wait_for(|l| l.is_some()).await;
+        match got {
+            Ok(detail) => detail.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// The runtime's name (`process`, `docker`, `kubernetes`).
@@ -621,6 +637,10 @@ impl Cluster {
                         incarnation,
                         detail,
                     } => me.died(worker_id, incarnation, &detail, true),
+                    RuntimeEvent::ClaimLost { detail } => {
+                        error!(%detail, "this master lost its claim on the cluster");
+                        me.claim_lost.send_replace(Some(detail));
+                    }
                 }
             }
         });

@@ -377,7 +377,14 @@ async fn main() -> Result<()> {
                 master.url(),
                 spec.capacities.len()
             );
-            let signal = signals.recv().await;
+            let signal = tokio::select! {
+                signal = signals.recv() => signal,
+                detail = master.cluster.claim_lost() => {
+                    // The workers are the new owner's now: leave them.
+                    master.leave().await;
+                    anyhow::bail!("stopping: another master owns cluster `{}` now ({detail}); this one leaves its workers to it", spec.name);
+                }
+            };
             let unfinished = master.cluster.unfinished();
             match (signal, &opts.state_dir) {
                 (Stop::Interrupt, _) => {

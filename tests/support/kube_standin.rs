@@ -416,6 +416,18 @@ impl KubeApiStandin {
         state.replicasets.insert((namespace.to_string(), name), set);
     }
 
+    /// Plays another Lease client: replaces Lease `lease` (matched by its
+    /// namespace and name), with a new resourceVersion.
+    pub fn put_lease(&self, namespace: &str, mut lease: Value) {
+        let name = lease["metadata"]["name"]
+            .as_str()
+            .expect("a name")
+            .to_string();
+        let mut state = self.shared.state.lock().unwrap();
+        lease["metadata"]["resourceVersion"] = json!(state.bump());
+        state.leases.insert((namespace.to_string(), name), lease);
+    }
+
     /// The Lease `name` of `namespace`, as a GET returns it.
     pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
         let state = self.shared.state.lock().unwrap();

@@ -168,6 +168,11 @@ impl Cluster {
         self.child.id()
     }
 
+    /// The master's exit status, if it has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILLs the master's process (only it) and reaps it.
     pub fn kill_master(&mut self) {
         let _ = self.child.kill();

@@ -159,6 +159,8 @@ struct Inner {
     stopping: AtomicBool,
     /// This master's claim on the cluster, once made: (owner, container ID).
     claim: Mutex<Option<(Owner, String)>>,
+    /// Checks that the claim stays this master's (see `watch_claim`).
+    claim_watch: Mutex<Option<JoinHandle<()>>>,
 }
 
 pub struct DockerRuntime {
@@ -239,6 +241,7 @@ impl DockerRuntime {
             events,
             stopping: AtomicBool::new(false),
             claim: Mutex::new(None),
+            claim_watch: Mutex::new(None),
         });
         let watcher = tokio::spawn(inner.clone().watch_events(since));
         Ok(DockerRuntime {
@@ -381,6 +384,42 @@ impl Inner {
             }
         }
         owner::liveness(holder).await
+    }
+
+    /// Every third of [`owner::LEASE`], checks that the claim container is
+    /// still this master's: another master takes it over when this one could
+    /// be neither seen nor reached for the lease, and this one must then
+    /// stop ([`RuntimeEvent::ClaimLost`]). A claim removed by hand is made
+    /// again.
+    async fn watch_claim(self: Arc<Self>, me: Owner, mut id: String) {
+        let name = self.settings.claim_name();
+        loop {
+            tokio::time::sleep(owner::LEASE / 3).await;
+            match self.read_claim().await {
+                Ok(Some((now, _))) if now == id => {}
+                Ok(Some((_, holder))) => {
+                    let by = holder
+                        .map(|h| h.to_string())
+                        .unwrap_or_else(|| "no owner".into());
+                    let _ = self.events.send(RuntimeEvent::ClaimLost {
+                        detail: format!("container {name} now names {by}: this master was not heard from for the lease"),
+                    });
+                    return;
+                }
+                Ok(None) => match self.create_claim(&me).await {
+                    Ok(Some(new)) => {
+                        warn!(claim = %name, "the cluster's claim container was removed; made again");
+                        id = new.clone();
+                        if let Some(c) = self.claim.lock().expect("claim lock").as_mut() {
+                            c.1 = new;
+                        }
+                    }
+                    Ok(None) => {} // someone else's now: seen next time
+                    Err(e) => warn!(error = %e, "cannot make the cluster's claim again"),
+                },
+                Err(e) => warn!(error = %e, "cannot check the cluster's claim"),
+            }
+        }
     }
 
     /// The claim container as it is now: its ID and owner record, if any.
@@ -818,7 +857,11 @@ impl Runtime for DockerRuntime {
         let mut unknown_since: Option<tokio::time::Instant> = None;
         loop {
             if let Some(id) = inner.create_claim(me).await.map_err(&failed)? {
-                *inner.claim.lock().expect("claim lock") = Some((me.clone(), id));
+                *inner.claim.lock().expect("claim lock") = Some((me.clone(), id.clone()));
+                let watch = tokio::spawn(inner.clone().watch_claim(me.clone(), id));
+                if let Some(old) = inner.claim_watch.lock().expect("claim lock").replace(watch) {
+                    old.abort();
+                }
                 return Ok(());
             }
             let Some((id, holder)) = inner.read_claim().await.map_err(&failed)? else {
@@ -861,6 +904,9 @@ impl Runtime for DockerRuntime {
 
     async fn release_claim(&self) {
         let inner = &self.inner;
+        if let Some(w) = inner.claim_watch.lock().expect("claim lock").take() {
+            w.abort();
+        }
         let Some((me, id)) = inner.claim.lock().expect("claim lock").take() else {
             return;
         };
@@ -984,6 +1030,7 @@ mod tests {
             events: tx,
             stopping: AtomicBool::new(false),
             claim: Mutex::new(None),
+            claim_watch: Mutex::new(None),
         }
     }
 

@@ -54,7 +54,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Client, Config};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use super::owner::{self, ClaimError, Owner, Verdict};
 use super::{
@@ -829,7 +829,9 @@ impl Inner {
             let Some(mut lease) = lease else {
                 warn!(lease = %name, "the release's Lease was deleted; claiming it again");
                 if let Err(e) = self.claim_lease(&me).await {
-                    error!(error = %e, "this master lost its claim on the release");
+                    let _ = self.events.send(RuntimeEvent::ClaimLost {
+                        detail: e.to_string(),
+                    });
                     return;
                 }
                 continue;
@@ -841,7 +843,19 @@ impl Inner {
                 .and_then(|a| a.get(ANNOTATION_OWNER))
                 .and_then(|json| serde_json::from_str::<Owner>(json).ok());
             if holder.as_ref().map(|h| h.session.as_str()) != Some(me.session.as_str()) {
-                error!(lease = %name, holder = ?lease.spec.as_ref().and_then(|s| s.holder_identity.clone()), "another master took this release over (this one was not heard from for the lease); stop this master");
+                let by = holder.map(|h| h.to_string()).unwrap_or_else(|| {
+                    lease
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.holder_identity.clone())
+                        .unwrap_or_else(|| "nobody (released)".into())
+                });
+                let _ = self.events.send(RuntimeEvent::ClaimLost {
+                    detail: format!(
+                        "Lease {}/{name} is now held by {by}: this master was not heard from for the lease",
+                        self.namespace
+                    ),
+                });
                 return;
             }
             if let Some(spec) = lease.spec.as_mut() {

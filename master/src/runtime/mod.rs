@@ -94,6 +94,10 @@ pub enum RuntimeEvent {
         incarnation: Incarnation,
         detail: String,
     },
+    /// Another master took the cluster's claim over: this one was not heard
+    /// from for its lease (a partition, a long pause). It must stop managing
+    /// the workers, which are the new owner's now.
+    ClaimLost { detail: String },
 }
 
 /// The runtime `kind` for `spec`, connected (an engine or API server that
