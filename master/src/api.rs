@@ -103,6 +103,15 @@ async fn durable(cluster: &Cluster) -> ApiResult<()> {
     })
 }
 
+/// A final result the store could not make durable is not shown: a restart
+/// would take it back.
+fn not_durable(e: crate::store::StoreError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("results are not shown until they are durable: {e}"),
+    )
+}
+
 /// A JSON body whose every failure (too large, not JSON, wrong shape) is a
 /// clear `{"error"}`. Content-Type is not required: the seed's clients and
 /// `curl -d` users both get their body read.
@@ -808,6 +817,8 @@ async fn cancel_task(
 ) -> ApiResult<Json<flotilla_proto::api::Cancelled>> {
     let task_id = parse_task_id(&id)?;
     let was = cluster.cancel(task_id).map_err(cancel_error)?;
+    // Acknowledged once durable: a restart must not run a cancelled task again.
+    durable(&cluster).await?;
     Ok(Json(flotilla_proto::api::Cancelled {
         id: task_id,
         state: TaskState::Cancelled,
@@ -866,6 +877,7 @@ async fn cancel_tasks(
         ));
     }
     let (cancelled, refused) = cluster.cancel_many(state, ids.as_deref());
+    durable(&cluster).await?;
     let refused: Vec<flotilla_proto::api::NotCancelled> = refused
         .into_iter()
         .map(|(id, e)| flotilla_proto::api::NotCancelled {
@@ -903,7 +915,7 @@ async fn get_task(
 ) -> ApiResult<Json<Value>> {
     let task_id = parse_task_id(&id)?;
     let wait = wait_param(&q)?;
-    match cluster.wait_task(task_id, wait).await {
+    match cluster.wait_task(task_id, wait).await.map_err(not_durable)? {
         Some(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
         None if cluster.expired(task_id) => Err(ApiError::new(
             StatusCode::GONE,
@@ -1001,7 +1013,10 @@ async fn finished_tasks(
         })?,
     };
     let wait = wait_param(&q)?;
-    let (tasks, next) = cluster.finished_after(after, 1000, wait).await;
+    let (tasks, next) = cluster
+        .finished_after(after, 1000, wait)
+        .await
+        .map_err(not_durable)?;
     Ok(Json(FinishedPage {
         next: next as u64,
         tasks,

@@ -676,35 +676,44 @@ impl Cluster {
 
     /// A task as it is now, after waiting up to `wait` for it to be final;
     /// `None` if there is no such task.
-    pub async fn wait_task(&self, id: TaskId, wait: Duration) -> Option<TaskView> {
+    pub async fn wait_task(
+        &self,
+        id: TaskId,
+        wait: Duration,
+    ) -> Result<Option<TaskView>, StoreError> {
         if wait.is_zero() {
-            return self.with_state(|s| s.task(id));
+            return Ok(self.with_state(|s| s.task(id)));
         }
         // One waiter per request; dropped with the request (the scheduler
         // prunes waiters whose request went away).
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let done = self.with_state(|s| s.wait_for(id, tx))?;
+        let Some(done) = self.with_state(|s| s.wait_for(id, tx)) else {
+            return Ok(None);
+        };
         if !done && !wait.is_zero() {
             self.pending(rx, |_, _| {})
                 .wait(Some(Instant::now() + wait))
                 .await;
         }
-        let view = self.with_state(|s| s.task(id))?;
+        let Some(view) = self.with_state(|s| s.task(id)) else {
+            return Ok(None);
+        };
         if view.state.is_final() {
             // Never show a result a restart could take back.
-            self.durable_reads().await;
+            self.durable_reads().await?;
         }
-        Some(view)
+        Ok(Some(view))
     }
 
     /// Client reads of final results wait until they are durable, so what a
     /// client saw (a result, a place in the completion feed) is still there
-    /// after a restart. A failing store is reported on the writes; reads
-    /// then show what is in memory.
-    async fn durable_reads(&self) {
-        if let Err(e) = self.durable().await {
-            warn!(error = %e, "showing results that are not durable");
-        }
+    /// after a restart. When the store cannot make them durable (it failed,
+    /// or it is closed because the master is stopping) the read is refused
+    /// rather than shown: a restart would take it back.
+    async fn durable_reads(&self) -> Result<(), StoreError> {
+        self.durable().await.inspect_err(|e| {
+            warn!(error = %e, "not showing results that are not durable");
+        })
     }
 
     /// `DELETE /tasks/{id}`: see `Scheduler::cancel`; the state it was in.
@@ -761,7 +770,7 @@ impl Cluster {
         after: usize,
         limit: usize,
         wait: Duration,
-    ) -> (Vec<TaskView>, usize) {
+    ) -> Result<(Vec<TaskView>, usize), StoreError> {
         let deadline = Instant::now() + wait;
         loop {
             let (tx, rx) = oneshot::channel();
@@ -773,18 +782,18 @@ impl Cluster {
                 page
             });
             if !tasks.is_empty() {
-                self.durable_reads().await;
-                return (tasks, next);
+                self.durable_reads().await?;
+                return Ok((tasks, next));
             }
             if Instant::now() >= deadline {
-                return (tasks, next);
+                return Ok((tasks, next));
             }
             let woken = self
                 .pending(rx, |s, _| s.forget_abandoned_waiters())
                 .wait(Some(deadline))
                 .await;
             if matches!(woken, Woken::TimedOut) {
-                return (tasks, next);
+                return Ok((tasks, next));
             }
         }
     }
