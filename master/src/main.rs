@@ -146,6 +146,11 @@ enum Command {
         trace: bool,
     },
 
+    /// A chaos soak: a real cluster, a mixed workload and seeded faults,
+    /// every operation in a history, then the checker (exit code 1 on any
+    /// anomaly). `flotilla chaos check HISTORY` checks a history again.
+    Chaos(ChaosArgs),
+
     // ----- a running cluster (--server URL or FLOTILLA_SERVER; token FLOTILLA_TOKEN) -----
     /// Submit a task; prints its ID (--wait: its result, exit code 1 if it failed).
     Submit(verbs::SubmitArgs),
@@ -196,6 +201,65 @@ enum Command {
     Watch(verbs::WatchArgs),
     /// Print a shell completion script (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct ChaosArgs {
+    #[command(subcommand)]
+    command: Option<ChaosCommand>,
+    /// Cluster manifest to soak (e.g. manifests/chaos.yaml).
+    #[arg(required = true)]
+    file: Option<PathBuf>,
+    /// How long faults and workload run (then the cluster settles and is checked).
+    #[arg(long, default_value_t = 60.0)]
+    seconds: f64,
+    /// Seed of the fault schedule and the workload; default: a random one,
+    /// printed (replay a soak with its seed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Override the manifest's runtime (process or docker).
+    #[arg(long)]
+    runtime: Option<RuntimeKind>,
+    /// Where to write the history (JSON lines); the master's log goes
+    /// beside it (`.master.log`).
+    #[arg(long, default_value = "chaos-history.jsonl")]
+    history: PathBuf,
+    /// Tasks each worker runs at once.
+    #[arg(long, default_value_t = 2)]
+    slots: u32,
+    /// Concurrent workload clients.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum ChaosCommand {
+    /// Check a soak's history again; exit code 1 on any anomaly.
+    Check {
+        history: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Prints a chaos report and exits 1 if it found anomalies.
+fn chaos_verdict(report: &flotilla::chaos::check::Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{report}");
+    }
+    if !report.clean() {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Runs a verb for a running cluster and exits with its code: 0 done, 1 a
@@ -496,6 +560,37 @@ async fn main() -> Result<()> {
                 );
                 for line in removed {
                     println!("  {line}");
+                }
+            }
+        }
+        Command::Chaos(args) => {
+            let _telemetry = logs.init_telemetry("warn", None);
+            match args.command {
+                Some(ChaosCommand::Check { history, json }) => {
+                    let events = flotilla::chaos::history::read(&history)?;
+                    chaos_verdict(&flotilla::chaos::check::check(&events), json)?;
+                }
+                None => {
+                    let seed = match args.seed {
+                        Some(s) => s,
+                        None => {
+                            let s = rand::random::<u64>() >> 11;
+                            println!("chaos: random seed {s} (replay with --seed {s})");
+                            s
+                        }
+                    };
+                    let opts = flotilla::chaos::ChaosOptions {
+                        manifest: args.file.expect("clap requires FILE"),
+                        seconds: args.seconds,
+                        seed,
+                        runtime: args.runtime,
+                        history: args.history,
+                        flotilla: std::env::current_exe()?,
+                        slots: args.slots,
+                        clients: args.clients,
+                    };
+                    let report = flotilla::chaos::run(opts).await?;
+                    chaos_verdict(&report, args.json)?;
                 }
             }
         }

@@ -285,6 +285,8 @@ def _acquire(name, mode, timeout):
         raise ResourceError("a resource name is a string, got %r" % (name,))
     grant = _lock_call(action="acquire", name=name, mode=mode, timeout_s=timeout)
     obj = _WRAP[grant["type"]](grant["value"])
+    # The resource's version at the grant; a write grant's is its fencing token.
+    obj.version = grant["token"]
     _held[name] = [mode, grant["type"], obj, grant["token"]]
     return obj
 
