@@ -105,7 +105,7 @@ async fn durable(cluster: &Cluster) -> ApiResult<()> {
 
 /// A final result the store could not make durable is not shown: a restart
 /// would take it back.
-fn not_durable(e: crate::store::StoreError) -> ApiError {
+pub fn not_durable(e: crate::store::StoreError) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("results are not shown until they are durable: {e}"),

@@ -984,7 +984,7 @@ impl Cluster {
 
     /// A task with its code, this master's attempts and its trace (the
     /// dashboard's task detail); a final result only once durable.
-    pub async fn task_detail(&self, id: TaskId) -> Option<TaskDetail> {
+    pub async fn task_detail(&self, id: TaskId) -> Result<Option<TaskDetail>, StoreError> {
         let jaeger = self.cfg.jaeger_url.clone();
         let detail = self.with_state(|s| {
             s.task_entry(id).map(|t| TaskDetail {
@@ -999,11 +999,14 @@ impl Cluster {
                     .zip(t.trace_id.as_ref())
                     .map(|(url, trace)| format!("{}/trace/{trace}", url.trim_end_matches('/'))),
             })
-        })?;
+        });
+        let Some(detail) = detail else {
+            return Ok(None);
+        };
         if detail.view.state.is_final() {
-            self.durable_reads().await;
+            self.durable_reads().await?;
         }
-        Some(detail)
+        Ok(Some(detail))
     }
 
     // ----- shared resources and locks ----------------------------------

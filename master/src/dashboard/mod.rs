@@ -517,7 +517,11 @@ async fn task_detail(
     Path(id): Path<String>,
 ) -> Result<Json<TaskDetail>, ApiError> {
     let id = crate::api::parse_task_id(&id)?;
-    match cluster.task_detail(id).await {
+    match cluster
+        .task_detail(id)
+        .await
+        .map_err(crate::api::not_durable)?
+    {
         Some(detail) => Ok(Json(detail.bounded())),
         None if cluster.expired(id) => Err(ApiError::new(
             StatusCode::GONE,
