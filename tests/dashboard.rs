@@ -248,6 +248,50 @@ async fn the_dashboard_shows_a_live_cluster_and_acts_on_it() -> Result<()> {
         assert_eq!(status, expected, "POST /send with {header}: {value}");
     }
 
+    // Some work to look at: short tasks of varied length, a few failures,
+    // and lock takers on `total` (7 + 6).
+    let mut batch: Vec<Value> = (0..150)
+        .map(|i| json!({"type": "python", "command": format!("import time, random\ntime.sleep(random.uniform(0.02, 0.25))\nresponse = {i}")}))
+        .collect();
+    for i in 0..3 {
+        batch.push(
+            json!({"type": "python", "command": format!("raise ValueError('bad input {i}')")}),
+        );
+    }
+    for _ in 0..6 {
+        batch.push(json!({"type": "python", "command": "import time\nwith write_resource('total') as t:\n    time.sleep(0.05)\n    t.value += 1\nresponse = 'locked'"}));
+    }
+    let (status, body) = cluster.post("/tasks", json!({ "tasks": batch })).await?;
+    assert_eq!(status, 200, "{body}");
+    let last = body["task_ids"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_u64()
+        .unwrap();
+    for id in body["task_ids"].as_array().unwrap() {
+        let (_, t) = cluster.get(&format!("/tasks/{id}?wait=30")).await?;
+        assert!(
+            ["succeeded", "failed"].contains(&t["state"].as_str().unwrap()),
+            "{t}"
+        );
+    }
+    browser
+        .until(
+            "the batch in the stream and the resource at 13",
+            Duration::from_secs(10),
+            &format!("return !!document.querySelector('#stream rect[data-task=\"{last}\"]') && document.querySelector('#resources tr[data-resource=total]').textContent.includes('13')"),
+        )
+        .await?;
+    browser
+        .until(
+            "a lock grant in the event log",
+            Duration::from_secs(5),
+            "return !!document.querySelector('#events li[data-kind=lock_grant]')",
+        )
+        .await?;
+
     // A submitted task: in the stream, in the table, and its detail.
     let id = cluster
         .send_python("import time\ntime.sleep(0.3)\nprint('hello from the dashboard test')\nresponse = 6 * 7")
@@ -300,6 +344,17 @@ async fn the_dashboard_shows_a_live_cluster_and_acts_on_it() -> Result<()> {
     assert!(text.contains("trace export is off"), "{text}");
     assert_eq!(detail["jaeger"], false);
     browser.screenshot("overview").await?;
+    // Two views at a laptop's size, for people (README).
+    browser.client.set_window_size(1280, 900).await?;
+    browser.js("window.scrollTo(0, 0); return true").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    browser.screenshot("view-workers").await?;
+    browser
+        .js("document.querySelector('#tasks-section').scrollIntoView(); return true")
+        .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    browser.screenshot("view-task").await?;
+    browser.client.set_window_size(1400, 2000).await?;
 
     // /stop of worker 1: its card leaves `active` within 2 s of the stop, and
     // is back, active with 1 restart, within 2 s of the master having it so.
@@ -449,7 +504,7 @@ async fn the_dashboard_shows_a_live_cluster_and_acts_on_it() -> Result<()> {
             ),
         )
         .await?;
-    assert_eq!(rows, 1, "one failed task so far");
+    assert_eq!(rows, 4, "the three of the batch and 1 / 0");
     browser
         .click(&format!("#table-viewport .row[data-task=\"{failed}\"]"))
         .await?;

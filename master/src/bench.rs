@@ -302,6 +302,162 @@ async fn w1(opts: &BenchOptions) -> Result<Value> {
     }))
 }
 
+/// One open dashboard, as the page behaves: the live update stream
+/// (`/ui/events`), read to the end of each message, and the task table's
+/// refresh (the latest 1,000 task IDs) once a second. Counts the updates.
+struct Dashboard {
+    updates: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Dashboard {
+    async fn open(url: &str) -> Result<Dashboard> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let http = reqwest::Client::new();
+        let token = std::env::var(flotilla_client::TOKEN_ENV).ok();
+        let auth = move |req: reqwest::RequestBuilder| match &token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let mut events = auth(http.get(format!("{url}/ui/events")))
+            .send()
+            .await?
+            .error_for_status()
+            .context("GET /ui/events")?;
+        let updates = std::sync::Arc::new(AtomicU64::new(0));
+        let next_id = std::sync::Arc::new(AtomicU64::new(0));
+        let (count, next) = (updates.clone(), next_id.clone());
+        let stream = tokio::spawn(async move {
+            let mut carry = String::new();
+            while let Ok(Some(chunk)) = events.chunk().await {
+                carry.push_str(&String::from_utf8_lossy(&chunk));
+                // Each update is one `event: update` block ending in a blank
+                // line; its `data:` is the JSON the page renders.
+                while let Some(end) = carry.find("\n\n") {
+                    let block: String = carry.drain(..end + 2).collect();
+                    if !block.contains("event: update") {
+                        continue;
+                    }
+                    count.fetch_add(1, Ordering::Relaxed);
+                    let data = block.lines().find_map(|l| l.strip_prefix("data: "));
+                    if let Some(update) = data.and_then(|d| serde_json::from_str::<Value>(d).ok()) {
+                        next.store(
+                            update["next_task_id"].as_u64().unwrap_or(0),
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+            }
+        });
+        let base = url.to_string();
+        let table = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                // The page's table: the latest 1,000 IDs, page by page.
+                let mut after = next_id.load(Ordering::Relaxed).saturating_sub(1001);
+                for _ in 0..10 {
+                    let url = format!("{base}/ui/tasks?limit=1000&after={after}");
+                    let Ok(resp) = auth(http.get(url)).send().await else {
+                        break;
+                    };
+                    let Ok(page) = resp.json::<Value>().await else {
+                        break;
+                    };
+                    match page["next"].as_u64() {
+                        Some(n) => after = n,
+                        None => break,
+                    }
+                }
+            }
+        });
+        Ok(Dashboard {
+            updates,
+            tasks: vec![stream, table],
+        })
+    }
+
+    fn updates(&self) -> u64 {
+        self.updates.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Dashboard {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The page's own weight: the HTML, script and styles `GET /` loads.
+async fn page_bytes(url: &str) -> Result<usize> {
+    let mut total = 0;
+    for path in ["/", "/ui/app.js", "/ui/style.css"] {
+        total += reqwest::get(format!("{url}{path}"))
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?
+            .len();
+    }
+    Ok(total)
+}
+
+/// W1 with three dashboards open against W1 without, on one master, in
+/// the order off, on, on, off (so a drift of the machine cancels out);
+/// then 20,000 tasks with the three dashboards open, counting the updates
+/// each receives a second while the cluster runs thousands of tasks a
+/// second.
+async fn dashboards(opts: &BenchOptions) -> Result<Value> {
+    let n = 2000;
+    let t = Target::start(opts, &manifest(4, 64)).await?;
+    let url = t.client.url().to_string();
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    for open in [false, true, true, false] {
+        let boards = if open {
+            let mut b = Vec::new();
+            for _ in 0..3 {
+                b.push(Dashboard::open(&url).await?);
+            }
+            // Let each take its first, full update.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b
+        } else {
+            Vec::new()
+        };
+        let secs = batch(&t, n, "response = {i}").await?;
+        drop(boards);
+        if open { &mut on } else { &mut off }.push(n as f64 / secs);
+    }
+    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
+    let (off, on) = (mean(&off), mean(&on));
+    // Sustained: 20,000 tasks, three dashboards, updates per second each.
+    let boards = [
+        Dashboard::open(&url).await?,
+        Dashboard::open(&url).await?,
+        Dashboard::open(&url).await?,
+    ];
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let big = 20_000;
+    let before: Vec<u64> = boards.iter().map(Dashboard::updates).collect();
+    let secs = batch(&t, big, "response = {i}").await?;
+    let per_client: Vec<f64> = boards
+        .iter()
+        .zip(&before)
+        .map(|(b, &was)| (b.updates() - was) as f64 / secs)
+        .collect();
+    Ok(json!({
+        "tasks_per_s": off,
+        "with_dashboards_tasks_per_s": on,
+        "drop_percent": 100.0 * (off - on) / off,
+        "sustained_tasks_per_s": big as f64 / secs,
+        "updates_per_s_per_client": per_client.iter().cloned().fold(0.0, f64::max),
+        "page_bytes": page_bytes(&url).await?,
+    }))
+}
+
 async fn w2(opts: &BenchOptions) -> Result<Value> {
     let t = Target::start(opts, &manifest(4, 8)).await?;
     let mut lat = Vec::new();
@@ -492,8 +648,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "idle" => idle(opts).await?,
                 "docker-start" => docker_start(opts).await?,
                 "cancel" => cancel_latency(opts).await?,
+                "dashboards" => dashboards(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks, idle, cancel or docker-start")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks, idle, cancel, dashboards or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -516,6 +673,14 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
             "W6" => {
                 json!({"ratio": med("ratio"), "makespan_s": med("makespan_s"), "single_task_s": med("single_task_s")})
             }
+            "dashboards" => json!({
+                "tasks_per_s": med("tasks_per_s"),
+                "with_dashboards_tasks_per_s": med("with_dashboards_tasks_per_s"),
+                "drop_percent": med("drop_percent"),
+                "sustained_tasks_per_s": med("sustained_tasks_per_s"),
+                "updates_per_s_per_client": med("updates_per_s_per_client"),
+                "page_bytes": med("page_bytes"),
+            }),
             "docker-start" => {
                 json!({"one_s": med("one_s"), "three_s": med("three_s"), "ratio": med("ratio")})
             }

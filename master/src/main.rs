@@ -127,7 +127,9 @@ enum Command {
     Bench {
         /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round
         /// trip), idle; also cancel (cancel to the next task's start on the
-        /// freed slot) and docker-start (1 vs 3 Docker workers; needs Docker).
+        /// freed slot), dashboards (W1 with three dashboards open against
+        /// W1 without, and the updates each receives a second) and
+        /// docker-start (1 vs 3 Docker workers; needs Docker).
         #[arg(
             long,
             default_value = "W1,W2,W3,W4,W6,locks,idle",
@@ -666,6 +668,18 @@ fn print_figures(f: &serde_json::Value) {
             x["tasks_per_s"].as_f64().unwrap_or(0.0),
             x["ephemeral_tasks_per_s"].as_f64().unwrap_or(0.0),
             100.0 * x["durable_vs_ephemeral"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("dashboards") {
+        let f = |k: &str| x[k].as_f64().unwrap_or(0.0);
+        println!(
+            "W1 with 3 dashboards open: {:.0} tasks/s against {:.0} without (drop {:.1}%); under {:.0} tasks/s each dashboard got {:.1} updates/s; page weight {:.0} bytes",
+            f("with_dashboards_tasks_per_s"),
+            f("tasks_per_s"),
+            f("drop_percent"),
+            f("sustained_tasks_per_s"),
+            f("updates_per_s_per_client"),
+            f("page_bytes")
         );
     }
     if let Some(x) = w.get("W2") {

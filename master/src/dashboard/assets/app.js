@@ -564,8 +564,8 @@ async function loadTable() {
       if (page.next == null) break;
       after = page.next;
     }
-    t.rows = rows;
-    const note = `${fmtNum(rows.length)} task${rows.length === 1 ? '' : 's'} with IDs above ${fmtNum(t.from)}`;
+    t.rows = rows.reverse(); // newest first
+    const note = `${fmtNum(rows.length)} task${rows.length === 1 ? '' : 's'} with IDs above ${fmtNum(t.from)}, newest first`;
     $('#table-note').textContent = note;
     $('#load-earlier').hidden = t.from <= 0;
     drawTable();
