@@ -227,19 +227,26 @@ async fn killing_a_write_lock_holder_mid_update_loses_and_doubles_nothing() {
 
 /// A paused worker's task leaves a zombie: someone still holding the task's
 /// lease and write token after the worker is gone. (A process the task
-/// starts cannot be it: those end with the worker. The test plays the
-/// zombie, with the lease and token the task wrote down.) The worker is
+/// starts cannot be it: those end with the worker, and the lease never
+/// leaves the worker. The test plays the zombie, with the token the task
+/// wrote down and the lease derived as the master derives it, from the
+/// cluster's secret in its state store.) The worker is
 /// paused (SIGSTOP) until the heartbeat timeout declares it dead: its grant
 /// is revoked and the task retried elsewhere. When the zombie then writes
 /// back with its old token, fencing refuses it and the value stays.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_zombie_s_stale_write_back_is_refused_by_fencing() {
-    let c = Cluster::start(&manifest_with(
-        &[2, 2],
-        0.25,
-        1.5,
-        "    - { name: fenced, type: Integer, initialValue: 0 }\n",
-    ))
+    let state_dir = fresh_state_dir();
+    let c = Cluster::start_with(
+        &manifest_with(
+            &[2, 2],
+            0.25,
+            1.5,
+            "    - { name: fenced, type: Integer, initialValue: 0 }\n",
+        ),
+        &["--state-dir", state_dir.to_str().unwrap()],
+        &[],
+    )
     .await
     .unwrap();
     let dir = std::env::temp_dir().join(format!("flotilla-zombie-{}", std::process::id()));
@@ -252,7 +259,7 @@ value_of() {{ python3 -c 'import sys, json; print(json.load(sys.stdin)["value"])
 grant=$(flotilla-worker lock acquire write fenced) || exit 1
 token=$(echo "$grant" | token_of)
 if [ "$FLOTILLA_ATTEMPT" = 1 ]; then
-  echo "$token $FLOTILLA_LEASE" > {d}/ready
+  echo "$token" > {d}/ready
   sleep 60
 fi
 value=$(echo "$grant" | value_of)
@@ -271,8 +278,8 @@ flotilla-worker lock release write fenced --value $((value + 1)) --token $token"
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let written = std::fs::read_to_string(&ready).unwrap();
-    let (zombie_token, zombie_lease) = written.trim().split_once(' ').unwrap();
-    let zombie_token: u64 = zombie_token.parse().unwrap();
+    let zombie_token: u64 = written.trim().parse().unwrap();
+    let zombie_lease = lease_of(&state_dir, id, 1, 0, 1);
     let pid = c.nodes().await.unwrap()[0]["pid"].as_u64().unwrap() as i32;
     let paused_at = Instant::now();
     nix::sys::signal::kill(
@@ -305,6 +312,33 @@ flotilla-worker lock release write fenced --value $((value + 1)) --token $token"
     let r = resource(&c, "fenced").await;
     assert_eq!(r["value"], 1, "the value stays the last committed one: {r}");
     eprintln!("paused holder's task recovered in {recovered_in:?} (heartbeat timeout 1.5 s)");
+}
+
+/// The lease of an attempt (task, attempt, worker, incarnation), as the
+/// master derives it: HMAC-SHA256 under "flotilla lease key/" and the
+/// cluster's worker secret, its first 16 bytes in hex.
+fn lease_of(state_dir: &std::path::Path, task: u64, attempt: u32, worker: u32, inc: u64) -> String {
+    let db = rusqlite::Connection::open_with_flags(
+        state_dir.join("state.sqlite"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let secret: String = db
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'worker_secret'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let key = ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        format!("flotilla lease key/{secret}").as_bytes(),
+    );
+    let tag = ring::hmac::sign(&key, format!("{task}/{attempt}/{worker}/{inc}").as_bytes());
+    tag.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Bad input around resources: clear errors, nothing corrupted, no hangs.

@@ -143,3 +143,104 @@ async fn a_credential_speaks_only_for_its_own_worker_and_slots() {
     // and by the attack above.
     assert_eq!(c.health().await.unwrap()["active_nodes"], 2);
 }
+
+/// Python task code: read every environment and command line it may
+/// (the shell task holding a lock included), look for a lease, and try to
+/// publish a value with every string found, as the lock holder would.
+const LEASE_HUNT: &str = r#"
+import os, json, glob, urllib.request, urllib.error
+found = set(os.environ.values())
+saw_door = saw_lease = False
+for path in glob.glob('/proc/[0-9]*/environ') + glob.glob('/proc/[0-9]*/cmdline'):
+    try:
+        data = open(path, 'rb').read().decode('utf-8', 'replace')
+    except OSError:
+        continue
+    saw_door |= 'FLOTILLA_LOCK_FD=' in data
+    saw_lease |= 'FLOTILLA_LEASE' in data
+    for part in data.split('\0'):
+        found.add(part.split('=', 1)[-1])
+# The shell's door cannot be opened from here either.
+opened = 0
+for path in glob.glob('/proc/[0-9]*/fd/*'):
+    try:
+        if 'socket:' in os.readlink(path):
+            os.close(os.open(path, os.O_RDWR))
+            opened += 1
+    except OSError:
+        pass
+candidates = sorted(s for s in found if 8 <= len(s) <= 300 and not any(c.isspace() for c in s))
+url = os.environ['FLOTILLA_MASTER_URL']
+statuses = {}
+for lease in candidates:
+    for token in (1, 2, 3):
+        body = {'lease': lease, 'action': 'release', 'name': 'total', 'mode': 'write',
+                'value': 666, 'token': token}
+        req = urllib.request.Request(url + '/internal/lock', data=json.dumps(body).encode(),
+                                     headers={'Content-Type': 'application/json'}, method='POST')
+        try:
+            code = str(urllib.request.urlopen(req, timeout=5).status)
+        except urllib.error.HTTPError as e:
+            code = str(e.code)
+        except Exception as e:
+            code = type(e).__name__
+        statuses[code] = statuses.get(code, 0) + 1
+response = {'statuses': statuses, 'tried': len(candidates), 'saw_door': saw_door,
+            'saw_lease': saw_lease, 'sockets_opened': opened}
+"#;
+
+/// A shell task's lock lease is not readable by other tasks: while a shell
+/// task holds a write lock, a task that reads every /proc/*/environ and
+/// cmdline it can (the shell's among them) finds no lease, cannot open the
+/// shell's lock door, and publishes nothing; the shell task's own release
+/// goes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shell_task_s_lease_is_not_readable_by_other_tasks() {
+    let manifest = format!(
+        "{}  resources:\n    - {{ name: total, type: Integer, initialValue: 0 }}\n",
+        native_manifest(&[1, 1], 0.5, 5.0, 3)
+    );
+    let c = Cluster::start(&manifest).await.unwrap();
+    let victim_script = r#"grant=$(flotilla-worker lock acquire write total) || exit 1
+token=$(echo "$grant" | python3 -c 'import sys, json; print(json.load(sys.stdin)["token"])')
+sleep 5
+flotilla-worker lock release write total --value 1 --token $token"#;
+    let (status, sent) = c
+        .post(
+            "/send/1",
+            json!({"type": "shell", "command": victim_script}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{sent}");
+    let victim = sent["task_id"].as_u64().unwrap();
+    // The attack starts once the shell task holds the lock.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, r) = c.get("/resources/total").await.unwrap();
+        if r["holders"].as_array().is_some_and(|h| !h.is_empty()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never locked: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = c.send_to_path("/send/0", LEASE_HUNT).await.unwrap();
+    let t = c.wait_task(id, Duration::from_secs(120)).await.unwrap();
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let r = &t["result"]["response"];
+    assert_eq!(
+        r["saw_door"], true,
+        "the hunt read the shell task's environment: {r}"
+    );
+    assert_eq!(r["saw_lease"], false, "a lease in an environment: {r}");
+    assert_eq!(r["sockets_opened"], 0, "{r}");
+    assert!(r["tried"].as_u64().unwrap() > 5, "{r}");
+    for (code, n) in r["statuses"].as_object().unwrap() {
+        assert!(!code.starts_with('2'), "{n} lock calls got {code}: {r}");
+    }
+    let v = c.wait_task(victim, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    assert_eq!(v["attempts"], 1, "{v}");
+    let (_, total) = c.get("/resources/total").await.unwrap();
+    assert_eq!(total["value"], 1, "only the holder's write landed: {total}");
+}

@@ -61,9 +61,6 @@ pub mod env {
     pub const WORKER_SECRET: &str = "FLOTILLA_WORKER_SECRET";
     pub const SLOTS: &str = "FLOTILLA_SLOTS";
     pub const PYTHON: &str = "FLOTILLA_PYTHON";
-    /// Given to shell tasks: their attempt's lease and the master's lock URL.
-    pub const LEASE: &str = "FLOTILLA_LEASE";
-    pub const LOCK_URL: &str = "FLOTILLA_LOCK_URL";
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -10,10 +10,6 @@ use std::time::{Duration, Instant};
 /// The grace period when the master says none.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(60);
 
-/// The environment variable that tells a shell task's `flotilla-worker lock`
-/// how long to retry a master that cannot be reached (milliseconds).
-pub const GRACE_ENV: &str = "FLOTILLA_MASTER_GRACE_MS";
-
 pub struct MasterLink {
     epoch: Instant,
     /// Milliseconds after `epoch` of the last answer from the master.

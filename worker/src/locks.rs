@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use flotilla_proto::runner::ToRunner;
+use flotilla_proto::runner::{FromRunner, ToRunner};
 use flotilla_proto::telemetry::{traceparent, TRACEPARENT, TRACE_TARGET};
 use flotilla_proto::{routes, LockAction, LockMode, LockRequest};
 use serde_json::Value;
@@ -146,7 +146,7 @@ async fn send(
 }
 
 const USAGE: &str = "usage: flotilla-worker lock (acquire|release) (read|write) NAME [--timeout SECONDS] [--value JSON --token N]
-  For shell tasks: uses FLOTILLA_LEASE and FLOTILLA_LOCK_URL from the task's environment.
+  For shell tasks: calls through the task's lock door (FLOTILLA_LOCK_FD), the worker adds the lease.
   acquire prints the grant as JSON ({\"name\",\"type\",\"mode\",\"value\",\"token\"});
   release write with --value publishes it (the grant's --token is required).";
 
@@ -166,18 +166,7 @@ pub async fn cli(args: &[String]) -> Result<()> {
         "write" => LockMode::Write,
         other => bail!("unknown lock mode `{other}`\n{USAGE}"),
     };
-    let mut req = LockRequest {
-        lease: std::env::var(flotilla_proto::env::LEASE).context(
-            "FLOTILLA_LEASE is not set: `flotilla-worker lock` runs inside a shell task",
-        )?,
-        action,
-        name,
-        mode,
-        value: None,
-        token: None,
-        timeout_s: None,
-        resend: false,
-    };
+    let (mut value, mut token, mut timeout_s) = (None, None, None);
     let mut rest = args[3..].iter();
     while let Some(flag) = rest.next() {
         let arg = rest
@@ -185,19 +174,19 @@ pub async fn cli(args: &[String]) -> Result<()> {
             .with_context(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
             "--timeout" => {
-                req.timeout_s = Some(
+                timeout_s = Some(
                     arg.parse()
                         .with_context(|| format!("--timeout {arg:?} is not a number"))?,
                 )
             }
             "--value" => {
-                req.value = Some(
+                value = Some(
                     serde_json::from_str(arg)
                         .with_context(|| format!("--value {arg:?} is not JSON"))?,
                 )
             }
             "--token" => {
-                req.token = Some(
+                token = Some(
                     arg.parse()
                         .with_context(|| format!("--token {arg:?} is not a number"))?,
                 )
@@ -205,24 +194,15 @@ pub async fn cli(args: &[String]) -> Result<()> {
             other => bail!("unknown option `{other}`\n{USAGE}"),
         }
     }
-    let url =
-        std::env::var(flotilla_proto::env::LOCK_URL).context("FLOTILLA_LOCK_URL is not set")?;
-    // As long as the worker would wait for a master that is away.
-    let grace = std::env::var(crate::link::GRACE_ENV)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(std::time::Duration::from_millis)
-        .unwrap_or(crate::link::DEFAULT_GRACE);
-    let until = std::time::Instant::now() + grace;
-    let body = send(
-        &reqwest::Client::new(),
-        url.trim_end_matches('/'),
-        req,
-        None,
-        || until.saturating_duration_since(std::time::Instant::now()),
-        || {},
-    )
-    .await?;
+    let call = FromRunner::Lock {
+        action,
+        name,
+        mode,
+        value,
+        token,
+        timeout_s,
+    };
+    let body = crate::lockdoor::call(&call)?;
     println!("{body}");
     Ok(())
 }

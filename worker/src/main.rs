@@ -18,6 +18,7 @@
 mod cleanup;
 mod limits;
 mod link;
+mod lockdoor;
 mod locks;
 mod python;
 mod shell;
@@ -625,20 +626,35 @@ impl Worker {
         let limits = &self.cfg.limits;
         match a.spec.kind {
             TaskKind::Shell => {
+                let door = match lockdoor::Door::new() {
+                    Ok(door) => door,
+                    Err(e) => {
+                        return Outcome::Crashed {
+                            error: format!("cannot make the task's lock door: {e}"),
+                            stdout: String::new(),
+                        }
+                    }
+                };
                 let env = [
-                    (env::LEASE, a.lease.clone()),
-                    (env::LOCK_URL, self.cfg.master_url.clone()),
                     ("FLOTILLA_TASK_ID", a.task_id.to_string()),
                     ("FLOTILLA_ATTEMPT", a.attempt.to_string()),
                     (cleanup::TAG_ENV, tag.to_string()),
                     (env::WORKER_ID, self.cfg.worker_id.to_string()),
                     ("PATH", self.task_path.clone()),
-                    (
-                        link::GRACE_ENV,
-                        (self.link.grace().as_millis() as u64).to_string(),
-                    ),
                 ];
-                shell::run(&a.spec.command, &env, limits, &self.cleaner, slot).await
+                let run = shell::run(
+                    &a.spec.command,
+                    &env,
+                    limits,
+                    &self.cleaner,
+                    slot,
+                    Some(&door.task),
+                );
+                // The door serves the task's lock calls while it runs.
+                tokio::select! {
+                    outcome = run => outcome,
+                    never = lockdoor::serve(door.worker, &proxy) => match never {},
+                }
             }
             TaskKind::Python => {
                 if interpreter.is_none() {

@@ -33,15 +33,17 @@ impl Drop for Group<'_> {
     }
 }
 
-/// `env` reaches the command's environment: the attempt's lease and the
-/// lock URL (so that `flotilla-worker lock ...` can take locks as this task
-/// attempt), its task ID, attempt number and tag.
+/// `env` reaches the command's environment: its task ID, attempt number
+/// and tag. `door`, the task's end of its lock door
+/// ([`crate::lockdoor`]), is inherited by the command, so that
+/// `flotilla-worker lock ...` can take locks as this task attempt.
 pub async fn run(
     command: &str,
     env: &[(&str, String)],
     limits: &Limits,
     cleaner: &Cleaner,
     slot: u32,
+    door: Option<&std::os::fd::OwnedFd>,
 ) -> Outcome {
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -53,6 +55,9 @@ pub async fn run(
         .process_group(0)
         .kill_on_drop(true);
     crate::die_with_parent(&mut cmd);
+    if let Some(door) = door {
+        crate::lockdoor::inherit(&mut cmd, door);
+    }
     let mut child = match cleaner.spawn_shell(slot, &mut cmd) {
         Ok(child) => child,
         Err(e) => {
@@ -157,6 +162,7 @@ mod tests {
             &limits,
             &cleaner,
             0,
+            None,
         )
         .await;
         // The background sleep holds the pipes, but the task ends with sh.
@@ -192,6 +198,7 @@ mod tests {
             &limits,
             &cleaner,
             0,
+            None,
         )
         .await;
         assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
