@@ -93,6 +93,7 @@ impl Target {
             .args(state_args)
             .env_remove("RUST_LOG")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .envs(crate::api_token().map(|t| (flotilla_client::TOKEN_ENV, t)))
             .envs(
                 opts.otlp_endpoint
                     .iter()
@@ -111,7 +112,7 @@ impl Target {
             .to_string();
         let t = Target {
             child,
-            client: Client::new(&url, std::env::var(flotilla_client::TOKEN_ENV).ok())?,
+            client: Client::new(&url, crate::api_token())?,
             state_dir,
         };
         t.client
@@ -314,7 +315,7 @@ impl Dashboard {
     async fn open(url: &str) -> Result<Dashboard> {
         use std::sync::atomic::{AtomicU64, Ordering};
         let http = reqwest::Client::new();
-        let token = std::env::var(flotilla_client::TOKEN_ENV).ok();
+        let token = crate::api_token();
         let auth = move |req: reqwest::RequestBuilder| match &token {
             Some(t) => req.bearer_auth(t),
             None => req,

@@ -133,27 +133,38 @@ impl Master {
     }
 }
 
-/// Keeps the API token out of reach of other processes of the same user
-/// (the process runtime's workers and tasks): the master becomes
-/// non-dumpable (its /proc/<pid>/environ and memory are then readable by
-/// root alone), and the token's bytes in its initial environment block, the
-/// one /proc/<pid>/environ shows, are overwritten, after a heap copy is put
-/// back in the environment for whatever reads `FLOTILLA_TOKEN` later. Call
-/// it first thing in `main`, before anything reads the environment on
-/// another thread.
-pub fn protect_token() {
+static API_TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// The API token (`FLOTILLA_TOKEN`, if set and not empty), as [`take_token`]
+/// read it at start: the one place the master and the CLI verbs get it from.
+pub fn api_token() -> Option<String> {
+    API_TOKEN.get().cloned().flatten()
+}
+
+/// Reads `FLOTILLA_TOKEN` once and puts it out of reach of other processes
+/// of the same user (the process runtime's workers and their tasks): the
+/// master becomes non-dumpable (its /proc/<pid>/environ and memory are then
+/// readable by root alone), the token's bytes in the initial environment
+/// block (the one /proc/<pid>/environ shows) are overwritten, and the
+/// variable is removed from the environment, so that no child process
+/// (worker, bench or chaos master, `docker`) inherits it; a child that needs
+/// it is given [`api_token`] explicitly. It changes the environment, so it
+/// must run first thing in `main`, before any other thread exists (before
+/// the async runtime is built); it is the only change the master makes to
+/// its environment.
+pub fn take_token() {
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_dumpable(false);
     const KEY: &[u8] = b"FLOTILLA_TOKEN=";
-    let Some(value) = std::env::var_os("FLOTILLA_TOKEN") else {
-        return;
-    };
+    let value = std::env::var("FLOTILLA_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
     extern "C" {
         static mut environ: *const *mut std::ffi::c_char;
     }
     // SAFETY: `environ` is the C library's NULL-terminated array of
     // NUL-terminated strings; each entry is only overwritten within its
-    // own length, while no other thread reads the environment.
+    // own length, while no other thread exists.
     unsafe {
         let mut entry = environ;
         while !entry.is_null() && !(*entry).is_null() {
@@ -165,7 +176,8 @@ pub fn protect_token() {
             entry = entry.add(1);
         }
     }
-    std::env::set_var("FLOTILLA_TOKEN", value);
+    std::env::remove_var("FLOTILLA_TOKEN");
+    let _ = API_TOKEN.set(value);
 }
 
 /// A shared resource as the cluster starts with it: name, type, value.

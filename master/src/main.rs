@@ -64,7 +64,7 @@ struct ServeArgs {
     advertise_url: Option<String>,
     /// The API's bearer token (clients send `Authorization: Bearer ...`).
     /// Only from the environment, so that it never shows in `ps`.
-    #[arg(skip = std::env::var("FLOTILLA_TOKEN").ok().filter(|t| !t.is_empty()))]
+    #[arg(skip = flotilla::api_token())]
     token: Option<String>,
     /// Where the master keeps its durable state (`up` default: the
     /// manifest's spec.stateDir, else .flotilla/<cluster name>; `run`: none
@@ -395,9 +395,16 @@ fn up_state_dir(a: &ServeArgs, spec: &manifest::ClusterSpec) -> Option<PathBuf> 
     )
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    flotilla::protect_token();
+fn main() -> Result<()> {
+    // Before the async runtime starts its threads: it changes the environment.
+    flotilla::take_token();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
     let cli = Cli::parse();
     let logs = LogArgs {
         level: cli.log_level,

@@ -47,10 +47,7 @@ pub struct Conn {
 
 impl Conn {
     fn client(&self) -> Result<Client> {
-        Ok(Client::new(
-            &self.server,
-            std::env::var(flotilla_client::TOKEN_ENV).ok(),
-        )?)
+        Ok(Client::new(&self.server, flotilla::api_token())?)
     }
 }
 

@@ -97,10 +97,7 @@ pub async fn run(opts: ChaosOptions) -> Result<super::check::Report> {
     log.push(".master.log");
     let log = PathBuf::from(log);
     let _ = std::fs::remove_file(&log);
-    let client = Client::new(
-        &format!("http://127.0.0.1:{port}"),
-        std::env::var(flotilla_client::TOKEN_ENV).ok(),
-    )?;
+    let client = Client::new(&format!("http://127.0.0.1:{port}"), crate::api_token())?;
     let soak = Arc::new(Soak {
         rec: Recorder::create(&opts.history)?,
         opts,
@@ -338,6 +335,7 @@ impl Soak {
             .args(["--slots", &o.slots.to_string()])
             .args(["--runtime", runtime_name(self.runtime)])
             .env_remove("RUST_LOG")
+            .envs(crate::api_token().map(|t| (flotilla_client::TOKEN_ENV, t)))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
