@@ -924,12 +924,31 @@ impl Runtime for DockerRuntime {
         &self,
         _recorded: &[RecordedWorker],
     ) -> Result<Vec<String>, RuntimeError> {
-        self.inner.remove_labelled(false).await.map_err(|e| {
+        let inner = &self.inner;
+        let removed = inner.remove_labelled(false).await.map_err(|e| {
             RuntimeError::Remove(format!(
                 "containers of cluster `{}`: {e}",
-                self.inner.settings.cluster
+                inner.settings.cluster
             ))
-        })
+        })?;
+        // The network goes too if a master of this cluster made it (its
+        // label says so) and nothing else uses it now.
+        let network = &inner.settings.network;
+        let ours = inner
+            .docker
+            .inspect_network(network, None)
+            .await
+            .ok()
+            .and_then(|n| n.labels)
+            .and_then(|l| l.get(LABEL_CLUSTER).cloned())
+            .is_some_and(|c| c == inner.settings.cluster);
+        if ours {
+            match inner.docker.remove_network(network).await {
+                Ok(()) => info!(%network, "removed the cluster's docker network"),
+                Err(e) => debug!(%network, error = %e, "docker network kept (in use)"),
+            }
+        }
+        Ok(removed)
     }
 
     /// With the claim held (their master is gone): the containers of the
