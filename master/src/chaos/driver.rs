@@ -334,6 +334,9 @@ impl Soak {
             .arg(&self.state_dir)
             .args(["--slots", &o.slots.to_string()])
             .args(["--runtime", runtime_name(self.runtime)])
+            // Its cluster's claim beside its state: a soak beside other
+            // masters of the same name (a test, another soak) is not refused.
+            .env("FLOTILLA_RUNTIME_DIR", self.state_dir.join("run"))
             .env_remove("RUST_LOG")
             .envs(crate::api_token().map(|t| (flotilla_client::TOKEN_ENV, t)))
             .stdin(std::process::Stdio::null())
