@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::cluster::{Cluster, StopError};
+use crate::cluster::{Cluster, Lookup, StopError};
 use crate::resources::locks::LockError;
 use crate::resources::ResourceType;
 use crate::scheduler::{CancelError, LockCallError, Refusal, SubmitError};
@@ -92,6 +92,18 @@ fn accepting(cluster: &Cluster) -> ApiResult<()> {
         StatusCode::SERVICE_UNAVAILABLE,
         "the master is shutting down (SIGTERM): it finishes the accepted tasks and takes no new ones",
     ))
+}
+
+/// A read that failed in the store: a finished task that left memory could
+/// not be read back (503 naming the problem), or a final result could not
+/// be made durable (see [`not_durable`]).
+fn store_read(e: crate::store::StoreError) -> ApiError {
+    match e {
+        crate::store::StoreError::Read { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        e => not_durable(e),
+    }
 }
 
 async fn durable(cluster: &Cluster) -> ApiResult<()> {
@@ -806,7 +818,9 @@ async fn submit_tasks(
 fn cancel_error(e: CancelError) -> ApiError {
     match e {
         CancelError::Unknown(_) => ApiError::not_found(e.to_string()),
-        CancelError::Finished(..) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
+        CancelError::Finished(..) | CancelError::LeftMemory(_) => {
+            ApiError::new(StatusCode::CONFLICT, e.to_string())
+        }
     }
 }
 
@@ -915,16 +929,28 @@ async fn get_task(
 ) -> ApiResult<Json<Value>> {
     let task_id = parse_task_id(&id)?;
     let wait = wait_param(&q)?;
-    match cluster.wait_task(task_id, wait).await.map_err(not_durable)? {
-        Some(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
-        None if cluster.expired(task_id) => Err(ApiError::new(
+    match cluster.wait_task(task_id, wait).await.map_err(store_read)? {
+        Lookup::Found(view) => Ok(Json(serde_json::to_value(view).expect("serialisable"))),
+        Lookup::Gone if cluster.store().is_some() => Err(ApiError::new(
             StatusCode::GONE,
             format!(
                 "task {task_id}'s result expired: results are kept for {}s after the task finishes (spec.resultTtlSeconds)",
                 cluster.cfg.result_ttl.as_secs_f64()
             ),
         )),
-        None => Err(ApiError::not_found(format!(
+        Lookup::Gone => {
+            let r = &cluster.cfg.retention;
+            Err(ApiError::new(
+                StatusCode::GONE,
+                format!(
+                    "task {task_id} finished and its result is no longer kept: this master keeps no state (--ephemeral), so a finished task stays in memory only while it is among the last {} to finish and for at most {}s (spec.memoryRetention; results expire after {}s, spec.resultTtlSeconds). Run with a state directory to read results back until they expire",
+                    r.finished_tasks,
+                    r.age.as_secs_f64(),
+                    cluster.cfg.result_ttl.as_secs_f64()
+                ),
+            ))
+        }
+        Lookup::Unknown => Err(ApiError::not_found(format!(
             "task {task_id} does not exist"
         ))),
     }
@@ -942,7 +968,10 @@ async fn list_tasks(
     Query(q): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<TaskPage>> {
     let p = list_params(&q)?;
-    let (tasks, next) = cluster.list_tasks(p.after, p.state, p.node, p.limit);
+    let (tasks, next) = cluster
+        .list_tasks(p.after, p.state, p.node, p.limit)
+        .await
+        .map_err(store_read)?;
     Ok(Json(TaskPage { tasks, next }))
 }
 
@@ -1008,7 +1037,7 @@ async fn finished_tasks(
 ) -> ApiResult<Json<FinishedPage>> {
     let after = match q.get("after") {
         None => 0,
-        Some(raw) => raw.parse::<usize>().map_err(|_| {
+        Some(raw) => raw.parse::<u64>().map_err(|_| {
             ApiError::bad_request(format!("after must be a non-negative integer, got {raw:?}"))
         })?,
     };
@@ -1016,11 +1045,8 @@ async fn finished_tasks(
     let (tasks, next) = cluster
         .finished_after(after, 1000, wait)
         .await
-        .map_err(not_durable)?;
-    Ok(Json(FinishedPage {
-        next: next as u64,
-        tasks,
-    }))
+        .map_err(store_read)?;
+    Ok(Json(FinishedPage { next, tasks }))
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.

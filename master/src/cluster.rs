@@ -62,6 +62,44 @@ pub struct ClusterConfig {
     /// every response carries it (`Flotilla-Master-Session`), so that a
     /// second master can tell this one is alive.
     pub session: String,
+    /// `spec.memoryRetention`: how long finished tasks stay in memory.
+    pub retention: Retention,
+}
+
+/// How many finished tasks the master keeps in memory, and for how long
+/// (`spec.memoryRetention`). Past either limit a finished task leaves
+/// memory, oldest first; with a store it is read back from there until
+/// the result TTL, without one it is gone (`GET /tasks/{id}` then answers
+/// 410).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Retention {
+    /// `finishedTasks`: finished tasks kept in memory at most.
+    pub finished_tasks: usize,
+    /// `seconds`: how long a finished task stays in memory at most.
+    pub age: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            finished_tasks: 10_000,
+            age: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Finished tasks taken out of memory at most per critical section.
+const RETIRE_BUDGET: usize = 4_096;
+
+/// What `GET /tasks/{id}` finds.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(TaskView),
+    /// Handed out, finished, and its result is no longer kept: with a
+    /// store, past the result TTL; without one, also past the retention.
+    Gone,
+    /// Never handed out.
+    Unknown,
 }
 
 /// The default of `spec.maxWorkers`.
@@ -94,6 +132,7 @@ impl Default for ClusterConfig {
             master_grace: Duration::from_secs(60),
             jaeger_url: None,
             session: random_secret()[..16].to_string(),
+            retention: Retention::default(),
         }
     }
 }
@@ -321,32 +360,95 @@ impl Cluster {
         }
     }
 
-    /// Forgets finished tasks older than the result TTL, in memory and in
-    /// the store, every quarter of the TTL (at most every minute). Each pass
-    /// takes only the expired tasks off the front of the completion feed, so
-    /// it does not hold up dispatch; the store deletes and compacts on its
-    /// writer thread.
-    pub fn spawn_result_expiry(self: &Arc<Self>) {
+    /// Bounded memory, in the background. Every half second (at most a
+    /// quarter of the retention age) finished tasks beyond the retention
+    /// window leave memory, oldest first, a bounded batch per critical
+    /// section so dispatch never waits long; with a store, only once their
+    /// result is committed (reads then find them there). Every quarter of
+    /// the result TTL (at most every minute) the store is told to delete
+    /// results past it, which its writer thread does in bounded steps
+    /// between commits.
+    pub fn spawn_retention(self: &Arc<Self>) {
         let me = self.clone();
         let ttl = self.cfg.result_ttl;
-        let every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+        let keep = self.cfg.retention.finished_tasks;
+        let age = self.cfg.retention.age;
+        let every = (age / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let expire_every = (ttl / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_expiry = Instant::now();
             loop {
                 tick.tick().await;
-                let cutoff = crate::scheduler::unix_ms().saturating_sub(ttl.as_millis() as u64);
-                let expired = me.with_state(|s| s.expire_results(cutoff));
-                if expired > 0 {
-                    info!(expired, "results past their TTL forgotten");
+                let now = crate::scheduler::unix_ms();
+                let ttl_cutoff = now.saturating_sub(ttl.as_millis() as u64);
+                if let Some(store) = &me.store {
+                    if last_expiry.elapsed() >= expire_every {
+                        last_expiry = Instant::now();
+                        store.expire(ttl_cutoff);
+                    }
+                }
+                let finished_before = now.saturating_sub(age.as_millis() as u64).max(ttl_cutoff);
+                let mut retired = 0;
+                loop {
+                    // Everything finished up to here has been appended to
+                    // the store (inside the same critical section):
+                    // once that is committed, it may leave memory.
+                    let feed_len = me.with_state(|s| s.feed_len());
+                    let durable_below = match &me.store {
+                        Some(store) => match store.flush().await {
+                            Ok(()) => feed_len,
+                            Err(_) => break, // reported by the writes
+                        },
+                        None => u64::MAX,
+                    };
+                    let rule = crate::scheduler::Retire {
+                        keep,
+                        finished_before,
+                        durable_below,
+                        budget: RETIRE_BUDGET,
+                    };
+                    let (n, more) = me.with_state(|s| s.retire(&rule));
+                    retired += n;
+                    if !more {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                if retired > 0 {
+                    tracing::debug!(retired, "finished tasks left memory");
                 }
             }
         });
     }
 
-    /// Whether `id` was handed out (by this master, or one before it on the
-    /// same state directory) and is no longer kept: its result expired.
+    /// Whether `id` was handed out and is not in memory: it finished and
+    /// left (read it from the store, if one keeps it).
     pub fn expired(&self, id: TaskId) -> bool {
-        self.with_state(|s| s.was_expired(id))
+        self.with_state(|s| s.handed_out(id) && s.task(id).is_none())
+    }
+
+    /// Where a task is: in memory, or (finished) in the store, or gone.
+    async fn lookup(&self, id: TaskId) -> Result<Lookup, StoreError> {
+        let (view, handed_out) = self.with_state(|s| (s.task(id), s.handed_out(id)));
+        if let Some(view) = view {
+            return Ok(Lookup::Found(view));
+        }
+        if !handed_out {
+            return Ok(Lookup::Unknown);
+        }
+        // Not in memory, so finished and retired: committed before it left.
+        let Some(store) = self.store.clone() else {
+            return Ok(Lookup::Gone);
+        };
+        let rec = tokio::task::spawn_blocking(move || store.task(id))
+            .await
+            .expect("a store read does not panic")?;
+        Ok(match rec {
+            Some(rec) => Lookup::Found(record_view(&rec)),
+            None => Lookup::Gone,
+        })
     }
 
     /// Accepted tasks not final yet.
@@ -674,35 +776,27 @@ impl Cluster {
         }
     }
 
-    /// A task as it is now, after waiting up to `wait` for it to be final;
-    /// `None` if there is no such task.
-    pub async fn wait_task(
-        &self,
-        id: TaskId,
-        wait: Duration,
-    ) -> Result<Option<TaskView>, StoreError> {
-        if wait.is_zero() {
-            return Ok(self.with_state(|s| s.task(id)));
+    /// A task as it is now, after waiting up to `wait` for it to be final
+    /// (from memory, or from the store once it has left memory).
+    pub async fn wait_task(&self, id: TaskId, wait: Duration) -> Result<Lookup, StoreError> {
+        if !wait.is_zero() {
+            // One waiter per request; dropped with the request (the
+            // scheduler prunes waiters whose request went away).
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.with_state(|s| s.wait_for(id, tx)) == Some(false) {
+                self.pending(rx, |_, _| {})
+                    .wait(Some(Instant::now() + wait))
+                    .await;
+            }
         }
-        // One waiter per request; dropped with the request (the scheduler
-        // prunes waiters whose request went away).
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let Some(done) = self.with_state(|s| s.wait_for(id, tx)) else {
-            return Ok(None);
-        };
-        if !done && !wait.is_zero() {
-            self.pending(rx, |_, _| {})
-                .wait(Some(Instant::now() + wait))
-                .await;
+        let found = self.lookup(id).await?;
+        if let Lookup::Found(view) = &found {
+            if view.state.is_final() {
+                // Never show a result a restart could take back.
+                self.durable_reads().await?;
+            }
         }
-        let Some(view) = self.with_state(|s| s.task(id)) else {
-            return Ok(None);
-        };
-        if view.state.is_final() {
-            // Never show a result a restart could take back.
-            self.durable_reads().await?;
-        }
-        Ok(Some(view))
+        Ok(found)
     }
 
     /// Client reads of final results wait until they are durable, so what a
@@ -718,7 +812,7 @@ impl Cluster {
 
     /// `DELETE /tasks/{id}`: see `Scheduler::cancel`; the state it was in.
     pub fn cancel(&self, id: TaskId) -> Result<TaskState, CancelError> {
-        self.with_state(|s| s.cancel(id))
+        self.with_state(|s| s.cancel(id).map_err(|e| left_memory(s, e)))
     }
 
     /// Bulk cancel: the tasks in `state` (all of them, or only those in
@@ -745,42 +839,93 @@ impl Cluster {
             for tid in targets {
                 match s.cancel(tid) {
                     Ok(_) => cancelled.push(tid),
-                    Err(e) => refused.push((tid, e)),
+                    Err(e) => refused.push((tid, left_memory(s, e))),
                 }
             }
             (cancelled, refused)
         })
     }
 
-    /// `GET /tasks`: one page of the task listing (see `Scheduler::list_tasks`).
-    pub fn list_tasks(
+    /// `GET /tasks`: one page of the task listing, tasks in ID order. The
+    /// scheduler gives the tasks in memory (see `Scheduler::list_tasks`),
+    /// the store those that left memory (feed positions below the memory's
+    /// base, read in the same ID range): the two never overlap, and a task
+    /// retired between the two reads was already in the first.
+    pub async fn list_tasks(
         &self,
         after: TaskId,
         state: Option<TaskState>,
         node: Option<WorkerId>,
         limit: usize,
-    ) -> (Vec<TaskView>, Option<TaskId>) {
-        self.with_state(|s| s.list_tasks(after, state, node, limit, LIST_SCAN))
+    ) -> Result<(Vec<TaskView>, Option<TaskId>), StoreError> {
+        let (mut page, end, more, feed_below) = self.with_state(|s| {
+            let (page, end, more) = s.list_tasks(after, state, node, limit, LIST_SCAN);
+            (page, end, more, s.feed_base())
+        });
+        let stored_states = state.is_none_or(|s| s.is_final());
+        if let (Some(store), true, true) = (self.store.clone(), feed_below > 0, stored_states) {
+            let rows = tokio::task::spawn_blocking(move || {
+                store.finished(&crate::store::FinishedQuery {
+                    after,
+                    end,
+                    feed_below,
+                    state: state.map(|s| s.name()),
+                    node,
+                    limit,
+                })
+            })
+            .await
+            .expect("a store read does not panic")?;
+            page.extend(rows.iter().map(record_view));
+            page.sort_unstable_by_key(|t| t.id);
+            page.truncate(limit);
+        }
+        let next = crate::scheduler::listing_next(&page, limit, end, more);
+        Ok((page, next))
     }
 
-    /// The completion feed: tasks finished after position `after`, waiting
-    /// up to `wait` for the first one.
+    /// The completion feed: tasks finished from position `after`, waiting
+    /// up to `wait` for the first one. Positions that left memory are read
+    /// from the store (expired ones are skipped); without a store they are
+    /// skipped.
     pub async fn finished_after(
         &self,
-        after: usize,
+        after: u64,
         limit: usize,
         wait: Duration,
-    ) -> Result<(Vec<TaskView>, usize), StoreError> {
+    ) -> Result<(Vec<TaskView>, u64), StoreError> {
         let deadline = Instant::now() + wait;
+        let mut after = after;
         loop {
             let (tx, rx) = oneshot::channel();
-            let (tasks, next) = self.with_state(|s| {
+            let page = self.with_state(|s| {
                 let page = s.completions_after(after, limit);
-                if page.0.is_empty() {
+                if matches!(&page, Ok((tasks, _)) if tasks.is_empty()) {
                     s.wait_for_completion(tx);
                 }
                 page
             });
+            let (tasks, next) = match page {
+                Ok(page) => page,
+                Err(base) => {
+                    if let Some(store) = self.store.clone() {
+                        let rows =
+                            tokio::task::spawn_blocking(move || store.feed(after, base, limit))
+                                .await
+                                .expect("a store read does not panic")?;
+                        if !rows.is_empty() {
+                            let next = if rows.len() == limit {
+                                rows.last().and_then(|r| r.feed_pos).map_or(base, |p| p + 1)
+                            } else {
+                                base
+                            };
+                            return Ok((rows.iter().map(record_view).collect(), next));
+                        }
+                    }
+                    after = base;
+                    continue;
+                }
+            };
             if !tasks.is_empty() {
                 self.durable_reads().await?;
                 return Ok((tasks, next));
@@ -1000,8 +1145,34 @@ impl Cluster {
                     .map(|(url, trace)| format!("{}/trace/{trace}", url.trim_end_matches('/'))),
             })
         });
-        let Some(detail) = detail else {
-            return Ok(None);
+        let detail = match detail {
+            Some(detail) => detail,
+            // A finished task that left memory: what the store keeps of it
+            // (no attempt log, no trace).
+            None => {
+                let Some(store) = self.store.clone() else {
+                    return Ok(None);
+                };
+                let handed_out = self.with_state(|s| s.handed_out(id));
+                if !handed_out {
+                    return Ok(None);
+                }
+                let rec = tokio::task::spawn_blocking(move || store.task(id))
+                    .await
+                    .expect("a store read does not panic")?;
+                let Some(rec) = rec else {
+                    return Ok(None);
+                };
+                TaskDetail {
+                    view: record_view(&rec),
+                    kind: rec.spec.kind,
+                    code: rec.spec.command,
+                    timeout: rec.spec.timeout,
+                    attempt_log: Vec::new(),
+                    trace_id: None,
+                    jaeger: None,
+                }
+            }
         };
         if detail.view.state.is_final() {
             self.durable_reads().await?;
@@ -1230,6 +1401,30 @@ impl Cluster {
             let store = store.clone();
             let _ = tokio::task::spawn_blocking(move || store.close()).await;
         }
+    }
+}
+
+/// A task as the store kept it, as the API shows it.
+fn record_view(rec: &crate::store::TaskRecord) -> TaskView {
+    TaskView {
+        id: rec.id,
+        state: rec.state,
+        node: rec.node,
+        attempts: rec.attempts,
+        result: rec.result.clone(),
+        error: rec.error.clone(),
+        submitted_at: rec.submitted_at,
+        started_at: rec.started_at,
+        finished_at: rec.finished_at,
+    }
+}
+
+/// A cancel of a task that is not in memory but was handed out: it has
+/// finished (only finished tasks leave memory).
+fn left_memory(s: &Scheduler, e: CancelError) -> CancelError {
+    match e {
+        CancelError::Unknown(id) if s.handed_out(id) => CancelError::LeftMemory(id),
+        e => e,
     }
 }
 

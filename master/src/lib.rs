@@ -248,6 +248,7 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
         heartbeat_timeout: spec.heartbeat_timeout,
         max_attempts: spec.max_attempts,
         result_ttl: spec.result_ttl,
+        retention: spec.retention.clone(),
         slots: opts.slots.max(1),
         worker_env: opts.worker_env.clone(),
         task_timeout: spec.task_timeout,
@@ -344,8 +345,8 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     });
     cluster.spawn_runtime_events(events_rx);
     cluster.spawn_health_monitor();
-    cluster.spawn_result_expiry();
     cluster.spawn_dashboard_sampler();
+    cluster.spawn_retention();
     info!(%addr, runtime = runtime_kind_name(runtime_kind), workers = spec.capacities.len(), "master listening");
     // All at once: a container or pod start is mostly waiting on the engine
     // or the API server.

@@ -189,6 +189,9 @@ pub struct ClusterSpec {
     /// `spec.stateDir`: where `flotilla up` keeps the durable state (the
     /// CLI's `--state-dir` wins; default `.flotilla/<name>`).
     pub state_dir: Option<std::path::PathBuf>,
+    /// `spec.memoryRetention`: how many finished tasks stay in the master's
+    /// memory, and how long (default 10,000 and 60 s).
+    pub retention: crate::cluster::Retention,
 }
 
 /// `spec.workerPods`: copied into every worker pod the Kubernetes runtime
@@ -239,6 +242,7 @@ impl ClusterSpec {
             state_dir: None,
             result_ttl: Duration::from_secs(24 * 3600),
             master_grace: Duration::from_secs(60),
+            retention: crate::cluster::Retention::default(),
         }
     }
 }
@@ -341,6 +345,7 @@ struct NativeSpec {
     result_ttl_seconds: Option<f64>,
     #[serde(default)]
     master_grace_seconds: Option<f64>,
+    memory_retention: Option<NativeRetention>,
     #[serde(default)]
     task_timeout_seconds: Option<f64>,
     #[serde(default)]
@@ -595,6 +600,19 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, SpecError> {
         // The default is 60 s, or two heartbeat intervals if longer.
         None => spec.master_grace = spec.master_grace.max(spec.heartbeat_interval * 2),
     }
+    if let Some(r) = s.memory_retention {
+        if let Some(n) = r.finished_tasks {
+            if n > MAX_RETAINED_TASKS {
+                return Err(SpecError::Rule(format!(
+                    "spec.memoryRetention.finishedTasks must be at most {MAX_RETAINED_TASKS}, got {n} (0 keeps none in memory once stored)"
+                )));
+            }
+            spec.retention.finished_tasks = n as usize;
+        }
+        if let Some(t) = r.seconds {
+            spec.retention.age = seconds("spec.memoryRetention.seconds", t)?;
+        }
+    }
     if let Some(d) = s.state_dir {
         if d.trim().is_empty() {
             return Err(SpecError::Rule(
@@ -645,6 +663,19 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, SpecError> {
     spec.file_root = s.file_root;
     Ok(spec)
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct NativeRetention {
+    #[serde(default)]
+    finished_tasks: Option<u64>,
+    #[serde(default)]
+    seconds: Option<f64>,
+}
+
+/// The most finished tasks `spec.memoryRetention.finishedTasks` may keep in
+/// memory (about 600 bytes each, plus their results).
+pub const MAX_RETAINED_TASKS: u64 = 10_000_000;
 
 fn seconds(field: &'static str, v: f64) -> Result<Duration, SpecError> {
     // At most a year: larger values mean nothing and would overflow a Duration.

@@ -504,7 +504,10 @@ async fn task_rows(
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<TaskRows>, ApiError> {
     let p = crate::api::list_params(&q)?;
-    let (tasks, next) = cluster.list_tasks(p.after, p.state, p.node, p.limit);
+    let (tasks, next) = cluster
+        .list_tasks(p.after, p.state, p.node, p.limit)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
     Ok(Json(TaskRows {
         tasks: tasks.into_iter().map(TaskRow::from).collect(),
         next,

@@ -156,8 +156,12 @@ pub struct Scheduler {
     workers: Vec<Worker>,
     cursor: usize,
     next_poll: u64,
-    /// Task IDs in the order they finished: the completion feed.
-    completions: Vec<TaskId>,
+    /// The completion feed's entries still in memory: the IDs of the tasks
+    /// at positions `feed_base..`, in the order they finished. Every one is
+    /// in `tasks`; those before `feed_base` were retired (see
+    /// [`Scheduler::retire`]) and are read from the store, if kept.
+    completions: VecDeque<TaskId>,
+    feed_base: u64,
     waiters: Waiters,
     /// Shared resources and their locks: revoked in the same critical
     /// section as a death, released when an attempt ends.
@@ -169,10 +173,9 @@ pub struct Scheduler {
     tallies: Vec<Tally>,
     steals: u64,
     /// The first ID this master (or the first one on its state directory)
-    /// handed out: IDs from here to `next_task` not in `tasks` expired.
+    /// handed out: IDs from here to `next_task` not in `tasks` have
+    /// finished and left memory.
     first_task: TaskId,
-    /// Completion-feed positions before this one are expired.
-    expired: usize,
     /// Accepted tasks not final yet.
     open_tasks: usize,
     /// `spec.taskTimeoutSeconds`: the timeout of tasks that give none.
@@ -187,8 +190,9 @@ pub struct Scheduler {
     lease_key: ring::hmac::Key,
     /// What happened lately (the dashboard's stream and event log).
     pub activity: Activity,
-    /// Finished tasks kept, by final state (succeeded, failed, cancelled),
-    /// so the counts by state cost no walk over the tasks.
+    /// Tasks that finished under this master, by final state (succeeded,
+    /// failed, cancelled), so the counts by state cost no walk over the
+    /// tasks (finished tasks do not stay in memory to be counted).
     finished_counts: [usize; 3],
 }
 
@@ -210,6 +214,30 @@ macro_rules! journal {
             j.push($op);
         }
     };
+}
+
+/// Where a page of the task listing goes on from: after its last task when
+/// it is full, else after the last ID looked at when more were handed out,
+/// else nowhere (`end` and `more` as [`Scheduler::list_tasks`] returns them).
+pub fn listing_next(page: &[TaskView], limit: usize, end: TaskId, more: bool) -> Option<TaskId> {
+    if page.len() >= limit {
+        page.last().map(|t| t.id)
+    } else {
+        more.then(|| end - 1)
+    }
+}
+
+/// When finished tasks leave memory: see [`Scheduler::retire`].
+#[derive(Clone, Debug)]
+pub struct Retire {
+    /// Finished tasks kept in memory at most.
+    pub keep: usize,
+    /// Tasks that finished before this (Unix ms) leave.
+    pub finished_before: u64,
+    /// Only tasks at feed positions below this leave (committed ones).
+    pub durable_below: u64,
+    /// At most this many per call.
+    pub budget: usize,
 }
 
 /// Something a transition did that the metrics count. The scheduler only
@@ -238,6 +266,10 @@ pub enum CancelError {
     Unknown(TaskId),
     #[error("task {0} has already finished ({1}); only a queued, assigned or running task can be cancelled")]
     Finished(TaskId, TaskState),
+    #[error(
+        "task {0} has already finished; only a queued, assigned or running task can be cancelled"
+    )]
+    LeftMemory(TaskId),
 }
 
 /// Why a lock call was refused.
@@ -299,7 +331,8 @@ impl Scheduler {
             workers: Vec::new(),
             cursor: 0,
             next_poll: 0,
-            completions: Vec::new(),
+            completions: VecDeque::new(),
+            feed_base: 0,
             waiters: Waiters::default(),
             locks: LockTable::default(),
             leases: HashMap::new(),
@@ -307,7 +340,6 @@ impl Scheduler {
             tallies: Vec::new(),
             steals: 0,
             first_task: 1,
-            expired: 0,
             open_tasks: 0,
             journal: None,
             task_timeout: None,
@@ -398,34 +430,69 @@ impl Scheduler {
         self.open_tasks
     }
 
-    /// Forgets the finished tasks that finished before `cutoff` (Unix ms):
-    /// they leave the front of the completion feed (its positions stay) and
-    /// the store. Returns how many.
-    pub fn expire_results(&mut self, cutoff: u64) -> usize {
-        let before = self.expired;
-        while let Some(&id) = self.completions.get(self.expired) {
-            let Some(task) = self.tasks.get(&id) else {
-                self.expired += 1; // a position whose task expired before a restart
-                continue;
+    /// Takes finished tasks out of memory, oldest first (in completion-feed
+    /// order), while one of `rule`'s limits is exceeded: more than
+    /// `rule.keep` finished tasks in memory, or one that finished before
+    /// `rule.finished_before` (Unix ms: the retention age, or the result
+    /// TTL when that is shorter). Only tasks at feed positions below
+    /// `rule.durable_below` leave (their result is committed in the store,
+    /// where reads find them from then on; without a store it is the feed's
+    /// end). At most `rule.budget` per call, so a caller holding the
+    /// scheduling lock holds it briefly. Returns how many left and whether
+    /// more are due.
+    pub fn retire(&mut self, rule: &Retire) -> (usize, bool) {
+        let mut retired = 0;
+        let more = loop {
+            let Some(&id) = self.completions.front() else {
+                break false;
             };
-            if task.finished_at.is_some_and(|f| f >= cutoff) {
-                break;
+            if self.feed_base >= rule.durable_below {
+                break false;
             }
-            if let Some(i) = final_index(task.state) {
-                self.finished_counts[i] -= 1;
+            let finished_at = self.tasks.get(&id).and_then(|t| t.finished_at).unwrap_or(0);
+            let due = self.completions.len() > rule.keep || finished_at < rule.finished_before;
+            if !due {
+                break false;
             }
+            if retired == rule.budget {
+                break true;
+            }
+            self.completions.pop_front();
             self.tasks.remove(&id);
-            self.expired += 1;
+            self.feed_base += 1;
+            retired += 1;
+        };
+        // Give back what a peak (a large backlog, a burst) left allocated.
+        if self.tasks.capacity() > 4096 && self.tasks.len() * 4 < self.tasks.capacity() {
+            self.tasks.shrink_to(self.tasks.len() * 2);
         }
-        if self.expired > before {
-            journal!(self, Op::Expire { before: cutoff });
+        if self.completions.capacity() > 4096
+            && self.completions.len() * 4 < self.completions.capacity()
+        {
+            self.completions.shrink_to(self.completions.len() * 2);
         }
-        self.expired - before
+        (retired, more)
     }
 
-    /// `id` was handed out and is gone: its result expired.
-    pub fn was_expired(&self, id: TaskId) -> bool {
-        id >= self.first_task && id < self.next_task && !self.tasks.contains_key(&id)
+    /// The completion feed's length (the position of the next completion).
+    pub fn feed_len(&self) -> u64 {
+        self.feed_base + self.completions.len() as u64
+    }
+
+    /// Feed positions below this have left memory.
+    pub fn feed_base(&self) -> u64 {
+        self.feed_base
+    }
+
+    /// Finished tasks in memory.
+    pub fn finished_in_memory(&self) -> usize {
+        self.completions.len()
+    }
+
+    /// `id` was handed out (by this master, or one before it on the same
+    /// state directory). Such a task not in memory has finished and left.
+    pub fn handed_out(&self, id: TaskId) -> bool {
+        id >= self.first_task && id < self.next_task
     }
 
     /// The first task ID to hand out (a restored counter, or a time-based
@@ -465,8 +532,9 @@ impl Scheduler {
     /// Unfinished tasks that do not run on are queued again in ID order: a
     /// task that waited in a worker's queue (or was sent to a node) goes
     /// back to that worker's queue, the others to the master queue.
-    /// Finished tasks keep their results and their place in the completion
-    /// feed.
+    /// Finished tasks stay in the store (the recovery reads none of them):
+    /// the feed goes on after its last position, and reads of positions
+    /// below it, or of finished tasks, go to the store.
     pub fn restore(&mut self, rec: &Recovered, adopted: &[AdoptedWorker]) {
         // IDs from 1 were handed out on this state directory.
         self.next_task = self.next_task.max(rec.next_task_id);
@@ -501,12 +569,8 @@ impl Scheduler {
         }
         let is_live = |worker: WorkerId, inc: Incarnation| live.contains(&(worker, inc));
         // The attempts that run on: unfinished tasks on adopted workers.
-        let unfinished: std::collections::HashSet<TaskId> = rec
-            .tasks
-            .iter()
-            .filter(|t| !t.is_final())
-            .map(|t| t.id)
-            .collect();
+        let unfinished: std::collections::HashSet<TaskId> =
+            rec.tasks.iter().map(|t| t.id).collect();
         let mut resumed: HashMap<TaskId, &crate::store::AttemptRecord> = HashMap::new();
         for a in &rec.open_attempts {
             let slot_free = self
@@ -546,22 +610,10 @@ impl Scheduler {
                 self.locks.forget_grant(g);
             }
         }
-        let mut finished: Vec<&crate::store::TaskRecord> = Vec::new();
-        for t in &rec.tasks {
-            // A task that was not final is queued again (or resumed below).
-            let state = if t.state.is_final() {
-                t.state
-            } else {
-                TaskState::Queued
-            };
-            let mut task = Task::restored(t, state);
-            if let Some(i) = final_index(state) {
-                self.finished_counts[i] += 1;
-            }
-            if state.is_final() {
-                task.node = t.node;
-                finished.push(t);
-            } else if let Some(a) = resumed.get(&t.id) {
+        self.feed_base = rec.feed_len;
+        for t in rec.tasks.iter().filter(|t| !t.is_final()) {
+            let mut task = Task::restored(t, TaskState::Queued);
+            if let Some(a) = resumed.get(&t.id) {
                 task.resume(a.worker, a.attempt);
                 task.attempt_log.push(AttemptLog {
                     attempt: a.attempt,
@@ -596,40 +648,27 @@ impl Scheduler {
                     }
                     None => self.master_queue.push_back(t.id),
                 }
-                journal!(
-                    self,
-                    Op::Queue {
-                        id: t.id,
-                        node: target
-                    }
-                );
+                // Journaled only when the store says otherwise (an attempt
+                // that was running, a task queued elsewhere).
+                if (t.state, t.node) != (task.state, task.node) {
+                    journal!(
+                        self,
+                        Op::Queue {
+                            id: t.id,
+                            node: target
+                        }
+                    );
+                }
             }
             self.tasks.insert(t.id, task);
         }
-        // The feed keeps its positions: those of expired results stay, empty.
-        let len = finished
-            .iter()
-            .filter_map(|t| t.feed_pos)
-            .max()
-            .map_or(0, |p| p as usize + 1)
-            .max(finished.len())
-            .max(rec.feed_len as usize);
-        self.completions = vec![0; len];
-        let mut unplaced = Vec::new();
-        for t in &finished {
-            match t.feed_pos {
-                Some(p) if self.completions[p as usize] == 0 => self.completions[p as usize] = t.id,
-                _ => unplaced.push(t.id),
-            }
-        }
-        self.completions.extend(unplaced);
-        self.open_tasks = rec.tasks.len() - finished.len();
-        let queued = rec.tasks.len() - finished.len() - resumed.len();
+        self.open_tasks = self.tasks.len();
+        let queued = self.open_tasks - resumed.len();
         if !rec.fresh {
             info!(
                 queued,
                 running_on = resumed.len(),
-                finished = finished.len(),
+                finished = rec.feed_len,
                 adopted = live.len(),
                 lost_attempts = rec.open_attempts.len() - resumed.len(),
                 next_task_id = self.next_task,
@@ -1162,7 +1201,7 @@ impl Scheduler {
         if let Some(ran) = self.task_mut(tid).finish(state, result, error) {
             self.tallies.push(Tally::Finished { ran });
         }
-        let feed_pos = self.completions.len() as u64;
+        let feed_pos = self.feed_len();
         let task = &self.tasks[&tid];
         journal!(
             self,
@@ -1177,7 +1216,7 @@ impl Scheduler {
                 feed_pos,
             }
         );
-        self.completions.push(tid);
+        self.completions.push_back(tid);
         self.open_tasks -= 1;
         if let Some(i) = final_index(state) {
             self.finished_counts[i] += 1;
@@ -1361,6 +1400,7 @@ impl Scheduler {
                 let tid = w.waiting.pop_front().expect("checked non-empty");
                 let task = self.tasks.get_mut(&tid).expect("waiting task exists");
                 let (attempt, traceparent, first_wait) = task.start(w.id, w.incarnation, slot);
+                let started_at = task.started_at.unwrap_or_default();
                 let lease = derive_lease(&self.lease_key, tid, attempt, w.id, w.incarnation);
                 let assignment = Assignment {
                     task_id: tid,
@@ -1392,7 +1432,7 @@ impl Scheduler {
                                 worker: w.id,
                                 incarnation: w.incarnation,
                                 slot,
-                                started_at: unix_ms(),
+                                started_at,
                                 outcome: None,
                             })
                         );
@@ -1588,11 +1628,13 @@ impl Scheduler {
         self.tasks.get(&id).map(Task::view)
     }
 
-    /// One page of the task listing: tasks with an ID above `after`, in ID
-    /// order, matching `state` and `node`, at most `limit`. The work per call
-    /// is bounded: at most `scan` IDs are looked at, so a page may hold fewer
-    /// than `limit` tasks. Returns the page and the ID to continue after
-    /// (`None` when there is nothing beyond).
+    /// The in-memory part of one page of the task listing: tasks with an
+    /// ID above `after`, in ID order, matching `state` and `node`, at most
+    /// `limit`. The work per call is bounded: only IDs below `end = after +
+    /// 1 + scan` (and below the next ID to hand out) are looked at. Returns
+    /// the tasks, `end`, and whether IDs at or beyond `end` were handed out.
+    /// Tasks that left memory are the store's part (see
+    /// `Cluster::list_tasks`), with feed positions below [`Self::feed_base`].
     pub fn list_tasks(
         &self,
         after: TaskId,
@@ -1600,21 +1642,22 @@ impl Scheduler {
         node: Option<WorkerId>,
         limit: usize,
         scan: usize,
-    ) -> (Vec<TaskView>, Option<TaskId>) {
+    ) -> (Vec<TaskView>, TaskId, bool) {
         let mut out = Vec::new();
-        let mut id = after.saturating_add(1).max(1);
-        let mut looked = 0;
-        while id < self.next_task && out.len() < limit && looked < scan {
+        // IDs below `first_task` were never handed out here (time-based
+        // IDs start far from 1): the scan starts where the IDs do.
+        let first = after.saturating_add(1).max(self.first_task);
+        let end = first.saturating_add(scan as u64).min(self.next_task);
+        let mut id = first;
+        while id < end && out.len() < limit {
             if let Some(t) = self.tasks.get(&id) {
                 if state.is_none_or(|s| t.state == s) && node.is_none_or(|n| t.node == Some(n)) {
-                    out.extend(self.task(id));
+                    out.push(t.view());
                 }
             }
-            looked += 1;
             id += 1;
         }
-        let next = (id < self.next_task).then(|| id - 1);
-        (out, next)
+        (out, end.max(first), end < self.next_task)
     }
 
     /// Registers `tx` to fire when the task finishes. `None`: no such task;
@@ -1623,16 +1666,22 @@ impl Scheduler {
         Some(!self.tasks.get_mut(&id)?.wait_final(tx))
     }
 
-    /// Finished tasks after position `after` of the completion feed, at most
-    /// `limit`, and the position to ask from next.
-    pub fn completions_after(&self, after: usize, limit: usize) -> (Vec<TaskView>, usize) {
-        let start = after.min(self.completions.len());
+    /// Finished tasks from position `after` of the completion feed, at most
+    /// `limit`, and the position to ask from next. `Err(base)` when `after`
+    /// is before the entries still in memory: those up to `base` are in the
+    /// store (or, without one, gone).
+    pub fn completions_after(&self, after: u64, limit: usize) -> Result<(Vec<TaskView>, u64), u64> {
+        if after < self.feed_base {
+            return Err(self.feed_base);
+        }
+        let start = ((after - self.feed_base) as usize).min(self.completions.len());
         let end = (start + limit).min(self.completions.len());
-        let views = self.completions[start..end]
-            .iter()
+        let views = self
+            .completions
+            .range(start..end)
             .filter_map(|&id| self.task(id))
             .collect();
-        (views, end)
+        Ok((views, self.feed_base + end as u64))
     }
 
     pub fn nodes(&self) -> Vec<NodeView> {
@@ -1656,11 +1705,21 @@ impl Scheduler {
             .collect()
     }
 
-    /// How many tasks are in each state, for the metrics.
+    /// Unfinished tasks by state, and the tasks that finished under this
+    /// master by final state, for the metrics.
     pub fn tasks_by_state(&self) -> Vec<(TaskState, usize)> {
         let mut counts: HashMap<TaskState, usize> = HashMap::new();
-        for t in self.tasks.values() {
+        for t in self.tasks.values().filter(|t| !t.state.is_final()) {
             *counts.entry(t.state).or_default() += 1;
+        }
+        for state in [
+            TaskState::Succeeded,
+            TaskState::Failed,
+            TaskState::Cancelled,
+        ] {
+            if let Some(i) = final_index(state) {
+                counts.insert(state, self.finished_counts[i]);
+            }
         }
         TaskState::ALL
             .into_iter()
@@ -1687,7 +1746,7 @@ impl Scheduler {
     /// Positions handed out in the completion feed: how many tasks ever
     /// finished here (expired ones included).
     pub fn completed_total(&self) -> usize {
-        self.completions.len()
+        self.feed_len() as usize
     }
 
     /// The next task ID to be handed out.

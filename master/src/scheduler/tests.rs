@@ -176,7 +176,7 @@ fn a_late_result_from_a_dead_incarnation_is_not_recorded_twice() {
     let view = s.task(id).unwrap();
     assert_eq!(view.state, TaskState::Succeeded);
     assert_eq!(view.result.unwrap().response, 9);
-    assert_eq!(s.completions_after(0, 10).0.len(), 1);
+    assert_eq!(s.completions_after(0, 10).unwrap().0.len(), 1);
 }
 
 #[test]
@@ -238,6 +238,7 @@ enum Op {
     Kill(u8, bool),
     Restart(u8),
     Add(u8),
+    Retire(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -248,6 +249,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0u8..6, any::<bool>()).prop_map(|(w, b)| Op::Kill(w, b)),
         1 => (0u8..6).prop_map(Op::Restart),
         1 => (1u8..4).prop_map(Op::Add),
+        1 => (0u8..4).prop_map(Op::Retire),
     ]
 }
 
@@ -259,6 +261,8 @@ proptest! {
         let mut s = cluster(&[2, 3]);
         let mut pending: HashMap<WorkerId, Receiver<Assignment>> = HashMap::new();
         let mut submitted = 0usize;
+        let mut retired = 0usize;
+        let mut retired_ended = 0usize;
         for op in ops {
             let n = s.worker_count() as u8;
             match op {
@@ -284,6 +288,16 @@ proptest! {
                 }
                 Op::Restart(w) => { s.begin_restart((w % n) as WorkerId); }
                 Op::Add(c) => { s.add_worker(c as usize); }
+                Op::Retire(keep) => {
+                    let before = s.feed_len();
+                    let ended = |s: &Scheduler| -> usize { s.tasks.values().map(|t| t.attempt_log.iter().filter(|a| a.ended_at.is_some()).count()).sum() };
+                    let ended_before = ended(&s);
+                    let (n, _) = s.retire(&Retire { keep: keep as usize, finished_before: 0, durable_below: u64::MAX, budget: 2 });
+                    prop_assert!(n <= 2);
+                    prop_assert_eq!(s.feed_len(), before, "the feed keeps its positions");
+                    retired += n;
+                    retired_ended += ended_before - ended(&s);
+                }
             }
             // Invariants.
             let mut seen = std::collections::HashSet::new();
@@ -295,15 +309,29 @@ proptest! {
             }
             let mut finished = std::collections::HashSet::new();
             for &t in &s.completions { prop_assert!(finished.insert(t), "finished twice"); prop_assert!(seen.insert(t)); prop_assert!(s.tasks[&t].state.is_final()); }
-            prop_assert_eq!(seen.len(), submitted);
-            prop_assert_eq!(s.tasks.len(), submitted);
+            prop_assert_eq!(s.feed_base() as usize, retired);
+            prop_assert_eq!(seen.len() + retired, submitted);
+            prop_assert_eq!(s.tasks.len() + retired, submitted);
             // The dashboard's counts, kept without a walk, are the walk's.
             prop_assert_eq!(s.state_counts(), s.tasks_by_state());
             // Every attempt that left a slot is a bar of the stream.
             let ended: usize = s.tasks.values().map(|t| t.attempt_log.iter().filter(|a| a.ended_at.is_some()).count()).sum();
-            prop_assert_eq!(s.activity.bars_after(0, usize::MAX).0.len(), ended);
+            prop_assert_eq!(s.activity.bars_after(0, usize::MAX).0.len(), ended + retired_ended);
         }
     }
+}
+
+fn list(
+    s: &Scheduler,
+    after: TaskId,
+    state: Option<TaskState>,
+    node: Option<WorkerId>,
+    limit: usize,
+    scan: usize,
+) -> (Vec<TaskView>, Option<TaskId>) {
+    let (page, end, more) = s.list_tasks(after, state, node, limit, scan);
+    let next = listing_next(&page, limit, end, more);
+    (page, next)
 }
 
 #[test]
@@ -316,20 +344,20 @@ fn the_task_listing_filters_pages_and_bounds_its_scan() {
     assert_eq!(a.task_id, ids[0]);
     let _rx = poll(&mut s, 0, 0, report(&a, ok(1)));
 
-    let (all, next) = s.list_tasks(0, None, None, 100, 1000);
+    let (all, next) = list(&s, 0, None, None, 100, 1000);
     assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), ids);
     assert_eq!(next, None, "one page holds everything");
 
-    let (done, _) = s.list_tasks(0, Some(TaskState::Succeeded), None, 100, 1000);
+    let (done, _) = list(&s, 0, Some(TaskState::Succeeded), None, 100, 1000);
     assert_eq!(done.iter().map(|t| t.id).collect::<Vec<_>>(), vec![ids[0]]);
-    let (on_1, _) = s.list_tasks(0, None, Some(1), 100, 1000);
+    let (on_1, _) = list(&s, 0, None, Some(1), 100, 1000);
     assert!(!on_1.is_empty() && on_1.iter().all(|t| t.node == Some(1)));
 
     // Pages of two, each continuing after the previous `next`.
     let mut seen = Vec::new();
     let mut after = 0;
     loop {
-        let (page, next) = s.list_tasks(after, None, None, 2, 1000);
+        let (page, next) = list(&s, after, None, None, 2, 1000);
         assert!(page.len() <= 2);
         seen.extend(page.iter().map(|t| t.id));
         match next {
@@ -340,10 +368,10 @@ fn the_task_listing_filters_pages_and_bounds_its_scan() {
     assert_eq!(seen, ids);
 
     // A bounded scan returns a short (even empty) page with a place to go on from.
-    let (page, next) = s.list_tasks(0, Some(TaskState::Failed), None, 100, 3);
+    let (page, next) = list(&s, 0, Some(TaskState::Failed), None, 100, 3);
     assert!(page.is_empty());
     assert_eq!(next, Some(3));
-    let (page, next) = s.list_tasks(3, Some(TaskState::Failed), None, 100, 3);
+    let (page, next) = list(&s, 3, Some(TaskState::Failed), None, 100, 3);
     assert!(page.is_empty());
     assert_eq!(next, None);
 }
@@ -519,4 +547,65 @@ fn a_restart_keeps_the_attempts_and_grants_of_adopted_workers_only() {
     assert_eq!(s.task(a.task_id).unwrap().state, TaskState::Succeeded);
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn finish_one(s: &mut Scheduler, rx: &mut Receiver<Assignment>, i: u64) -> Receiver<Assignment> {
+    let a = rx.try_recv().expect("a task was handed over");
+    poll(s, 0, 0, report(&a, ok(i as i64)))
+}
+
+#[test]
+fn finished_tasks_leave_memory_by_count_and_age_oldest_first_keeping_feed_positions() {
+    let mut s = cluster(&[4]);
+    let mut rx = poll(&mut s, 0, 0, None);
+    let ids: Vec<TaskId> = (0..10).map(|i| s.submit(spec(&format!("{i}")))).collect();
+    for i in 0..6 {
+        rx = finish_one(&mut s, &mut rx, i);
+    }
+    assert_eq!(s.finished_in_memory(), 6);
+    let rule = |keep, durable_below| Retire {
+        keep,
+        finished_before: 0,
+        durable_below,
+        budget: 100,
+    };
+    // Only what the store has committed may leave.
+    assert_eq!(s.retire(&rule(2, 1)), (1, false));
+    assert_eq!(s.feed_base(), 1);
+    assert!(s.task(ids[0]).is_none() && s.handed_out(ids[0]));
+    // By count: the oldest go, the newest `keep` stay; a bounded budget
+    // says more are due.
+    assert_eq!(
+        s.retire(&Retire {
+            budget: 2,
+            ..rule(2, u64::MAX)
+        }),
+        (2, true)
+    );
+    assert_eq!(s.retire(&rule(2, u64::MAX)), (1, false));
+    assert_eq!(s.finished_in_memory(), 2);
+    assert!(s.task(ids[3]).is_none());
+    assert!(s.task(ids[4]).is_some() && s.task(ids[5]).is_some());
+    // Unfinished tasks never leave.
+    assert!(s.task(ids[9]).is_some());
+    // By age: everything finished before the cutoff goes, whatever `keep`.
+    let later = unix_ms() + 1000;
+    let (n, more) = s.retire(&Retire {
+        finished_before: later,
+        ..rule(100, u64::MAX)
+    });
+    assert_eq!((n, more), (2, false));
+    assert_eq!(s.finished_in_memory(), 0);
+    assert_eq!(s.feed_base(), 6);
+    // The feed: positions before the base are not in memory; new entries
+    // go on at the next position.
+    assert_eq!(s.completions_after(0, 10).unwrap_err(), 6);
+    rx = finish_one(&mut s, &mut rx, 6);
+    let (page, next) = s.completions_after(6, 10).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, ids[6]);
+    assert_eq!(next, 7);
+    drop(rx);
+    // An ID never handed out is not taken for one that left.
+    assert!(!s.handed_out(ids[9] + 1));
 }

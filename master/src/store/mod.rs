@@ -73,6 +73,8 @@ pub enum StoreError {
     },
     #[error("state store in {dir} cannot be written: {detail}")]
     Write { dir: PathBuf, detail: String },
+    #[error("state store in {dir} cannot be read: {detail}")]
+    Read { dir: PathBuf, detail: String },
     #[error("state store in {dir} is closed")]
     Closed { dir: PathBuf },
 }
@@ -216,7 +218,9 @@ pub struct Recovered {
     /// completion goes at this position.
     pub feed_len: u64,
     pub worker_secret: String,
-    /// Every task still in the store, by ID.
+    /// The unfinished tasks, by ID (finished ones stay in the store and are
+    /// read when asked for: see [`Store::task`], [`Store::feed`],
+    /// [`Store::finished`]).
     pub tasks: Vec<TaskRecord>,
     /// The attempts that have not ended.
     pub open_attempts: Vec<AttemptRecord>,
@@ -233,6 +237,23 @@ struct Progress {
     commits: u64,
     /// Set when a commit failed: nothing later can be acknowledged.
     failed: Option<String>,
+    /// Expired results are being deleted (in steps, between commits).
+    expiring: bool,
+}
+
+/// A page of finished tasks read from the store (the task listing's part
+/// for tasks no longer in memory).
+#[derive(Clone, Debug)]
+pub struct FinishedQuery<'a> {
+    /// IDs above this...
+    pub after: TaskId,
+    /// ...and below this.
+    pub end: TaskId,
+    /// Only tasks whose completion-feed position is below this.
+    pub feed_below: u64,
+    pub state: Option<&'a str>,
+    pub node: Option<WorkerId>,
+    pub limit: usize,
 }
 
 /// A recorded worker: ID, incarnation, PID, the runtime's handle.
@@ -347,13 +368,62 @@ impl Store {
     }
 
     /// Reads one task straight from the database (for tasks no longer in
-    /// memory).
+    /// memory). Blocks on SQLite: call it off the async threads.
     pub fn task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
         let conn = self.reader.lock().expect("store reader lock");
-        schema::read_task(&conn, id).map_err(|e| StoreError::Write {
+        schema::read_task(&conn, id).map_err(|e| self.read_error(format!("reading task {id}: {e}")))
+    }
+
+    /// The completion feed's committed entries at positions `from..before`
+    /// (expired ones are skipped), at most `limit`. Blocks on SQLite.
+    pub fn feed(
+        &self,
+        from: u64,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<TaskRecord>, StoreError> {
+        let conn = self.reader.lock().expect("store reader lock");
+        schema::read_feed(&conn, from, before, limit)
+            .map_err(|e| self.read_error(format!("reading the completion feed from {from}: {e}")))
+    }
+
+    /// Finished tasks, in ID order (see [`FinishedQuery`]). Blocks on SQLite.
+    pub fn finished(&self, q: &FinishedQuery<'_>) -> Result<Vec<TaskRecord>, StoreError> {
+        let conn = self.reader.lock().expect("store reader lock");
+        schema::read_finished(&conn, q)
+            .map_err(|e| self.read_error(format!("listing tasks after {}: {e}", q.after)))
+    }
+
+    fn read_error(&self, detail: String) -> StoreError {
+        StoreError::Read {
             dir: self.dir.clone(),
-            detail: format!("reading task {id}: {e}"),
-        })
+            detail,
+        }
+    }
+
+    /// Deletes, in the background, the finished tasks whose result is older
+    /// than `before` (Unix ms): the result TTL. Returns at once; the writer
+    /// deletes them a bounded step at a time between commits.
+    pub fn expire(&self, before: u64) -> u64 {
+        self.append(vec![Op::Expire { before }])
+    }
+
+    /// Waits until append `seq` is committed and no expired result is left
+    /// to delete.
+    pub async fn expired(&self, seq: u64) -> Result<(), StoreError> {
+        self.durable(seq).await?;
+        let mut rx = self.progress.clone();
+        rx.wait_for(|p| !p.expiring || p.failed.is_some())
+            .await
+            .map_err(|_| StoreError::Closed {
+                dir: self.dir.clone(),
+            })?;
+        Ok(())
+    }
+
+    /// The size on disk of the store's files (database, WAL, shared memory).
+    pub fn disk_bytes(&self) -> u64 {
+        disk_bytes(&self.dir)
     }
 
     /// Stops the writer after it has committed everything appended.
@@ -397,6 +467,15 @@ impl Store {
     pub fn default_dir(cluster: &str) -> PathBuf {
         PathBuf::from(".flotilla").join(cluster)
     }
+}
+
+/// The size on disk of the store files in a state directory.
+pub fn disk_bytes(dir: &Path) -> u64 {
+    [DB_FILE, "state.sqlite-wal", "state.sqlite-shm"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 impl Drop for Store {

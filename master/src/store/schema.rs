@@ -17,6 +17,16 @@ use super::{
 /// `PRAGMA application_id` of a Flotilla store ("FLOT").
 const APPLICATION_ID: i64 = 0x464C_4F54;
 
+/// Bytes the WAL file is truncated to after a checkpoint.
+const WAL_SIZE_LIMIT: i64 = 8 << 20;
+
+/// Indexes added after format 1 was first written: created when missing
+/// on every open (older binaries read a store that has them unchanged).
+/// `tasks_open` finds the unfinished tasks a starting master needs without
+/// reading the finished ones.
+const ADDED_INDEXES: &str =
+    "CREATE INDEX IF NOT EXISTS tasks_open ON tasks(id) WHERE feed_pos IS NULL;";
+
 const SCHEMA: &str = "
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE tasks (
@@ -161,6 +171,9 @@ fn set_pragmas(conn: &Connection) -> rusqlite::Result<()> {
     // (the WAL synced) before it returns.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    // After a checkpoint the WAL file is cut back to this size, so a burst
+    // of writes does not leave a large file behind.
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(())
 }
@@ -278,6 +291,8 @@ pub(super) fn open_db(dir: &Path, cluster: &str, secret: &str) -> Result<Connect
             expected: cluster.to_string(),
         });
     }
+    conn.execute_batch(ADDED_INDEXES)
+        .map_err(|e| db_error(dir, &path, e))?;
     Ok(conn)
 }
 
@@ -375,6 +390,48 @@ pub(super) fn read_task(conn: &Connection, id: u64) -> rusqlite::Result<Option<T
         .optional()
 }
 
+/// The completion feed's entries at positions `from..before`, in order, at
+/// most `limit` (expired ones are simply not there).
+pub(super) fn read_feed(
+    conn: &Connection,
+    from: u64,
+    before: u64,
+    limit: usize,
+) -> rusqlite::Result<Vec<TaskRecord>> {
+    conn.prepare_cached(
+        "SELECT * FROM tasks WHERE feed_pos >= ?1 AND feed_pos < ?2 ORDER BY feed_pos LIMIT ?3",
+    )?
+    .query_map(
+        params![from as i64, before as i64, limit as i64],
+        task_from_row,
+    )?
+    .collect()
+}
+
+/// Finished tasks with an ID in `after+1..end` and a feed position below
+/// `feed_below`, in ID order, matching `state` and `node`, at most `limit`.
+pub(super) fn read_finished(
+    conn: &Connection,
+    q: &super::FinishedQuery<'_>,
+) -> rusqlite::Result<Vec<TaskRecord>> {
+    conn.prepare_cached(
+        "SELECT * FROM tasks WHERE id > ?1 AND id < ?2 AND feed_pos < ?3 \
+         AND (?4 IS NULL OR state = ?4) AND (?5 IS NULL OR node = ?5) ORDER BY id LIMIT ?6",
+    )?
+    .query_map(
+        params![
+            q.after as i64,
+            q.end.min(i64::MAX as u64) as i64,
+            q.feed_below.min(i64::MAX as u64) as i64,
+            q.state,
+            q.node.map(i64::from),
+            q.limit as i64
+        ],
+        task_from_row,
+    )?
+    .collect()
+}
+
 /// Everything a starting master needs, in one read transaction.
 pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, StoreError> {
     let path: PathBuf = dir.join(DB_FILE);
@@ -389,11 +446,15 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
             .unwrap_or(1);
         let worker_secret = meta("worker_secret")?.unwrap_or_default();
         let feed_len: u64 = meta("feed_len")?.and_then(|v| v.parse().ok()).unwrap_or(0);
+        // Only the unfinished tasks: finished ones stay in the store, read
+        // when asked for (a restart does not read every result back).
         let tasks = tx
-            .prepare("SELECT * FROM tasks ORDER BY id")?
+            .prepare("SELECT * FROM tasks WHERE feed_pos IS NULL ORDER BY id")?
             .query_map([], task_from_row)?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let max_id = tasks.last().map(|t| t.id).unwrap_or(0);
+        let max_id: u64 = tx
+            .query_row("SELECT coalesce(max(id), 0) FROM tasks", [], |r| r.get(0))
+            .map(to_u64)?;
         let open_attempts = tx
             .prepare(
                 "SELECT task, attempt, worker, incarnation, slot, started_at, outcome \

@@ -159,19 +159,23 @@ fn everything_written_is_read_back_in_order() {
 
     let (_store, rec) = open(&dir, "alpha").unwrap();
     assert_eq!(rec.next_task_id, 4);
+    assert_eq!(rec.feed_len, 1);
+    // A starting master gets the unfinished tasks; finished ones are read
+    // from the store when asked for.
     let ids: Vec<_> = rec.tasks.iter().map(|t| t.id).collect();
-    assert_eq!(ids, [1, 2, 3]);
-    let t1 = &rec.tasks[0];
+    assert_eq!(ids, [2, 3]);
+    let t1 = _store.task(1).unwrap().unwrap();
     assert_eq!(t1.state, TaskState::Succeeded);
     assert_eq!(t1.result.as_ref(), Some(&result));
     assert_eq!(t1.started_at, Some(2000));
     assert_eq!(t1.feed_pos, Some(0));
     assert!(t1.is_final());
-    assert_eq!(rec.tasks[1].state, TaskState::Assigned);
-    assert_eq!(rec.tasks[1].node, Some(0));
-    assert_eq!(rec.tasks[2].state, TaskState::Running);
-    assert_eq!(rec.tasks[2].target, Some(1));
-    assert_eq!(rec.tasks[2].spec, spec(3));
+    assert_eq!(_store.feed(0, 1, 10).unwrap(), vec![t1.clone()]);
+    assert_eq!(rec.tasks[0].state, TaskState::Assigned);
+    assert_eq!(rec.tasks[0].node, Some(0));
+    assert_eq!(rec.tasks[1].state, TaskState::Running);
+    assert_eq!(rec.tasks[1].target, Some(1));
+    assert_eq!(rec.tasks[1].spec, spec(3));
     assert_eq!(
         rec.open_attempts,
         vec![AttemptRecord {
@@ -264,12 +268,21 @@ fn expired_results_are_gone_but_their_ids_are_never_handed_out_again() {
             feed_pos: id - 1,
         });
     }
-    ops.push(Op::Expire { before: 10_000 });
     let seq = store.append(ops);
     rt().block_on(store.durable(seq)).unwrap();
+    assert_eq!(store.feed(0, 5, 10).unwrap().len(), 5);
+    // Only those finished before the cutoff go.
+    let seq = store.expire(350);
+    rt().block_on(store.expired(seq)).unwrap();
+    assert_eq!(store.task(3).unwrap(), None);
+    let left: Vec<_> = store.feed(0, 5, 10).unwrap().iter().map(|t| t.id).collect();
+    assert_eq!(left, [4, 5], "the feed skips expired entries");
+    let seq = store.expire(10_000);
+    rt().block_on(store.expired(seq)).unwrap();
     drop(store);
-    let (_s, rec) = open(&dir, "alpha").unwrap();
+    let (s, rec) = open(&dir, "alpha").unwrap();
     assert!(rec.tasks.is_empty());
+    assert!((1..=5).all(|id| s.task(id).unwrap().is_none()));
     assert_eq!(rec.next_task_id, 6);
     assert_eq!(rec.feed_len, 5, "the feed's positions outlive its entries");
 }
@@ -466,10 +479,12 @@ fn torn_writes_never_lose_an_acknowledged_task_nor_reuse_an_id() {
         child.kill().unwrap(); // SIGKILL, in the middle of its writes
         child.wait().unwrap();
 
-        let (_store, rec) = open(&dir, "torn")
+        let (store, rec) = open(&dir, "torn")
             .unwrap_or_else(|e| panic!("round {round}: the store does not open: {e}"));
-        let present: HashSet<u64> = rec.tasks.iter().map(|t| t.id).collect();
-        let missing: Vec<_> = acked.iter().filter(|id| !present.contains(id)).collect();
+        let missing: Vec<_> = acked
+            .iter()
+            .filter(|&&id| store.task(id).unwrap().is_none())
+            .collect();
         assert!(
             missing.is_empty(),
             "round {round}: acknowledged tasks missing: {missing:?}"
@@ -480,4 +495,59 @@ fn torn_writes_never_lose_an_acknowledged_task_nor_reuse_an_id() {
             "round {round}: ID counter went back"
         );
     }
+}
+
+#[test]
+fn many_expired_results_go_in_bounded_steps_while_commits_go_on() {
+    let dir = tempdir("expire-steps");
+    let (store, _) = open(&dir, "alpha").unwrap();
+    let n = 3 * super::writer::EXPIRE_STEP as u64 + 17;
+    let mut ops = Vec::new();
+    for id in 1..=n {
+        ops.push(submit(id));
+        ops.push(Op::Finish {
+            id,
+            state: TaskState::Succeeded,
+            node: Some(0),
+            attempts: 1,
+            result: Some(TaskResult {
+                response: json!("y".repeat(500)),
+                ..Default::default()
+            }),
+            error: None,
+            finished_at: id,
+            feed_pos: id - 1,
+        });
+    }
+    let seq = store.append(ops);
+    rt().block_on(store.durable(seq)).unwrap();
+    let full = store.disk_bytes();
+    let commits = store.commits();
+    store.expire(n + 1);
+    // A submission made meanwhile is committed without waiting for the
+    // whole deletion.
+    let seq = store.append(vec![submit(n + 1)]);
+    rt().block_on(store.durable(seq)).unwrap();
+    rt().block_on(store.expired(seq)).unwrap();
+    assert!(store.commits() > commits);
+    assert!((1..=n)
+        .step_by(97)
+        .all(|id| store.task(id).unwrap().is_none()));
+    assert!(
+        store.task(n + 1).unwrap().is_some(),
+        "unfinished tasks stay"
+    );
+    drop(store);
+    let (store, rec) = open(&dir, "alpha").unwrap();
+    assert_eq!(rec.tasks.len(), 1);
+    assert_eq!(rec.feed_len, n);
+    let sizes: Vec<_> = ["state.sqlite", "state.sqlite-wal", "state.sqlite-shm"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .collect();
+    assert!(
+        store.disk_bytes() < full,
+        "the file shrinks: {} ({sizes:?}) then {full}",
+        store.disk_bytes()
+    );
 }

@@ -2,9 +2,15 @@
 //! every append that queued up meanwhile (up to [`MAX_BATCH`] operations),
 //! applies them in order in one transaction and commits: one sync for the
 //! whole batch. Then it publishes the last sequence number it committed.
+//!
+//! Results past their TTL are deleted here too, in the background: an
+//! [`Op::Expire`] only records the cutoff, and the rows go
+//! [`EXPIRE_STEP`] tasks per transaction whenever no append is waiting, so
+//! however many expire at once, a submission waits for one small step at
+//! most.
 
 use std::path::PathBuf;
-use std::sync::mpsc::Receiver;
+use std::sync::mpsc::{Receiver, TryRecvError};
 
 use rusqlite::{params, Connection, Transaction};
 use tokio::sync::watch;
@@ -14,6 +20,12 @@ use super::{Op, Progress};
 
 /// Operations committed at most in one transaction (a bound on its size).
 pub(super) const MAX_BATCH: usize = 20_000;
+
+/// Expired tasks deleted at most in one transaction.
+pub(super) const EXPIRE_STEP: usize = 2_000;
+
+/// Freed pages handed back to the file system after each expiry step.
+const VACUUM_STEP: usize = 2_000;
 
 pub(super) enum Msg {
     Ops { seq: u64, ops: Vec<super::Op> },
@@ -26,7 +38,37 @@ pub(super) fn run(
     progress: watch::Sender<Progress>,
 ) {
     let mut batch: Vec<Msg> = Vec::new();
-    while let Ok(first) = rx.recv() {
+    // Results finished before this (Unix ms) are still to be deleted.
+    let mut expiring: Option<u64> = None;
+    loop {
+        let first = match expiring {
+            // Appends first; expiry steps when none is waiting.
+            Some(before) => match rx.try_recv() {
+                Ok(m) => m,
+                Err(TryRecvError::Empty) => {
+                    match expire_step(&mut conn, before) {
+                        Ok(deleted) if deleted < EXPIRE_STEP => {
+                            expiring = None;
+                            progress.send_modify(|p| p.expiring = false);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            // Not fatal: nothing acknowledged depends on it;
+                            // the next expiry pass tries again.
+                            error!(dir = %dir.display(), error = %e, "deleting expired results failed");
+                            expiring = None;
+                            progress.send_modify(|p| p.expiring = false);
+                        }
+                    }
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+        };
         let mut ops = match &first {
             Msg::Ops { ops, .. } => ops.len(),
         };
@@ -48,7 +90,11 @@ pub(super) fn run(
         };
         let started = std::time::Instant::now();
         match commit(&mut conn, &batch) {
-            Ok(()) => {
+            Ok(expire) => {
+                if let Some(before) = expire {
+                    expiring = Some(expiring.map_or(before, |b| b.max(before)));
+                    progress.send_modify(|p| p.expiring = true);
+                }
                 debug!(
                     ops,
                     appends = batch.len(),
@@ -69,17 +115,56 @@ pub(super) fn run(
         }
         batch.clear();
     }
+    // A clean stop leaves the database whole in one file (freed pages
+    // handed back) and the WAL empty.
+    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+        debug!(dir = %dir.display(), error = %e, "checkpoint at close");
+    }
 }
 
-fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
+/// One bounded step of the result TTL: deletes up to [`EXPIRE_STEP`] of
+/// the oldest tasks finished before `before` (and their attempts), then
+/// hands some freed pages back. Returns how many tasks it deleted.
+pub(super) fn expire_step(conn: &mut Connection, before: u64) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let oldest = "SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1 \
+                  ORDER BY finished_at, id LIMIT ?2";
+    tx.prepare_cached(&format!("DELETE FROM attempts WHERE task IN ({oldest})"))?
+        .execute(params![before as i64, EXPIRE_STEP as i64])?;
+    let deleted = tx
+        .prepare_cached(&format!("DELETE FROM tasks WHERE id IN ({oldest})"))?
+        .execute(params![before as i64, EXPIRE_STEP as i64])?;
+    // The database was created with auto_vacuum=INCREMENTAL: give freed
+    // pages back to the file system a bounded step at a time.
+    tx.query_row(
+        &format!("PRAGMA incremental_vacuum({VACUUM_STEP})"),
+        [],
+        |_| Ok(()),
+    )
+    .or_else(|e| match e {
+        rusqlite::Error::QueryReturnedNoRows => Ok(()),
+        e => Err(e),
+    })?;
+    tx.commit()?;
+    Ok(deleted)
+}
+
+/// Applies a batch in one transaction; returns the latest expiry cutoff it
+/// carried (the deletion itself runs in steps, see [`expire_step`]).
+fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<Option<u64>> {
     let tx = conn.transaction()?;
     let mut max_id = 0u64;
     let mut feed_len = 0u64;
+    let mut expire: Option<u64> = None;
     for Msg::Ops { ops, .. } in batch {
         for op in ops {
             match op {
                 Op::Submit { id, .. } => max_id = max_id.max(*id),
                 Op::Finish { feed_pos, .. } => feed_len = feed_len.max(feed_pos + 1),
+                Op::Expire { before } => {
+                    expire = Some(expire.map_or(*before, |b: u64| b.max(*before)));
+                    continue;
+                }
                 _ => {}
             }
             apply(&tx, op)?;
@@ -100,7 +185,8 @@ fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<()> {
         )?
         .execute([(max_id + 1) as i64])?;
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(expire)
 }
 
 fn json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
@@ -148,8 +234,9 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 a.started_at as i64
             ])?;
             tx.prepare_cached(
+                // The latest attempt's start, as the master shows it.
                 "UPDATE tasks SET state = 'running', node = ?2, attempts = ?3, \
-                 started_at = coalesce(started_at, ?4) WHERE id = ?1",
+                 started_at = ?4 WHERE id = ?1",
             )?
             .execute(params![
                 a.task as i64,
@@ -238,24 +325,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 w.handle
             ])?;
         }
-        Op::Expire { before } => {
-            tx.prepare_cached(
-                "DELETE FROM attempts WHERE task IN \
-                 (SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1)",
-            )?
-            .execute([*before as i64])?;
-            tx.prepare_cached(
-                "DELETE FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ?1",
-            )?
-            .execute([*before as i64])?;
-            // Give the freed pages back to the file system, a bounded step
-            // at a time (the database was created with auto_vacuum=INCREMENTAL).
-            tx.query_row("PRAGMA incremental_vacuum(2000)", [], |_| Ok(()))
-                .or_else(|e| match e {
-                    rusqlite::Error::QueryReturnedNoRows => Ok(()),
-                    e => Err(e),
-                })?;
-        }
+        // Recorded by `commit`, carried out by `expire_step`.
+        Op::Expire { .. } => {}
     }
     Ok(())
 }
