@@ -22,6 +22,9 @@ pub struct BenchOptions {
     /// Export traces (OTLP/HTTP) from the cluster under test to this
     /// endpoint; `None`: tracing off.
     pub otlp_endpoint: Option<String>,
+    /// W7's number of tasks (1,000,000 by default; the first figure is
+    /// taken after a tenth of them).
+    pub w7_tasks: usize,
 }
 
 /// A stand-in trace collector for measuring the cost of tracing: accepts
@@ -634,6 +637,85 @@ fn descendants(root: u32) -> Result<Vec<u32>> {
     Ok(out)
 }
 
+/// The resident set of a process, in bytes (`VmRSS` of /proc/<pid>/status).
+fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// W7, memory over time: `opts.w7_tasks` (1,000,000) tasks `response = i`
+/// in batches of 2,000 (four batches in flight), results read from the
+/// completion feed, on a durable master with a short result TTL (10 s, so
+/// the store holds about ten seconds of results). The master's RSS and the
+/// state directory's size are read after a tenth of the tasks finished and
+/// after all of them; the bytes kept per finished task are the RSS growth
+/// between the two over the tasks finished in between. Each response is
+/// checked to arrive exactly once.
+async fn w7(opts: &BenchOptions) -> Result<Value> {
+    let total = opts.w7_tasks.max(20_000);
+    let first_at = total / 10;
+    const BATCH: usize = 2_000;
+    const IN_FLIGHT: usize = 4 * BATCH;
+    let manifest = manifest(4, 4).replace("spec:\n", "spec:\n  resultTtlSeconds: 10\n");
+    let t = Target::start(opts, &manifest).await?;
+    let pid = t.child.id();
+    let state_dir = t.state_dir.clone().expect("W7 runs durable");
+    let mut seen = vec![false; total];
+    let (mut submitted, mut done) = (0usize, 0usize);
+    let mut after = t.client.feed_position().await?;
+    let mut first: Option<(u64, u64)> = None;
+    let start = Instant::now();
+    while done < total {
+        while submitted < total && submitted - done < IN_FLIGHT {
+            let n = BATCH.min(total - submitted);
+            let tasks: Vec<TaskSpec> = (submitted..submitted + n)
+                .map(|i| python(format!("response = {i}")))
+                .collect();
+            t.client.submit(&tasks).await?;
+            submitted += n;
+        }
+        let page = t.client.finished(after, Duration::from_secs(10)).await?;
+        after = page.next;
+        for task in page.tasks {
+            if task.state != TaskState::Succeeded {
+                bail!("W7 task failed: {task:?}");
+            }
+            let i = task
+                .result
+                .as_ref()
+                .and_then(|r| r.response.as_u64())
+                .filter(|&i| (i as usize) < total)
+                .ok_or_else(|| anyhow!("W7 task answered {task:?}"))? as usize;
+            if std::mem::replace(&mut seen[i], true) {
+                bail!("W7: response {i} arrived twice");
+            }
+            done += 1;
+        }
+        if first.is_none() && done >= first_at {
+            first = Some((rss_bytes(pid)?, crate::store::disk_bytes(&state_dir)));
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let (rss_first, disk_first) = first.expect("taken at a tenth");
+    let rss_last = rss_bytes(pid)?;
+    let disk_last = crate::store::disk_bytes(&state_dir);
+    Ok(json!({
+        "tasks": total,
+        "rss_first_bytes": rss_first,
+        "rss_last_bytes": rss_last,
+        "rss_ratio": rss_last as f64 / rss_first as f64,
+        "bytes_per_finished_task": (rss_last as f64 - rss_first as f64) / (total - first_at) as f64,
+        "disk_first_bytes": disk_first,
+        "disk_last_bytes": disk_last,
+        "tasks_per_s": total as f64 / secs,
+    }))
+}
+
 pub async fn run(opts: &BenchOptions) -> Result<Value> {
     let mut workloads = serde_json::Map::new();
     for w in &opts.workloads {
@@ -650,8 +732,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "docker-start" => docker_start(opts).await?,
                 "cancel" => cancel_latency(opts).await?,
                 "dashboards" => dashboards(opts).await?,
+                "W7" => w7(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, locks, idle, cancel, dashboards or docker-start")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, locks, idle, cancel, dashboards or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -685,6 +768,15 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
             "docker-start" => {
                 json!({"one_s": med("one_s"), "three_s": med("three_s"), "ratio": med("ratio")})
             }
+            "W7" => json!({
+                "rss_ratio": med("rss_ratio"),
+                "bytes_per_finished_task": med("bytes_per_finished_task"),
+                "rss_first_bytes": med("rss_first_bytes"),
+                "rss_last_bytes": med("rss_last_bytes"),
+                "disk_first_bytes": med("disk_first_bytes"),
+                "disk_last_bytes": med("disk_last_bytes"),
+                "tasks_per_s": med("tasks_per_s"),
+            }),
             _ => json!({"cpu_percent_of_one_core": med("cpu_percent_of_one_core"), "window_s": 10}),
         };
         let mut summary = summary.as_object().cloned().expect("object");

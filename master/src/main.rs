@@ -128,7 +128,8 @@ enum Command {
         /// Comma-separated: W1, W2, W3, W4, W6, locks (uncontended lock round
         /// trip), idle; also cancel (cancel to the next task's start on the
         /// freed slot), dashboards (W1 with three dashboards open against
-        /// W1 without, and the updates each receives a second) and
+        /// W1 without, and the updates each receives a second), W7 (the
+        /// master's memory over 1,000,000 tasks, see --w7-tasks) and
         /// docker-start (1 vs 3 Docker workers; needs Docker).
         #[arg(
             long,
@@ -139,6 +140,9 @@ enum Command {
         /// Runs per workload; figures are medians.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// W7's number of tasks (memory over time).
+        #[arg(long, default_value_t = 1_000_000)]
+        w7_tasks: usize,
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
@@ -514,6 +518,7 @@ async fn run() -> Result<()> {
         Command::Bench {
             workloads,
             runs,
+            w7_tasks,
             json,
             trace,
         } => {
@@ -528,6 +533,7 @@ async fn run() -> Result<()> {
                 runs: runs.max(1),
                 flotilla: std::env::current_exe()?,
                 otlp_endpoint: sink.as_ref().map(|(url, _)| url.clone()),
+                w7_tasks,
             };
             let mut figures = flotilla::bench::run(&opts).await?;
             if let Some((_, bytes)) = &sink {
@@ -722,6 +728,18 @@ fn print_figures(f: &serde_json::Value) {
             x["one_s"].as_f64().unwrap_or(0.0),
             x["three_s"].as_f64().unwrap_or(0.0),
             x["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("W7") {
+        println!(
+            "W7 memory over time: master RSS {:.1} MiB after a tenth of the tasks, {:.1} MiB after all ({:.2}x), {:.1} bytes kept per finished task; state on disk {:.1} MiB then {:.1} MiB (10 s TTL); {:.0} tasks/s",
+            x["rss_first_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            x["rss_last_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            x["rss_ratio"].as_f64().unwrap_or(0.0),
+            x["bytes_per_finished_task"].as_f64().unwrap_or(0.0),
+            x["disk_first_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            x["disk_last_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+            x["tasks_per_s"].as_f64().unwrap_or(0.0)
         );
     }
     if let Some(x) = w.get("W6") {
