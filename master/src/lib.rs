@@ -12,6 +12,7 @@ pub mod resources;
 pub mod runner;
 pub mod runtime;
 pub mod scheduler;
+pub mod settings;
 pub mod store;
 
 use std::net::{IpAddr, SocketAddr};

@@ -30,6 +30,9 @@ struct Cli {
     /// Colours in log lines: auto (only when stderr is a terminal), always, never.
     #[arg(long, global = true, default_value = "auto")]
     color: LogColor,
+    /// Settings from the environment, read once here.
+    #[command(flatten)]
+    env: flotilla::settings::EnvSettings,
     #[command(subcommand)]
     command: Command,
 }
@@ -410,6 +413,7 @@ fn main() -> Result<()> {
 
 async fn run() -> Result<()> {
     let cli = Cli::parse();
+    flotilla::settings::init(cli.env.clone());
     let logs = LogArgs {
         level: cli.log_level,
         format: cli.log_format,

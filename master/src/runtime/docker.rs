@@ -179,7 +179,10 @@ fn status_of(e: &BollardError) -> Option<u16> {
 }
 
 fn docker_host() -> String {
-    std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+    crate::settings::get()
+        .docker_host
+        .clone()
+        .unwrap_or_else(|| "unix:///var/run/docker.sock".into())
 }
 
 fn now_unix() -> Duration {

@@ -147,9 +147,16 @@ pub enum KubernetesSetupError {
 }
 
 impl KubernetesSettings {
-    /// The settings of `spec` and the master's environment.
+    /// The settings of `spec` and the master's environment (as read at start).
     pub fn from_spec(spec: &crate::manifest::ClusterSpec) -> Result<Self, KubernetesSetupError> {
-        Self::from_spec_with(spec, |key| std::env::var(key).ok())
+        let env = crate::settings::get();
+        Self::from_spec_with(spec, |key| match key {
+            ENV_RELEASE => env.release.clone(),
+            ENV_NAMESPACE => env.namespace.clone(),
+            ENV_POD_NAME => env.pod_name.clone(),
+            ENV_POD_UID => env.pod_uid.clone(),
+            _ => None,
+        })
     }
 
     /// As [`from_spec`](Self::from_spec), reading the environment through

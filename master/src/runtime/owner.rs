@@ -73,17 +73,11 @@ impl Owner {
     /// This process, claiming now, as `role`, its API at `address`.
     pub fn me(role: &str, address: &str) -> Owner {
         let pid = std::process::id();
-        let pod = std::env::var("FLOTILLA_POD_NAME")
-            .ok()
-            .filter(|p| !p.is_empty())
-            .map(|name| {
-                let ns = std::env::var("FLOTILLA_NAMESPACE").unwrap_or_default();
-                if ns.is_empty() {
-                    format!("pod {name}")
-                } else {
-                    format!("pod {ns}/{name}")
-                }
-            });
+        let env = crate::settings::get();
+        let pod = env.pod_name.as_ref().map(|name| match &env.namespace {
+            Some(ns) => format!("pod {ns}/{name}"),
+            None => format!("pod {name}"),
+        });
         Owner {
             session: crate::cluster::random_secret()[..16].to_string(),
             host: hostname(),
@@ -267,12 +261,12 @@ fn is_dns(e: &reqwest::Error) -> bool {
 /// Where process clusters' claim files are: `FLOTILLA_RUNTIME_DIR`, else
 /// `$XDG_RUNTIME_DIR/flotilla`, else `/tmp/flotilla-<uid>`.
 pub fn runtime_dir() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(dir) = var("FLOTILLA_RUNTIME_DIR") {
-        return PathBuf::from(dir);
+    let env = crate::settings::get();
+    if let Some(dir) = &env.runtime_dir {
+        return dir.clone();
     }
-    if let Some(dir) = var("XDG_RUNTIME_DIR") {
-        return PathBuf::from(dir).join("flotilla");
+    if let Some(dir) = &env.xdg_runtime_dir {
+        return dir.join("flotilla");
     }
     std::env::temp_dir().join(format!("flotilla-{}", my_uid()))
 }

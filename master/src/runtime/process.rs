@@ -143,11 +143,11 @@ fn parse_key(key: &str) -> Option<(u32, u64)> {
 /// How often an adopted worker (not our child: no `wait`) is looked at.
 const ADOPTED_WATCH: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Where `flotilla-worker` is: `FLOTILLA_WORKER_BIN`, else beside the
-/// running executable, else on `PATH`.
+/// Where `flotilla-worker` is: `FLOTILLA_WORKER_BIN` (`--worker-bin`), else
+/// beside the running executable, else on `PATH`.
 pub fn find_worker_binary() -> PathBuf {
-    if let Ok(p) = std::env::var("FLOTILLA_WORKER_BIN") {
-        return PathBuf::from(p);
+    if let Some(p) = &crate::settings::get().worker_bin {
+        return p.clone();
     }
     if let Ok(exe) = std::env::current_exe() {
         for dir in exe.ancestors().skip(1).take(2) {
