@@ -213,3 +213,74 @@ async fn without_a_store_finished_tasks_leave_memory_and_reads_say_they_are_gone
     );
     assert_eq!(page["next"], 12);
 }
+
+/// A state directory this master may not read (its permissions) is refused
+/// with an error naming it and the way out, and nothing in it is touched.
+/// Run as root (as CI's containers are), the master under test runs as the
+/// unprivileged user `nobody`, for whom the mode is enforced.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_state_directory_is_refused_naming_it_and_the_way_out() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = fresh_state_dir();
+    let text = manifest("memory-unreadable", 1, 60.0);
+    let c = Cluster::start_with(&text, &["--state-dir", dir.to_str().unwrap()], &[])
+        .await
+        .unwrap();
+    assert_eq!(c.run_python("response = 1").await["result"]["response"], 1);
+    drop(c);
+    let listing = |d: &std::path::Path| -> Vec<(String, u64)> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    e.metadata().unwrap().len(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&dir);
+    assert!(
+        before.iter().any(|(f, _)| f == "state.sqlite"),
+        "{before:?}"
+    );
+
+    let path = flotilla_e2e::temp_file("memory-unreadable.yaml", &text);
+    let runtime_dir = flotilla_e2e::fresh_runtime_dir();
+    std::fs::create_dir_all(&runtime_dir).unwrap();
+    std::fs::set_permissions(&runtime_dir, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    // The parents must let `nobody` reach the directory itself.
+    for d in [dir.parent().unwrap(), path.parent().unwrap()] {
+        let mode = std::fs::metadata(d).unwrap().permissions().mode();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o755)).unwrap();
+    }
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let mut cmd = std::process::Command::new(flotilla_e2e::bin("flotilla"));
+    cmd.args(["up", path.to_str().unwrap(), "--port", "0", "--state-dir"])
+        .arg(&dir)
+        .env("FLOTILLA_RUNTIME_DIR", &runtime_dir);
+    // `/proc/self` belongs to this process's effective user.
+    let root = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) == 0;
+    if root {
+        cmd.uid(65534).gid(65534);
+    }
+    let out = cmd.output().unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "it started: {err}");
+    assert!(err.contains(dir.to_str().unwrap()), "{err}");
+    assert!(err.contains("cannot be used"), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(
+        err.contains("--state-dir")
+            && err.contains("--ephemeral")
+            && err.contains("nothing was deleted"),
+        "{err}"
+    );
+    assert_eq!(listing(&dir), before, "nothing in it was touched");
+    let _ = std::fs::remove_dir_all(&dir);
+}
