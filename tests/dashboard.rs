@@ -172,10 +172,16 @@ impl Browser {
     }
 
     async fn close(self) {
-        let Browser { client, mut driver } = self;
-        let _ = client.close().await;
-        let _ = driver.kill();
-        let _ = driver.wait();
+        let _ = self.client.clone().close().await;
+    }
+}
+
+/// chromedriver (and the browser it started) ends with the test, even a
+/// failed one.
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
     }
 }
 
