@@ -39,7 +39,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 /// The store's layout version; a directory written by a newer one is refused.
-pub const FORMAT_VERSION: i64 = 1;
+pub const FORMAT_VERSION: i64 = 2;
 
 /// The file names inside a state directory.
 pub const DB_FILE: &str = "state.sqlite";

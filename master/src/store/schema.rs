@@ -42,7 +42,8 @@ CREATE TABLE tasks (
     submitted_at INTEGER NOT NULL,
     started_at INTEGER,
     finished_at INTEGER,
-    feed_pos INTEGER
+    feed_pos INTEGER,
+    timeout_s REAL
 );
 CREATE INDEX tasks_feed ON tasks(feed_pos) WHERE feed_pos IS NOT NULL;
 CREATE INDEX tasks_finished_at ON tasks(finished_at) WHERE finished_at IS NOT NULL;
@@ -293,6 +294,14 @@ pub(super) fn open_db(dir: &Path, cluster: &str, secret: &str) -> Result<Connect
     }
     conn.execute_batch(ADDED_INDEXES)
         .map_err(|e| db_error(dir, &path, e))?;
+    if version < 2 {
+        // Format 1 did not keep a task's `timeout`: a restart ran its
+        // tasks without one. Their timeouts are lost; the column is added.
+        conn.execute_batch(
+            "BEGIN; ALTER TABLE tasks ADD COLUMN timeout_s REAL; PRAGMA user_version = 2; COMMIT;",
+        )
+        .map_err(|e| db_error(dir, &path, e))?;
+    }
     Ok(conn)
 }
 
@@ -367,7 +376,7 @@ fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskRecord> {
         spec: TaskSpec {
             kind,
             command: r.get("command")?,
-            timeout: None,
+            timeout: r.get("timeout_s")?,
         },
         state: r.get::<_, String>("state")?.parse().map_err(|e| {
             rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))

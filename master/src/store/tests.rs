@@ -93,7 +93,10 @@ fn everything_written_is_read_back_in_order() {
         submit(2),
         Op::Submit {
             id: 3,
-            spec: spec(3),
+            spec: TaskSpec {
+                timeout: Some(1.5),
+                ..spec(3)
+            },
             target: Some(1),
             submitted_at: 7,
         },
@@ -175,7 +178,9 @@ fn everything_written_is_read_back_in_order() {
     assert_eq!(rec.tasks[0].node, Some(0));
     assert_eq!(rec.tasks[1].state, TaskState::Running);
     assert_eq!(rec.tasks[1].target, Some(1));
-    assert_eq!(rec.tasks[1].spec, spec(3));
+    assert_eq!(rec.tasks[1].spec.command, spec(3).command);
+    // The task's own timeout survives a restart.
+    assert_eq!(rec.tasks[1].spec.timeout, Some(1.5));
     assert_eq!(
         rec.open_attempts,
         vec![AttemptRecord {
@@ -347,6 +352,37 @@ fn a_newer_format_is_refused() {
     assert!(matches!(err, StoreError::NewerFormat { .. }), "{msg}");
     assert!(msg.contains("newer Flotilla"), "{msg}");
     assert!(dir.join(DB_FILE).exists(), "nothing deleted");
+}
+
+#[test]
+fn a_format_1_store_is_opened_and_keeps_task_timeouts_from_then_on() {
+    let dir = tempdir("format1");
+    drop(open(&dir, "alpha").unwrap());
+    // Format 1: no timeout column.
+    let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+    conn.execute_batch("ALTER TABLE tasks DROP COLUMN timeout_s; PRAGMA user_version = 1;")
+        .unwrap();
+    drop(conn);
+    let (store, _) = open(&dir, "alpha").unwrap();
+    let seq = store.append(vec![Op::Submit {
+        id: 1,
+        spec: TaskSpec {
+            timeout: Some(2.0),
+            ..spec(1)
+        },
+        target: None,
+        submitted_at: 1,
+    }]);
+    rt().block_on(store.durable(seq)).unwrap();
+    store.close();
+    drop(store);
+    let (_, rec) = open(&dir, "alpha").unwrap();
+    assert_eq!(rec.tasks[0].spec.timeout, Some(2.0));
+    let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, FORMAT_VERSION);
 }
 
 #[test]

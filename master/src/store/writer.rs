@@ -202,15 +202,16 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
             submitted_at,
         } => {
             tx.prepare_cached(
-                "INSERT INTO tasks (id, kind, command, state, target, submitted_at) \
-                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5)",
+                "INSERT INTO tasks (id, kind, command, state, target, submitted_at, timeout_s) \
+                 VALUES (?1, ?2, ?3, 'queued', ?4, ?5, ?6)",
             )?
             .execute(params![
                 *id as i64,
                 spec.kind.to_string(),
                 spec.command,
                 target.map(i64::from),
-                *submitted_at as i64
+                *submitted_at as i64,
+                spec.timeout
             ])?;
         }
         Op::Queue { id, node } => {
