@@ -457,10 +457,121 @@ async fn containers_left_by_an_earlier_run_are_removed_at_start() {
     remove_cluster("e2e-left");
 }
 
+/// A SIGKILLed master's containers run on; the next master, on the same
+/// state directory and port, adopts them: the same containers (IDs), no
+/// restart, and the lock-protected increments of 120 tasks (3 workers of
+/// capacity 2, 2 slots each), killed after about 40, count exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_master_s_containers_are_adopted_by_the_next_one() {
+    let Some(_d) = DockerTest::begin("adoption").await else {
+        return;
+    };
+    let name = "e2e-adopt";
+    remove_cluster(name);
+    let text = format!(
+        "{}  resources:\n    - {{ name: total, type: Integer, initialValue: 0 }}\n",
+        docker_manifest(name, &[2, 2, 2], 1.0, 10.0)
+    );
+    let dir = fresh_state_dir();
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let port = free_port().to_string();
+    let args = [
+        "--state-dir",
+        dir_arg.as_str(),
+        "--port",
+        port.as_str(),
+        "--slots",
+        "2",
+    ];
+    let mut first = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    let containers: HashSet<String> = cluster_containers(name).into_iter().collect();
+    assert_eq!(containers.len(), 3, "{containers:?}");
+    let nodes_of = |nodes: Vec<Value>| -> Vec<(Value, Value, Value, Value)> {
+        nodes
+            .into_iter()
+            .map(|n| {
+                (
+                    n["id"].clone(),
+                    n["incarnation"].clone(),
+                    n["restarts"].clone(),
+                    n["locator"].clone(),
+                )
+            })
+            .collect()
+    };
+    let before = nodes_of(first.nodes().await.unwrap());
+    let add_one = "import time\ntotal = request_write_resource('total')\ntotal.value += 1\nrelease_write_resource('total')\ntime.sleep(0.15)\nresponse = total.value";
+    let tasks: Vec<Value> = (0..120)
+        .map(|_| json!({"type": "python", "command": add_one}))
+        .collect();
+    let (status, body) = first
+        .post("/tasks", json!({ "tasks": tasks }))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let ids: Vec<u64> = body["task_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let mut next = 0u64;
+    let mut finished = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while finished < 40 {
+        assert!(Instant::now() < deadline, "only {finished} finished");
+        let (_, page) = first
+            .get(&format!("/tasks/finished?after={next}&wait=5"))
+            .await
+            .unwrap();
+        finished += page["tasks"].as_array().unwrap().len();
+        next = page["next"].as_u64().unwrap();
+    }
+    first.kill_master(); // SIGKILL, the master only
+    for id in &containers {
+        let ct = inspect(id).expect("the container is still there");
+        assert_eq!(ct["State"]["Running"], true, "{id} stopped with its master");
+    }
+
+    let second = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    let mut seen = std::collections::HashMap::<u64, usize>::new();
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while seen.values().sum::<usize>() < 120 {
+        assert!(Instant::now() < deadline, "only {} finished", seen.len());
+        let (_, page) = second
+            .get(&format!("/tasks/finished?after={next}&wait=5"))
+            .await
+            .unwrap();
+        for t in page["tasks"].as_array().unwrap() {
+            assert_eq!(t["state"], "succeeded", "{t}");
+            *seen.entry(t["id"].as_u64().unwrap()).or_default() += 1;
+        }
+        next = page["next"].as_u64().unwrap();
+    }
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "task {id} must finish exactly once");
+    }
+    let (_, res) = second.get("/resources/total").await.unwrap();
+    assert_eq!(res["value"], 120, "{res}");
+    assert_eq!(res["version"], 120, "{res}");
+    let now: HashSet<String> = cluster_containers(name).into_iter().collect();
+    assert_eq!(now, containers, "the same containers, none recreated");
+    assert_eq!(
+        nodes_of(second.nodes().await.unwrap()),
+        before,
+        "no restart"
+    );
+    drop(second); // Ctrl-C: the containers go with the master
+    assert!(cluster_containers(name).is_empty());
+    remove_cluster(name);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The compose file starts a working cluster: the master container starts
 /// two worker containers on the `flotilla` network, a task submitted with
 /// the token runs, and `down` leaves no worker container behind (the master
-/// removes them on SIGTERM).
+/// removes them on the SIGINT compose sends it: `stop_signal`).
 #[tokio::test(flavor = "multi_thread")]
 async fn compose_up_starts_a_working_cluster_and_down_leaves_nothing() {
     let Some(_d) = DockerTest::begin("compose").await else {

@@ -8,11 +8,14 @@
 //! a `kill` with SIGKILL), filtered by the cluster's label; the heartbeat
 //! stays the backstop for a container that hangs (`docker pause`).
 //!
-//! Containers left by an earlier master of the same cluster are removed at
-//! start, not adopted: they carry the old master's secret and address, and an
-//! incarnation the new master never issued, while the tasks they held lived
-//! only in the old master's memory. Removing them is the one way to be sure
-//! nothing runs twice. They are removed only once the cluster is claimed
+//! A master restarted on the same state directory adopts the containers of
+//! the previous one that still run the incarnation its store names (by
+//! container ID, checked against the labels): same containers, nothing
+//! recreated. Its workers reach it at the same address, because a master on
+//! the host serves them on the network's gateway at its own API port. What
+//! it does not adopt (other incarnations, stopped containers, or everything
+//! when nothing is kept) is removed before any worker starts, and only once
+//! the cluster is claimed
 //! (see [`super::owner`]): a container `<cluster>-owner`, created and never
 //! started, labelled with its owner's record. Creating a container under a
 //! taken name fails, so the engine itself decides between two masters
@@ -44,7 +47,8 @@ use tracing::{debug, info, warn};
 
 use super::owner::{self, ClaimError, Owner, Verdict};
 use super::{
-    RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle, WorkerLaunch,
+    Adoptable, RecordedWorker, Runtime, RuntimeError, RuntimeEvent, WorkerEndpoint, WorkerHandle,
+    WorkerLaunch,
 };
 
 /// The worker image when the manifest names none.
@@ -698,7 +702,7 @@ impl Runtime for DockerRuntime {
     async fn worker_endpoint(
         &self,
         advertised: Option<&str>,
-        _api: &str,
+        api: &str,
     ) -> Result<WorkerEndpoint, RuntimeError> {
         if let Some(url) = advertised {
             return Ok(WorkerEndpoint::Url(url.to_string()));
@@ -707,9 +711,27 @@ impl Runtime for DockerRuntime {
         let gateway = self.gateway().ok_or_else(|| RuntimeError::Endpoint(format!(
             "docker network `{network}` has no gateway address for the workers to reach the master at; set FLOTILLA_ADVERTISE_URL to a URL they can reach"
         )))?;
-        let listener = tokio::net::TcpListener::bind((gateway, 0)).await.map_err(|e| RuntimeError::Endpoint(format!(
+        let cannot = |e: std::io::Error| {
+            RuntimeError::Endpoint(format!(
             "cannot listen on {gateway}, the gateway of docker network `{network}`, for the workers ({e}). If the master runs in a container, set FLOTILLA_ADVERTISE_URL to the URL workers reach it at (e.g. http://master:5000)"
-        )))?;
+        ))
+        };
+        // The API's own port, so that a master started again on the same
+        // port is where the containers it adopts look for it.
+        let port = url::Url::parse(api)
+            .ok()
+            .and_then(|u| u.port_or_known_default())
+            .unwrap_or(0);
+        let listener = match tokio::net::TcpListener::bind((gateway, port)).await {
+            Ok(l) => l,
+            Err(e) if port != 0 => {
+                warn!(%gateway, port, error = %e, "cannot serve the workers on the API's port on the network's gateway; using another port (containers adopted after a restart will not find this master there)");
+                tokio::net::TcpListener::bind((gateway, 0))
+                    .await
+                    .map_err(cannot)?
+            }
+            Err(e) => return Err(cannot(e)),
+        };
         Ok(WorkerEndpoint::Listener(listener))
     }
 
@@ -952,6 +974,73 @@ impl Runtime for DockerRuntime {
             }
         }
         Ok(removed)
+    }
+
+    async fn adopt(&self, worker: &Adoptable) -> Result<Option<WorkerHandle>, RuntimeError> {
+        let inner = &self.inner;
+        let name = inner.settings.container_name(worker.worker_id);
+        let forget = || {
+            inner
+                .containers
+                .lock()
+                .expect("containers lock")
+                .remove(&worker.worker_id);
+        };
+        // Tracked first: a death from here on is this incarnation's.
+        inner.containers.lock().expect("containers lock").insert(
+            worker.worker_id,
+            Tracked {
+                incarnation: worker.incarnation,
+                container_id: worker.key.clone(),
+            },
+        );
+        let found = match inner.docker.inspect_container(&worker.key, None).await {
+            Ok(c) => Some(c),
+            Err(e) if status_of(&e) == Some(404) => None,
+            Err(e) => {
+                forget();
+                return Err(RuntimeError::Start {
+                    worker: worker.worker_id,
+                    reason: format!("cannot inspect container {name}: {e}"),
+                });
+            }
+        };
+        let labels = found
+            .as_ref()
+            .and_then(|c| c.config.as_ref())
+            .and_then(|c| c.labels.clone())
+            .unwrap_or_default();
+        let is_it = labels.get(LABEL_CLUSTER) == Some(&inner.settings.cluster)
+            && labels.get(LABEL_WORKER) == Some(&worker.worker_id.to_string())
+            && labels.get(LABEL_INCARNATION) == Some(&worker.incarnation.to_string());
+        let running = found
+            .as_ref()
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.running)
+            .unwrap_or(false);
+        if !(is_it && running) {
+            forget();
+            return Ok(None);
+        }
+        info!(
+            worker = worker.worker_id,
+            incarnation = worker.incarnation,
+            container = %name,
+            id = %&worker.key[..12.min(worker.key.len())],
+            "adopted a running worker container"
+        );
+        Ok(self.inspect(worker.worker_id).await)
+    }
+
+    async fn detach(&self) {
+        let inner = &self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        self.watcher.abort();
+        let left = inner.containers.lock().expect("containers lock").len();
+        info!(
+            containers = left,
+            "leaving the worker containers running for the next master"
+        );
     }
 
     /// With the claim held (their master is gone): the containers of the
