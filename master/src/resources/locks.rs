@@ -103,6 +103,12 @@ pub struct LockTable {
     next_id: RequestId,
     /// Fencing tokens of write grants revoked by a death, for the error message.
     revoked: HashMap<(String, u64), Owner>,
+    /// The last write grant released by its owner on each resource: its
+    /// request ID, owner, token and whether the release published. Kept
+    /// (in the store too) so that a release resent after its answer was
+    /// lost with a master is answered as it was, even when the next writer
+    /// already has the lock.
+    released: HashMap<String, (RequestId, Owner, u64, bool)>,
     /// Resources whose value or version changed since [`LockTable::take_changed`].
     changed: std::collections::BTreeSet<String>,
     /// Grants made and ended since [`LockTable::take_grant_ops`], in order,
@@ -110,6 +116,16 @@ pub struct LockTable {
     grant_log: Option<Vec<Op>>,
     /// Grants made since [`LockTable::take_grants`] (the event log).
     grants: Vec<Granted>,
+}
+
+/// How the store marks the record of a released write grant (see
+/// `LockTable::released`), by whether the release published.
+fn released_mode(committed: bool) -> &'static str {
+    if committed {
+        "released-published"
+    } else {
+        "released"
+    }
 }
 
 /// A grant made (`Some` owner) or ended, for the durable store.
@@ -373,8 +389,27 @@ impl LockTable {
                         mode,
                     });
                 }
-                if let Some((id, _, _)) = r.writer.take() {
-                    log_grant(&mut self.grant_log, name, id, None);
+                if let Some((id, _, token)) = r.writer.take() {
+                    // The grant's row becomes the record of its release
+                    // (replacing the previous release's record).
+                    let before = self
+                        .released
+                        .insert(name.to_string(), (id, owner, token, committed));
+                    if let Some((old, ..)) = before {
+                        log_grant(&mut self.grant_log, name, old, None);
+                    }
+                    if let Some(log) = self.grant_log.as_mut() {
+                        log.push(Op::Grant(GrantRecord {
+                            resource: name.to_string(),
+                            request: id,
+                            mode: released_mode(committed).to_string(),
+                            token,
+                            worker: owner.worker,
+                            incarnation: owner.incarnation,
+                            task: owner.task,
+                            attempt: owner.attempt,
+                        }));
+                    }
                 }
             }
         }
@@ -501,13 +536,35 @@ impl LockTable {
         if self.held(name, mode, owner).is_some() {
             return None;
         }
-        match publish {
-            None => Some((r.version, false)),
-            Some((value, token)) => {
-                let same = r.kind.check(value.clone()).ok().as_ref() == Some(&r.value);
-                (*token == r.version && r.writer.is_none() && same).then_some((r.version, true))
+        match mode {
+            // A read release changes nothing: done is done.
+            LockMode::Read => Some((r.version, false)),
+            LockMode::Write => {
+                let &(_, by, token, committed) = self.released.get(name)?;
+                let same_token = publish.is_none_or(|(_, t)| *t == token);
+                (by == owner && same_token).then_some((token, committed))
             }
         }
+    }
+
+    /// A record of a released write grant the store kept (see
+    /// `released`); false if `g` is a grant, not such a record.
+    pub fn restore_released(&mut self, g: &GrantRecord) -> bool {
+        let committed = match g.mode.as_str() {
+            m if m == released_mode(true) => true,
+            m if m == released_mode(false) => false,
+            _ => return false,
+        };
+        self.next_id = self.next_id.max(g.request + 1);
+        let owner = Owner {
+            worker: g.worker,
+            incarnation: g.incarnation,
+            task: g.task,
+            attempt: g.attempt,
+        };
+        self.released
+            .insert(g.resource.clone(), (g.request, owner, g.token, committed));
+        true
     }
 
     /// From now on grants made and ended are kept for the durable store.
@@ -658,6 +715,54 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         t.acquire("total", mode, o, tx).unwrap();
         rx
+    }
+
+    #[test]
+    fn a_resent_release_is_answered_as_done_even_after_the_next_writer_got_the_lock() {
+        let mut t = table();
+        t.keep_grant_log();
+        let (a, b) = (owner(0, 1), owner(1, 2));
+        let mut ga = ask(&mut t, LockMode::Write, a);
+        let mut gb = ask(&mut t, LockMode::Write, b);
+        assert_eq!(ga.try_recv().unwrap().token, 1);
+        assert!(gb.try_recv().is_err(), "b waits");
+        let publish = (json!(5), 1);
+        assert_eq!(
+            t.release("total", LockMode::Write, a, Some(publish.clone())),
+            Ok((1, true))
+        );
+        assert_eq!(gb.try_recv().unwrap().token, 2, "b has it now");
+        // a's release again: answered as it was, not published again.
+        assert_eq!(
+            t.already_released("total", LockMode::Write, a, Some(&publish)),
+            Some((1, true))
+        );
+        assert_eq!(
+            t.already_released("total", LockMode::Write, a, Some(&(json!(5), 2))),
+            None,
+            "another token is not that release"
+        );
+        assert_eq!(
+            t.already_released("total", LockMode::Write, b, None),
+            None,
+            "b holds its grant"
+        );
+        // The record survives a restart: the store keeps it as a grant row.
+        let ops = t.take_grant_ops();
+        let record = ops
+            .iter()
+            .rev()
+            .find_map(|op| match op {
+                Op::Grant(g) if g.task == 1 => Some(g.clone()),
+                _ => None,
+            })
+            .expect("the release is recorded");
+        let mut fresh = table();
+        assert!(fresh.restore_released(&record));
+        assert_eq!(
+            fresh.already_released("total", LockMode::Write, a, Some(&publish)),
+            Some((1, true))
+        );
     }
 
     #[test]

@@ -603,6 +603,9 @@ impl Scheduler {
             self.locks.skip_request_ids(g.request);
         }
         for g in &rec.grants {
+            if self.locks.restore_released(g) {
+                continue;
+            }
             let runs_on = resumed.get(&g.task).is_some_and(|a| {
                 a.attempt == g.attempt && (a.worker, a.incarnation) == (g.worker, g.incarnation)
             });
