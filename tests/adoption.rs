@@ -275,3 +275,72 @@ async fn sigterm_leaves_the_workers_to_the_next_master_and_ctrl_c_stops_them() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A worker added through `/add` is the cluster's as much as the manifest's
+/// are: the next master adopts it (same ID, incarnation and process), runs
+/// tasks on it, and a later `/add` gets a new ID, never one in use.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_added_through_add_is_adopted_and_its_id_never_handed_out_again() {
+    let dir = fresh_state_dir();
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let port = free_port().to_string();
+    let text = manifest(
+        "adopt-added",
+        &[1, 1],
+        "  heartbeat: { intervalSeconds: 1, timeoutSeconds: 10 }\n",
+    );
+    let args = ["--state-dir", dir_arg.as_str(), "--port", port.as_str()];
+    let mut first = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    let (status, body) = first
+        .post("/add", json!({"max_capacity": 3}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node_id"], 2, "{body}");
+    wait_until_nodes_active(&first, 3).await;
+    let before = workers(&first).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    first.kill_master();
+
+    let second = Cluster::start_with(&text, &args, &[]).await.unwrap();
+    wait_until_nodes_active(&second, 3).await;
+    let after = workers(&second).await;
+    assert_eq!(
+        after, before,
+        "same IDs, incarnations, processes, no restart"
+    );
+    let nodes = second.nodes().await.unwrap();
+    assert_eq!(nodes[2]["capacity"], 3, "{nodes:?}");
+    // The added worker runs tasks for the next master.
+    let (status, body) = second
+        .post(
+            "/send/2",
+            json!({"type": "python", "command": "response = 7"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let id = body["task_id"].as_u64().unwrap();
+    let (_, task) = second.get(&format!("/tasks/{id}?wait=30")).await.unwrap();
+    assert_eq!(task["state"], "succeeded", "{task}");
+    assert_eq!(task["node"], 2, "{task}");
+    // And `/add` goes on after it.
+    let (status, body) = second
+        .post("/add", json!({"max_capacity": 1}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["node_id"], 3, "{body}");
+}
+
+async fn wait_until_nodes_active(c: &Cluster, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = c.nodes().await.unwrap();
+        if nodes.len() == n && nodes.iter().all(|x| x["state"] == "active") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{n} active nodes: {nodes:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

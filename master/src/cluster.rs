@@ -500,6 +500,33 @@ impl Cluster {
         self.with_state(|s| capacities.iter().map(|&c| s.add_worker(c).0).collect())
     }
 
+    /// Startup, after the manifest's workers: the store's workers beyond
+    /// them (added through `/add` under an earlier master), in ID order,
+    /// with their recorded capacities, not started yet. Worker IDs are
+    /// dense (`/add` takes the next one), so each gets its own ID back.
+    pub fn add_recorded_workers(&self, rec: &crate::store::Recovered) -> Vec<WorkerId> {
+        self.with_state(|s| {
+            let mut extra: Vec<_> = rec
+                .workers
+                .iter()
+                .filter(|w| w.id as usize >= s.worker_count())
+                .collect();
+            extra.sort_by_key(|w| w.id);
+            let mut ids = Vec::new();
+            for w in extra {
+                if w.id as usize != s.worker_count() {
+                    warn!(
+                        worker = w.id,
+                        "the store skips worker IDs before node {}; it is not taken back", w.id
+                    );
+                    break;
+                }
+                ids.push(s.add_worker(w.capacity).0);
+            }
+            ids
+        })
+    }
+
     /// Takes back what the previous master on this state directory left:
     /// resource values and versions, then tasks and workers (see
     /// `Scheduler::restore`).

@@ -285,6 +285,12 @@ pub async fn start(spec: &ClusterSpec, opts: &ServeOptions) -> Result<Master> {
     // The manifest's workers, not started yet: the restored tasks sent to
     // a node go back to its queue.
     let mut worker_ids = cluster.add_workers_unstarted(&spec.capacities);
+    // Workers added later through `/add` are the cluster's too: they come
+    // back with their IDs and capacities (adopted or started again), so no
+    // later `/add` hands out one of their IDs a second time.
+    if let Some((_, rec)) = &durable {
+        worker_ids.extend(cluster.add_recorded_workers(rec));
+    }
     // The previous master's workers that still run are taken over (same
     // ID, incarnation, running attempts and grants); the others start
     // again below. Without a store there is nothing to adopt, and what an

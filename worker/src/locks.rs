@@ -111,6 +111,7 @@ async fn send(
     heard: impl Fn(),
 ) -> Result<Value> {
     let mut delay = std::time::Duration::from_millis(50);
+    let mut unacknowledged_until: Option<std::time::Instant> = None;
     let resp = loop {
         let mut call = http
             .post(format!("{master_url}{}", routes::LOCK))
@@ -119,6 +120,25 @@ async fn send(
             call = call.header(TRACEPARENT, tp);
         }
         match call.send().await {
+            // 503: the master could not make the call durable (it is
+            // stopping, or its store failed): not acknowledged, so it is
+            // sent again like a call that got no answer; the next master
+            // answers it as done if it was.
+            // At most one grace period from the first such answer: a master
+            // whose store stays broken does not hold the task forever.
+            Ok(resp) if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE => {
+                let until = *unacknowledged_until
+                    .get_or_insert_with(|| std::time::Instant::now() + budget());
+                let left = until.saturating_duration_since(std::time::Instant::now());
+                let msg = resp.text().await.unwrap_or_default();
+                if left.is_zero() {
+                    bail!("the master did not acknowledge a lock call: {msg}");
+                }
+                tracing::warn!(resource = %req.name, answer = %msg, "lock call not acknowledged (503); retrying");
+                tokio::time::sleep(delay.min(left)).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                req.resend = true;
+            }
             Ok(resp) => break resp,
             Err(e) => {
                 let left = budget();
