@@ -40,23 +40,6 @@ async fn workers(c: &Cluster) -> Vec<(u64, u64, u32, u64)> {
         .collect()
 }
 
-/// The completion feed from the start until `want` entries (or `timeout`).
-async fn feed(c: &Cluster, want: usize, timeout: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    let mut all = Vec::new();
-    let mut next = 0u64;
-    while all.len() < want && Instant::now() < deadline {
-        let (status, body) = c
-            .get(&format!("/tasks/finished?after={next}&wait=5"))
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{body}");
-        all.extend(body["tasks"].as_array().unwrap().iter().cloned());
-        next = body["next"].as_u64().unwrap();
-    }
-    all
-}
-
 async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -125,7 +108,7 @@ async fn a_write_lock_held_across_a_master_kill_publishes_once() {
     assert_eq!(res["holders"].as_array().unwrap().len(), 1, "{res}");
     std::fs::write(signals.join("go"), "").unwrap();
 
-    let done = feed(&second, 6, Duration::from_secs(60)).await;
+    let done = second.feed(6, Duration::from_secs(60)).await.unwrap();
     assert_eq!(done.len(), 6, "{done:?}");
     let mut responses: Vec<u64> = done
         .iter()
@@ -255,7 +238,7 @@ async fn sigterm_leaves_the_workers_to_the_next_master_and_ctrl_c_stops_them() {
     }
     let second = Cluster::start_with(&text, &args, &[]).await.unwrap();
     assert_eq!(workers(&second).await, before, "adopted, not restarted");
-    let done = feed(&second, 8, Duration::from_secs(60)).await;
+    let done = second.feed(8, Duration::from_secs(60)).await.unwrap();
     let mut seen: HashMap<u64, usize> = HashMap::new();
     for t in &done {
         assert_eq!(t["state"], "succeeded", "{t}");
@@ -297,13 +280,23 @@ async fn a_worker_added_through_add_is_adopted_and_its_id_never_handed_out_again
         .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["node_id"], 2, "{body}");
-    wait_until_nodes_active(&first, 3).await;
+    first
+        .wait_until(Duration::from_secs(30), |n| {
+            n.len() == 3 && n.iter().all(|x| x["state"] == "active")
+        })
+        .await
+        .unwrap();
     let before = workers(&first).await;
     assert_eq!(before.len(), 3, "{before:?}");
     first.kill_master();
 
     let second = Cluster::start_with(&text, &args, &[]).await.unwrap();
-    wait_until_nodes_active(&second, 3).await;
+    second
+        .wait_until(Duration::from_secs(30), |n| {
+            n.len() == 3 && n.iter().all(|x| x["state"] == "active")
+        })
+        .await
+        .unwrap();
     let after = workers(&second).await;
     assert_eq!(
         after, before,
@@ -331,16 +324,4 @@ async fn a_worker_added_through_add_is_adopted_and_its_id_never_handed_out_again
         .unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["node_id"], 3, "{body}");
-}
-
-async fn wait_until_nodes_active(c: &Cluster, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let nodes = c.nodes().await.unwrap();
-        if nodes.len() == n && nodes.iter().all(|x| x["state"] == "active") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{n} active nodes: {nodes:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }

@@ -22,24 +22,6 @@ fn manifest(name: &str, capacities: &[usize]) -> String {
     )
 }
 
-/// Follows the completion feed from the start until `want` tasks are in it
-/// (or `timeout`); returns every entry, in feed order.
-async fn feed(c: &Cluster, want: usize, timeout: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + timeout;
-    let mut all = Vec::new();
-    let mut next = 0u64;
-    while all.len() < want && Instant::now() < deadline {
-        let (status, body) = c
-            .get(&format!("/tasks/finished?after={next}&wait=5"))
-            .await
-            .unwrap();
-        assert_eq!(status, 200, "{body}");
-        all.extend(body["tasks"].as_array().unwrap().iter().cloned());
-        next = body["next"].as_u64().unwrap();
-    }
-    all
-}
-
 /// Which master answered (the response header every answer carries).
 async fn master_incarnation(c: &Cluster) -> u64 {
     let resp = c
@@ -117,7 +99,7 @@ async fn a_sigkilled_master_started_again_loses_no_task_and_no_value() {
         .collect();
     assert_eq!(ids.len(), 120);
 
-    let before = feed(&first, 40, Duration::from_secs(60)).await;
+    let before = first.feed(40, Duration::from_secs(60)).await.unwrap();
     assert!(before.len() >= 40, "only {} finished", before.len());
     let workers_before = worker_identities(&first).await;
     first.kill_master(); // SIGKILL, the master only
@@ -132,7 +114,7 @@ async fn a_sigkilled_master_started_again_loses_no_task_and_no_value() {
         2,
         "another master answers"
     );
-    let after = feed(&second, 120, Duration::from_secs(120)).await;
+    let after = second.feed(120, Duration::from_secs(120)).await.unwrap();
     let mut seen: HashMap<u64, usize> = HashMap::new();
     for t in &after {
         *seen.entry(t["id"].as_u64().unwrap()).or_default() += 1;

@@ -313,6 +313,25 @@ impl Cluster {
         }
     }
 
+    /// Follows the completion feed from the start until `want` tasks are in
+    /// it (or `timeout`); returns every entry, in feed order.
+    pub async fn feed(&self, want: usize, timeout: Duration) -> Result<Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut all = Vec::new();
+        let mut next = 0u64;
+        while all.len() < want && Instant::now() < deadline {
+            let (status, body) = self
+                .get(&format!("/tasks/finished?after={next}&wait=5"))
+                .await?;
+            if status != 200 {
+                bail!("GET /tasks/finished answered {status}: {body}");
+            }
+            all.extend(body["tasks"].as_array().cloned().unwrap_or_default());
+            next = body["next"].as_u64().unwrap_or(next);
+        }
+        Ok(all)
+    }
+
     pub async fn health(&self) -> Result<Value> {
         Ok(self.get("/health").await?.1)
     }
