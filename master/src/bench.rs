@@ -408,57 +408,152 @@ async fn page_bytes(url: &str) -> Result<usize> {
     Ok(total)
 }
 
+/// CPU seconds a process has used (user + system), from /proc/<pid>/stat.
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    let (_, utime, stime) =
+        proc_stat(pid).ok_or_else(|| anyhow!("cannot read /proc/{pid}/stat"))?;
+    Ok((utime + stime) as f64 / hz)
+}
+
+/// The master's counters of its dashboard work, from `GET /metrics`:
+/// seconds it held the scheduler's lock for the dashboard, updates it
+/// built, table rows it served (NaN where a master, an earlier build under
+/// `--cluster-binary`, has no such counter).
+async fn dashboard_counters(url: &str) -> Result<[f64; 3]> {
+    let http = reqwest::Client::new();
+    let mut req = http.get(format!("{url}/metrics"));
+    if let Some(t) = crate::api_token() {
+        req = req.bearer_auth(t);
+    }
+    let text = req.send().await?.error_for_status()?.text().await?;
+    let read = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok([
+        read("flotilla_dashboard_lock_seconds_total"),
+        read("flotilla_dashboard_updates_built_total"),
+        read("flotilla_dashboard_table_rows_total"),
+    ])
+}
+
+/// One W1 batch measured: tasks/s, the master's CPU seconds per 1,000
+/// tasks, and its dashboard counters' growth during the batch.
+struct Phase {
+    tasks_per_s: f64,
+    cpu_per_1000: f64,
+    lock_s: f64,
+    updates_built: f64,
+    rows: f64,
+    secs: f64,
+}
+
+async fn measured_batch(t: &Target, n: usize) -> Result<Phase> {
+    let pid = t.child.id();
+    let url = t.client.url().to_string();
+    let (cpu0, c0) = (cpu_seconds(pid)?, dashboard_counters(&url).await?);
+    let secs = batch(t, n, "response = {i}").await?;
+    let (cpu1, c1) = (cpu_seconds(pid)?, dashboard_counters(&url).await?);
+    Ok(Phase {
+        tasks_per_s: n as f64 / secs,
+        cpu_per_1000: (cpu1 - cpu0) * 1000.0 / n as f64,
+        lock_s: c1[0] - c0[0],
+        updates_built: c1[1] - c0[1],
+        rows: c1[2] - c0[2],
+        secs,
+    })
+}
+
+async fn open_dashboards(url: &str, n: usize) -> Result<Vec<Dashboard>> {
+    let mut b = Vec::new();
+    for _ in 0..n {
+        b.push(Dashboard::open(url).await?);
+    }
+    // Let each take its first, full update and its first table.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    Ok(b)
+}
+
 /// W1 with three dashboards open against W1 without, on one master, in
-/// the order off, on, on, off (so a drift of the machine cancels out);
-/// then 20,000 tasks with the three dashboards open, counting the updates
-/// each receives a second while the cluster runs thousands of tasks a
-/// second.
+/// the order off, on, on, off (so a drift of the machine cancels out),
+/// each phase 4,000 tasks: tasks/s, and the master process's CPU seconds
+/// per 1,000 tasks (from /proc, so other load on the machine does not
+/// count), and the time the master held its scheduler lock for the
+/// dashboards. Then the cluster as fast as it goes (`--ephemeral`, 40,000
+/// tasks) with three dashboards open: the task rate reached and the
+/// updates each dashboard received a second.
 async fn dashboards(opts: &BenchOptions) -> Result<Value> {
-    let n = 2000;
+    let n = 4000;
     let t = Target::start(opts, &manifest(4, 64)).await?;
     let url = t.client.url().to_string();
+    // Warm up (interpreters started, store and caches in use).
+    batch(&t, n, "response = {i}").await?;
     let mut off = Vec::new();
     let mut on = Vec::new();
     for open in [false, true, true, false] {
         let boards = if open {
-            let mut b = Vec::new();
-            for _ in 0..3 {
-                b.push(Dashboard::open(&url).await?);
-            }
-            // Let each take its first, full update.
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            b
+            open_dashboards(&url, 3).await?
         } else {
             Vec::new()
         };
-        let secs = batch(&t, n, "response = {i}").await?;
+        let before: Vec<u64> = boards.iter().map(Dashboard::updates).collect();
+        let phase = measured_batch(&t, n).await?;
+        let per_client = boards
+            .iter()
+            .zip(&before)
+            .map(|(b, &was)| (b.updates() - was) as f64 / phase.secs)
+            .fold(0.0, f64::max);
         drop(boards);
-        if open { &mut on } else { &mut off }.push(n as f64 / secs);
+        if open { &mut on } else { &mut off }.push((phase, per_client));
     }
-    let mean = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len() as f64;
-    let (off, on) = (mean(&off), mean(&on));
-    // Sustained: 20,000 tasks, three dashboards, updates per second each.
-    let boards = [
-        Dashboard::open(&url).await?,
-        Dashboard::open(&url).await?,
-        Dashboard::open(&url).await?,
-    ];
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let big = 20_000;
+    let mean = |xs: &[(Phase, f64)], f: fn(&(Phase, f64)) -> f64| {
+        xs.iter().map(f).sum::<f64>() / xs.len() as f64
+    };
+    let (off_rate, on_rate) = (
+        mean(&off, |p| p.0.tasks_per_s),
+        mean(&on, |p| p.0.tasks_per_s),
+    );
+    let (off_cpu, on_cpu) = (
+        mean(&off, |p| p.0.cpu_per_1000),
+        mean(&on, |p| p.0.cpu_per_1000),
+    );
+    let on_secs: f64 = on.iter().map(|p| p.0.secs).sum();
+    let lock_s: f64 = on.iter().map(|p| p.0.lock_s).sum();
+    let updates_built: f64 = on.iter().map(|p| p.0.updates_built).sum();
+    let rows: f64 = on.iter().map(|p| p.0.rows).sum();
+    let page = page_bytes(&url).await?;
+    drop(t);
+
+    // As fast as it goes: an ephemeral master (no commit to wait for).
+    let t = Target::start_with(opts, &manifest(4, 64), true).await?;
+    let url = t.client.url().to_string();
+    batch(&t, n, "response = {i}").await?;
+    let boards = open_dashboards(&url, 3).await?;
+    let big = 40_000;
     let before: Vec<u64> = boards.iter().map(Dashboard::updates).collect();
-    let secs = batch(&t, big, "response = {i}").await?;
+    let fast = measured_batch(&t, big).await?;
     let per_client: Vec<f64> = boards
         .iter()
         .zip(&before)
-        .map(|(b, &was)| (b.updates() - was) as f64 / secs)
+        .map(|(b, &was)| (b.updates() - was) as f64 / fast.secs)
         .collect();
     Ok(json!({
-        "tasks_per_s": off,
-        "with_dashboards_tasks_per_s": on,
-        "drop_percent": 100.0 * (off - on) / off,
-        "sustained_tasks_per_s": big as f64 / secs,
+        "tasks_per_s": off_rate,
+        "with_dashboards_tasks_per_s": on_rate,
+        "drop_percent": 100.0 * (off_rate - on_rate) / off_rate,
+        "master_cpu_ms_per_1000_tasks": off_cpu * 1000.0,
+        "with_dashboards_master_cpu_ms_per_1000_tasks": on_cpu * 1000.0,
+        "cpu_increase_percent": 100.0 * (on_cpu - off_cpu) / off_cpu,
+        "dashboard_lock_ms_per_s": lock_s * 1000.0 / on_secs,
+        "dashboard_updates_built_per_s": updates_built / on_secs,
+        "dashboard_table_rows_per_s": rows / on_secs,
+        "updates_per_s_per_client_w1": mean(&on, |p| p.1),
+        "fast_tasks_per_s": fast.tasks_per_s,
+        "fast_master_cpu_ms_per_1000_tasks": fast.cpu_per_1000 * 1000.0,
         "updates_per_s_per_client": per_client.iter().cloned().fold(0.0, f64::max),
-        "page_bytes": page_bytes(&url).await?,
+        "page_bytes": page,
     }))
 }
 
@@ -761,7 +856,12 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "tasks_per_s": med("tasks_per_s"),
                 "with_dashboards_tasks_per_s": med("with_dashboards_tasks_per_s"),
                 "drop_percent": med("drop_percent"),
-                "sustained_tasks_per_s": med("sustained_tasks_per_s"),
+                "master_cpu_ms_per_1000_tasks": med("master_cpu_ms_per_1000_tasks"),
+                "with_dashboards_master_cpu_ms_per_1000_tasks": med("with_dashboards_master_cpu_ms_per_1000_tasks"),
+                "cpu_increase_percent": med("cpu_increase_percent"),
+                "dashboard_lock_ms_per_s": med("dashboard_lock_ms_per_s"),
+                "dashboard_updates_built_per_s": med("dashboard_updates_built_per_s"),
+                "fast_tasks_per_s": med("fast_tasks_per_s"),
                 "updates_per_s_per_client": med("updates_per_s_per_client"),
                 "page_bytes": med("page_bytes"),
             }),

@@ -20,7 +20,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use crate::dashboard::{ClusterHeader, Cursor, Running, TaskDetail, Update, WorkerCard};
+use crate::dashboard::{
+    AttemptRow, ClusterHeader, Cursor, Running, TaskDetail, TaskRow, Update, WorkerCard,
+};
 use crate::metrics::{Metrics, Snapshot};
 use crate::resources::ResourceType;
 use crate::runtime::{Runtime, RuntimeError, RuntimeEvent, WorkerLaunch};
@@ -169,6 +171,8 @@ pub struct Cluster {
     /// Throughput and queue length, one sample a second (the dashboard's
     /// charts).
     series: Mutex<crate::dashboard::Series>,
+    /// The dashboard's shared live updates (see [`crate::dashboard::Hub`]).
+    hub: crate::dashboard::Hub,
     /// Set when another master took the cluster's claim over (see
     /// [`Cluster::claim_lost`]).
     claim_lost: tokio::sync::watch::Sender<Option<String>>,
@@ -213,6 +217,7 @@ impl Cluster {
             changes: tokio::sync::watch::Sender::new(0),
             started: Instant::now(),
             series: Mutex::new(Default::default()),
+            hub: Default::default(),
             claim_lost: tokio::sync::watch::Sender::new(None),
         })
     }
@@ -1043,19 +1048,47 @@ impl Cluster {
         self.changes.subscribe()
     }
 
-    /// One dashboard update: the cluster as it is now, and the bars, events
-    /// and samples `cursor` has not been sent yet (then moved past them).
-    /// One critical section; its work is bounded by the number of workers,
-    /// slots and resources, and by the update's limits, never by the number
-    /// of tasks.
-    pub fn dashboard_update(&self, cursor: &mut Cursor) -> Update {
+    /// The dashboard's tick: one live update shared by every open page.
+    pub fn dashboard_hub(&self) -> &crate::dashboard::Hub {
+        &self.hub
+    }
+
+    /// Runs `f` on the scheduling state for the dashboard, counting the
+    /// time it held the lock (`flotilla_dashboard_lock_seconds_total`).
+    fn with_state_for_dashboard<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
+        let (out, held) = self.with_state(|s| {
+            let t0 = Instant::now();
+            let out = f(s);
+            (out, t0.elapsed())
+        });
+        self.metrics.dashboard_locked(held.as_secs_f64());
+        out
+    }
+
+    /// Dashboard updates, one per cursor: the cluster as it is now, and the
+    /// bars, events and samples each cursor has not been sent yet (each
+    /// cursor then moved past them). All are read in one critical section,
+    /// so updates built together end at the same positions; its work is
+    /// bounded by the number of workers, slots and resources, and by the
+    /// update's limits, never by the number of tasks. Serialising them is
+    /// the caller's, outside the lock.
+    pub fn dashboard_updates(&self, cursors: &mut [&mut Cursor]) -> Vec<Update> {
         let (max_bars, max_events) = crate::dashboard::UPDATE_LIMITS;
-        let (counts, master_queue, next_task_id, nodes, slots, running, bars, events, resources) =
-            self.with_state(|s| {
+        let (counts, master_queue, next_task_id, nodes, slots, running, fresh, resources) = self
+            .with_state_for_dashboard(|s| {
                 let nodes = s.nodes();
                 let slots: Vec<u32> = nodes
                     .iter()
                     .map(|n| s.worker(n.id).map_or(1, |w| w.slots))
+                    .collect();
+                let fresh: Vec<_> = cursors
+                    .iter()
+                    .map(|c| {
+                        (
+                            s.activity.bars_after(c.bars, max_bars),
+                            s.activity.events_after(c.events, max_events),
+                        )
+                    })
                     .collect();
                 (
                     s.state_counts(),
@@ -1064,22 +1097,22 @@ impl Cluster {
                     nodes,
                     slots,
                     s.running_attempts(),
-                    s.activity.bars_after(cursor.bars, max_bars),
-                    s.activity.events_after(cursor.events, max_events),
+                    fresh,
                     s.locks.views(),
                 )
             });
-        let (series, last_sample, throughput) = {
+        let samples: Vec<_> = {
             let series = self.series.lock().expect("series lock");
-            let (fresh, last) = series.after(cursor.samples);
-            (fresh, last, series.throughput_now())
+            cursors
+                .iter()
+                .map(|c| {
+                    let (fresh, last) = series.after(c.samples);
+                    (fresh, last, series.throughput_now())
+                })
+                .collect()
         };
-        let hello = !cursor.sent_any;
-        cursor.sent_any = true;
-        cursor.bars = bars.1;
-        cursor.events = events.1;
-        cursor.samples = last_sample;
-        let workers = nodes
+        let now = crate::scheduler::unix_ms();
+        let workers: Vec<WorkerCard> = nodes
             .into_iter()
             .zip(slots)
             .map(|(node, slots)| WorkerCard {
@@ -1088,36 +1121,60 @@ impl Cluster {
                 node,
             })
             .collect();
-        Update {
-            hello,
-            now: crate::scheduler::unix_ms(),
-            cluster: ClusterHeader {
-                name: self.cfg.name.clone(),
-                runtime: self.runtime.name(),
-                master_incarnation: self.master_incarnation,
-                uptime_s: self.started.elapsed().as_secs_f64(),
-                jaeger_url: self.cfg.jaeger_url.clone(),
-            },
-            counts,
-            master_queue,
-            next_task_id,
-            throughput,
-            series,
-            workers,
-            running: running
-                .into_iter()
-                .map(|(worker, slot, task, attempt, started_at)| Running {
-                    worker,
-                    slot,
-                    task,
-                    attempt,
-                    started_at,
-                })
-                .collect(),
-            bars: bars.0,
-            events: events.0,
-            resources: Update::resource_rows(resources),
-        }
+        let running: Vec<Running> = running
+            .into_iter()
+            .map(|(worker, slot, task, attempt, started_at)| Running {
+                worker,
+                slot,
+                task,
+                attempt,
+                started_at,
+            })
+            .collect();
+        let resources = Update::resource_rows(resources);
+        cursors
+            .iter_mut()
+            .zip(fresh)
+            .zip(samples)
+            .map(
+                |((cursor, (bars, events)), (series, last_sample, throughput))| {
+                    self.metrics.dashboard_update_built();
+                    let hello = !cursor.sent_any;
+                    cursor.sent_any = true;
+                    cursor.bars = bars.1;
+                    cursor.events = events.1;
+                    cursor.samples = last_sample;
+                    Update {
+                        hello,
+                        now,
+                        cluster: ClusterHeader {
+                            name: self.cfg.name.clone(),
+                            runtime: self.runtime.name(),
+                            master_incarnation: self.master_incarnation,
+                            uptime_s: self.started.elapsed().as_secs_f64(),
+                            jaeger_url: self.cfg.jaeger_url.clone(),
+                        },
+                        counts: counts.clone(),
+                        master_queue,
+                        next_task_id,
+                        throughput,
+                        series,
+                        workers: workers.clone(),
+                        running: running.clone(),
+                        bars: bars.0,
+                        events: events.0,
+                        resources: resources.clone(),
+                    }
+                },
+            )
+            .collect()
+    }
+
+    /// One dashboard update for `cursor` (see [`Self::dashboard_updates`]).
+    pub fn dashboard_update(&self, cursor: &mut Cursor) -> Update {
+        self.dashboard_updates(&mut [cursor])
+            .pop()
+            .expect("one update per cursor")
     }
 
     /// Samples throughput and queue lengths once a second for the
@@ -1154,17 +1211,60 @@ impl Cluster {
         });
     }
 
-    /// A task with its code, this master's attempts and its trace (the
-    /// dashboard's task detail); a final result only once durable.
+    /// One page of the dashboard's task table: the listing of `GET /tasks`
+    /// (same parameters, same paging, see [`Self::list_tasks`]) in rows that
+    /// carry no result, only a bounded summary, so the work under the lock
+    /// is per row shown and copies no task's output.
+    pub async fn dashboard_rows(
+        &self,
+        after: TaskId,
+        state: Option<TaskState>,
+        node: Option<WorkerId>,
+        limit: usize,
+    ) -> Result<(Vec<TaskRow>, Option<TaskId>), StoreError> {
+        let (mut page, end, more, feed_below) = self.with_state_for_dashboard(|s| {
+            let (page, end, more) =
+                s.list_tasks_as(after, state, node, limit, LIST_SCAN, TaskRow::of_task);
+            (page, end, more, s.feed_base())
+        });
+        let stored_states = state.is_none_or(|s| s.is_final());
+        if let (Some(store), true, true) = (self.store.clone(), feed_below > 0, stored_states) {
+            let rows = tokio::task::spawn_blocking(move || {
+                store.finished(&crate::store::FinishedQuery {
+                    after,
+                    end,
+                    feed_below,
+                    state: state.map(|s| s.name()),
+                    node,
+                    limit,
+                })
+            })
+            .await
+            .expect("a store read does not panic")?;
+            page.extend(rows.iter().map(TaskRow::of_record));
+            page.sort_unstable_by_key(|t| t.id);
+            page.truncate(limit);
+        }
+        self.metrics.dashboard_rows_served(page.len());
+        let next = if page.len() >= limit {
+            page.last().map(|t| t.id)
+        } else {
+            more.then(|| end - 1)
+        };
+        Ok((page, next))
+    }
+
+    /// A task with its code, its attempts and its trace (the dashboard's
+    /// task detail); a final result only once durable.
     pub async fn task_detail(&self, id: TaskId) -> Result<Option<TaskDetail>, StoreError> {
         let jaeger = self.cfg.jaeger_url.clone();
-        let detail = self.with_state(|s| {
+        let detail = self.with_state_for_dashboard(|s| {
             s.task_entry(id).map(|t| TaskDetail {
                 view: t.view(),
                 kind: t.spec.kind,
                 code: t.spec.command.clone(),
                 timeout: t.spec.timeout,
-                attempt_log: t.attempt_log.clone(),
+                attempt_log: t.attempt_log.iter().map(AttemptRow::from).collect(),
                 trace_id: t.trace_id.clone(),
                 jaeger: jaeger
                     .as_ref()
@@ -1174,8 +1274,8 @@ impl Cluster {
         });
         let detail = match detail {
             Some(detail) => detail,
-            // A finished task that left memory: what the store keeps of it
-            // (no attempt log, no trace).
+            // A finished task that left memory: what the store keeps of it,
+            // its attempts included (no trace: trace IDs are not stored).
             None => {
                 let Some(store) = self.store.clone() else {
                     return Ok(None);
@@ -1184,18 +1284,24 @@ impl Cluster {
                 if !handed_out {
                     return Ok(None);
                 }
-                let rec = tokio::task::spawn_blocking(move || store.task(id))
-                    .await
-                    .expect("a store read does not panic")?;
-                let Some(rec) = rec else {
+                let read = tokio::task::spawn_blocking(move || {
+                    let Some(rec) = store.task(id)? else {
+                        return Ok(None);
+                    };
+                    let attempts = store.attempts(id)?;
+                    Ok::<_, StoreError>(Some((rec, attempts)))
+                })
+                .await
+                .expect("a store read does not panic")?;
+                let Some((rec, attempts)) = read else {
                     return Ok(None);
                 };
                 TaskDetail {
                     view: record_view(&rec),
                     kind: rec.spec.kind,
+                    attempt_log: AttemptRow::of_records(&attempts, rec.finished_at),
                     code: rec.spec.command,
                     timeout: rec.spec.timeout,
-                    attempt_log: Vec::new(),
                     trace_id: None,
                     jaeger: None,
                 }

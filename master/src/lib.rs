@@ -433,6 +433,8 @@ async fn serve(listener: TcpListener, app: axum::Router) {
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    // Handlers may ask who is calling (the dashboard's sign-in limit).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "HTTP server failed");
     }

@@ -153,6 +153,10 @@ enum Command {
         /// measure what tracing costs).
         #[arg(long)]
         trace: bool,
+        /// The flotilla binary to run as the cluster under test (default:
+        /// this one), e.g. an earlier build to compare against.
+        #[arg(long)]
+        cluster_binary: Option<std::path::PathBuf>,
     },
 
     /// A chaos soak: a real cluster, a mixed workload and seeded faults,
@@ -525,6 +529,7 @@ async fn run() -> Result<()> {
             w7_tasks,
             json,
             trace,
+            cluster_binary,
         } => {
             let _telemetry = logs.init_telemetry("error", None);
             let sink = if trace {
@@ -535,7 +540,10 @@ async fn run() -> Result<()> {
             let opts = flotilla::bench::BenchOptions {
                 workloads,
                 runs: runs.max(1),
-                flotilla: std::env::current_exe()?,
+                flotilla: match cluster_binary {
+                    Some(b) => b,
+                    None => std::env::current_exe()?,
+                },
                 otlp_endpoint: sink.as_ref().map(|(url, _)| url.clone()),
                 w7_tasks,
             };

@@ -59,6 +59,9 @@ pub struct Metrics {
     worker_queue: Family<WorkerLabel, Gauge>,
     worker_running: Family<WorkerLabel, Gauge>,
     master_queue: Gauge,
+    dashboard_lock: Counter<f64, std::sync::atomic::AtomicU64>,
+    dashboard_updates: Counter,
+    dashboard_rows: Counter,
 }
 
 impl Default for Metrics {
@@ -77,6 +80,9 @@ impl Default for Metrics {
             worker_queue: Family::default(),
             worker_running: Family::default(),
             master_queue: Gauge::default(),
+            dashboard_lock: Counter::default(),
+            dashboard_updates: Counter::default(),
+            dashboard_rows: Counter::default(),
         };
         m.register()
     }
@@ -139,6 +145,21 @@ impl Metrics {
             "Tasks waiting in the master queue",
             self.master_queue.clone(),
         );
+        r.register(
+            "dashboard_lock_seconds",
+            "Time the dashboard held the scheduler's lock (updates, table rows, task details)",
+            self.dashboard_lock.clone(),
+        );
+        r.register(
+            "dashboard_updates_built",
+            "Live updates the dashboard built (one per tick, shared by every open page, plus each page's first)",
+            self.dashboard_updates.clone(),
+        );
+        r.register(
+            "dashboard_table_rows",
+            "Task table rows the dashboard served",
+            self.dashboard_rows.clone(),
+        );
         self
     }
 
@@ -174,6 +195,19 @@ impl Metrics {
                 mode: mode.to_string(),
             })
             .observe(seconds);
+    }
+
+    /// The dashboard held the scheduler's lock for `seconds`.
+    pub fn dashboard_locked(&self, seconds: f64) {
+        self.dashboard_lock.inc_by(seconds);
+    }
+
+    pub fn dashboard_update_built(&self) {
+        self.dashboard_updates.inc();
+    }
+
+    pub fn dashboard_rows_served(&self, rows: usize) {
+        self.dashboard_rows.inc_by(rows as u64);
     }
 
     /// The text exposition: the counters and histograms as they are, the

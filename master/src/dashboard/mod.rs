@@ -31,7 +31,8 @@ use serde::Serialize;
 use crate::api::{constant_time_eq, ApiError, Body};
 use crate::cluster::Cluster;
 use crate::scheduler::activity::{Bar, Event as ActivityEvent};
-use crate::scheduler::AttemptLog;
+use crate::scheduler::{AttemptLog, Task};
+use crate::store::{AttemptRecord, TaskRecord};
 
 /// The page and its assets, compiled in.
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -159,7 +160,7 @@ pub struct ClusterHeader {
 }
 
 /// A worker card.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct WorkerCard {
     #[serde(flatten)]
     pub node: NodeView,
@@ -170,7 +171,7 @@ pub struct WorkerCard {
 }
 
 /// An attempt running now.
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct Running {
     pub worker: WorkerId,
     pub slot: u32,
@@ -180,7 +181,7 @@ pub struct Running {
 }
 
 /// A resource as an update shows it (its value cut to a preview).
-#[derive(Serialize, Debug)]
+#[derive(Serialize, Debug, Clone)]
 pub struct ResourceRow {
     pub name: String,
     #[serde(rename = "type")]
@@ -247,11 +248,68 @@ pub struct TaskDetail {
     pub kind: TaskKind,
     pub code: String,
     pub timeout: Option<f64>,
-    pub attempt_log: Vec<AttemptLog>,
+    pub attempt_log: Vec<AttemptRow>,
     pub trace_id: Option<String>,
     /// The trace in Jaeger, when `spec.telemetry.jaegerUrl` is set and the
     /// task has a trace.
     pub jaeger: Option<String>,
+}
+
+/// One attempt in the task detail.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct AttemptRow {
+    pub attempt: Attempt,
+    pub worker: WorkerId,
+    pub incarnation: u64,
+    pub slot: u32,
+    /// Unix milliseconds.
+    pub started_at: u64,
+    /// Unknown for an attempt read back from the store that was not the
+    /// last (the store keeps when attempts started, and when the task
+    /// finished).
+    pub ended_at: Option<u64>,
+    /// How it ended (`succeeded`, `failed`, `crashed`, `cancelled`,
+    /// `lost`; read back from the store, with the reason the store kept,
+    /// e.g. `crashed: ...`); none while it runs.
+    pub outcome: Option<String>,
+}
+
+impl From<&AttemptLog> for AttemptRow {
+    fn from(a: &AttemptLog) -> Self {
+        AttemptRow {
+            attempt: a.attempt,
+            worker: a.worker,
+            incarnation: a.incarnation,
+            slot: a.slot,
+            started_at: a.started_at,
+            ended_at: a.ended_at,
+            outcome: a.outcome.map(|o| {
+                serde_variant::to_variant_name(&o)
+                    .unwrap_or("ended")
+                    .to_string()
+            }),
+        }
+    }
+}
+
+impl AttemptRow {
+    /// The attempts the store kept of a task that left memory; the last
+    /// one ended when the task finished (`finished_at`).
+    pub fn of_records(records: &[AttemptRecord], finished_at: Option<u64>) -> Vec<AttemptRow> {
+        let last = records.iter().map(|r| r.attempt).max();
+        records
+            .iter()
+            .map(|r| AttemptRow {
+                attempt: r.attempt,
+                worker: r.worker,
+                incarnation: r.incarnation,
+                slot: r.slot,
+                started_at: r.started_at,
+                ended_at: finished_at.filter(|_| Some(r.attempt) == last && r.outcome.is_some()),
+                outcome: r.outcome.clone(),
+            })
+            .collect()
+    }
 }
 
 impl TaskDetail {
@@ -312,6 +370,7 @@ pub fn session_routes(token: Option<String>) -> Router<Arc<Cluster>> {
     let token = Arc::new(token);
     let t1 = token.clone();
     let t2 = token.clone();
+    let limiter = Arc::new(std::sync::Mutex::new(LoginLimiter::default()));
     Router::new()
         .route(
             "/ui/session",
@@ -319,9 +378,71 @@ pub fn session_routes(token: Option<String>) -> Router<Arc<Cluster>> {
         )
         .route(
             "/ui/login",
-            post(move |body: Body<LoginBody>| async move { login(&t2, body) }),
+            post(
+                move |ext: axum::http::Extensions, body: Body<LoginBody>| async move {
+                    let client = ext
+                        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                        .map(|c| c.0.ip());
+                    login(&t2, &limiter, client, body)
+                },
+            ),
         )
         .route("/ui/logout", post(logout))
+}
+
+/// Wrong tokens one client may send within [`LOGIN_WINDOW`]; past them its
+/// sign-ins are answered 429 until the window ends.
+pub const LOGIN_ATTEMPTS: u32 = 5;
+pub const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+/// Clients followed at most; past this, the ones whose window ended are
+/// forgotten, and if none has, new clients share one window.
+const LOGIN_CLIENTS: usize = 4_096;
+
+/// Wrong sign-ins per client address (its IP; a client the server cannot
+/// name counts with the others it cannot name).
+#[derive(Default)]
+pub struct LoginLimiter {
+    clients: HashMap<Option<std::net::IpAddr>, (Instant, u32)>,
+}
+
+impl LoginLimiter {
+    /// `Err(wait)`: `client` used up its wrong sign-ins; it may try again
+    /// after `wait`.
+    pub fn check(
+        &mut self,
+        client: Option<std::net::IpAddr>,
+        now: Instant,
+    ) -> Result<(), Duration> {
+        match self.clients.get(&client) {
+            Some(&(start, failures)) if failures >= LOGIN_ATTEMPTS => {
+                let ends = start + LOGIN_WINDOW;
+                if now < ends {
+                    return Err(ends - now);
+                }
+                self.clients.remove(&client);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// `client` sent a wrong token.
+    pub fn failed(&mut self, client: Option<std::net::IpAddr>, now: Instant) {
+        if self.clients.len() >= LOGIN_CLIENTS && !self.clients.contains_key(&client) {
+            self.clients
+                .retain(|_, (start, _)| now < *start + LOGIN_WINDOW);
+        }
+        let key = if self.clients.len() >= LOGIN_CLIENTS && !self.clients.contains_key(&client) {
+            None
+        } else {
+            client
+        };
+        let entry = self.clients.entry(key).or_insert((now, 0));
+        if now >= entry.0 + LOGIN_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 += 1;
+    }
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
@@ -388,12 +509,34 @@ pub struct LoginBody {
     token: String,
 }
 
-fn login(token: &Option<String>, Body(body): Body<LoginBody>) -> Response {
+fn login(
+    token: &Option<String>,
+    limiter: &std::sync::Mutex<LoginLimiter>,
+    client: Option<std::net::IpAddr>,
+    Body(body): Body<LoginBody>,
+) -> Response {
     let Some(expected) = token else {
         return (StatusCode::NO_CONTENT).into_response();
     };
+    let now = Instant::now();
+    let mut limiter = limiter.lock().expect("login limiter lock");
+    if let Err(wait) = limiter.check(client, now) {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many wrong tokens from this client ({LOGIN_ATTEMPTS} within {} s): try again in {secs} s",
+                LOGIN_WINDOW.as_secs()
+            ),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
     if !constant_time_eq(body.token.as_bytes(), expected.as_bytes()) {
-        tracing::warn!("dashboard login refused: wrong token");
+        limiter.failed(client, now);
+        tracing::warn!(client = ?client, "dashboard login refused: wrong token");
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "wrong token: it must be this master's FLOTILLA_TOKEN",
@@ -412,39 +555,193 @@ async fn logout() -> Response {
     (StatusCode::NO_CONTENT, [(header::SET_COOKIE, cookie)]).into_response()
 }
 
-/// `GET /ui/events`: one update at once, then one after each change of the
-/// scheduling state, at most one per [`MIN_GAP`] (changes in between are
-/// coalesced) and at least one per [`KEEPALIVE`].
+/// The live updates, built once per tick for every open page.
+///
+/// A single task (started by the first page, ended once none is left)
+/// ticks after each change of the scheduling state, at most once per
+/// [`MIN_GAP`] (changes in between are coalesced) and at least once per
+/// [`KEEPALIVE`]. Each tick reads the cluster once, serialises one update
+/// (what came after the previous tick) and hands the same text to every
+/// page, so what the dashboards cost the master per second does not grow
+/// with their number. A page that joins gets its first, full update
+/// (`hello`) from the next tick, built in the same critical section as
+/// that tick's shared update, so the two end at the same positions and the
+/// page follows the shared ones from there. A page that falls behind (its
+/// connection slower than the ticks) gets a full update again.
+#[derive(Default)]
+pub struct Hub {
+    inner: std::sync::Mutex<Option<HubLink>>,
+}
+
+/// What pages reach the running tick task through.
+struct HubLink {
+    ticks: tokio::sync::broadcast::Sender<Arc<Tick>>,
+    /// Pages waiting for their first update.
+    joining: Vec<tokio::sync::oneshot::Sender<Arc<Tick>>>,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// One update as sent: the tick that built it, and its text.
+#[derive(Debug)]
+pub struct Tick {
+    /// Ticks are numbered from 1; a shared update carries what came after
+    /// the previous tick, a page's full update everything up to its tick.
+    n: u64,
+    json: String,
+}
+
+/// Ticks a slow page may be behind before it is given a full update.
+const TICKS_BEHIND: usize = 16;
+
+impl Hub {
+    /// A page joins: the shared ticks, and the page's first update to come.
+    fn join(
+        &self,
+        cluster: &Arc<Cluster>,
+    ) -> (
+        tokio::sync::broadcast::Receiver<Arc<Tick>>,
+        tokio::sync::oneshot::Receiver<Arc<Tick>>,
+    ) {
+        let (tx, first) = tokio::sync::oneshot::channel();
+        let mut inner = self.inner.lock().expect("hub lock");
+        let link = inner.get_or_insert_with(|| {
+            let (ticks, _) = tokio::sync::broadcast::channel(TICKS_BEHIND);
+            let wake = Arc::new(tokio::sync::Notify::new());
+            tokio::spawn(run_hub(
+                Arc::downgrade(cluster),
+                ticks.clone(),
+                wake.clone(),
+            ));
+            HubLink {
+                ticks,
+                joining: Vec::new(),
+                wake,
+            }
+        });
+        link.joining.push(tx);
+        link.wake.notify_one();
+        (link.ticks.subscribe(), first)
+    }
+
+    /// Pages waiting for their first update, taken; `None` when no page is
+    /// left at all (the tick task then ends, and the next page starts
+    /// another).
+    fn take_joining(
+        &self,
+        ticks: &tokio::sync::broadcast::Sender<Arc<Tick>>,
+    ) -> Option<Vec<tokio::sync::oneshot::Sender<Arc<Tick>>>> {
+        let mut inner = self.inner.lock().expect("hub lock");
+        let link = inner.as_mut()?;
+        let joining = std::mem::take(&mut link.joining);
+        if joining.is_empty() && ticks.receiver_count() == 0 {
+            *inner = None;
+            return None;
+        }
+        Some(joining)
+    }
+}
+
+async fn run_hub(
+    cluster: std::sync::Weak<Cluster>,
+    ticks: tokio::sync::broadcast::Sender<Arc<Tick>>,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let Some(mut changes) = cluster.upgrade().map(|c| c.subscribe()) else {
+        return;
+    };
+    changes.mark_unchanged();
+    let mut shared = Cursor {
+        sent_any: true,
+        ..Cursor::default()
+    };
+    let mut last: Option<Instant> = None;
+    let mut n = 0;
+    loop {
+        if let Some(last) = last {
+            tokio::time::sleep_until((last + MIN_GAP).into()).await;
+            tokio::select! {
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(KEEPALIVE) => {}
+            }
+        }
+        let Some(cluster) = cluster.upgrade() else {
+            return;
+        };
+        let Some(joining) = cluster.dashboard_hub().take_joining(&ticks) else {
+            return;
+        };
+        n += 1;
+        let mut fresh: Vec<Cursor> = joining.iter().map(|_| Cursor::default()).collect();
+        let mut cursors: Vec<&mut Cursor> = std::iter::once(&mut shared)
+            .chain(fresh.iter_mut())
+            .collect();
+        let updates = cluster.dashboard_updates(&mut cursors);
+        drop(cluster);
+        let mut updates = updates.into_iter();
+        let text = |u: Update| {
+            serde_json::to_string(&u).unwrap_or_else(|e| {
+                format!("{{\"error\":\"the update could not be serialised: {e}\"}}")
+            })
+        };
+        if let Some(u) = updates.next() {
+            let _ = ticks.send(Arc::new(Tick { n, json: text(u) }));
+        }
+        for (page, u) in joining.into_iter().zip(updates) {
+            let _ = page.send(Arc::new(Tick { n, json: text(u) }));
+        }
+        last = Some(Instant::now());
+    }
+}
+
+/// `GET /ui/events`: the page's first, full update within [`MIN_GAP`],
+/// then the shared updates (see [`Hub`]): at most one per [`MIN_GAP`], at
+/// least one per [`KEEPALIVE`].
 async fn events(State(cluster): State<Arc<Cluster>>) -> Response {
     struct Conn {
         cluster: Arc<Cluster>,
-        changes: tokio::sync::watch::Receiver<u64>,
-        cursor: Cursor,
-        last: Option<Instant>,
+        ticks: tokio::sync::broadcast::Receiver<Arc<Tick>>,
+        first: Option<tokio::sync::oneshot::Receiver<Arc<Tick>>>,
+        /// The last tick this page was sent.
+        at: u64,
     }
+    let (ticks, first) = cluster.dashboard_hub().join(&cluster);
     let conn = Conn {
-        changes: cluster.subscribe(),
         cluster,
-        cursor: Cursor::default(),
-        last: None,
+        ticks,
+        first: Some(first),
+        at: 0,
     };
     let stream = futures::stream::unfold(conn, |mut c| async move {
-        if let Some(last) = c.last {
-            tokio::time::sleep_until((last + MIN_GAP).into()).await;
-            let waited = tokio::time::timeout(KEEPALIVE, c.changes.changed()).await;
-            if let Ok(Err(_)) = waited {
-                return None; // the cluster is gone
+        use tokio::sync::broadcast::error::RecvError;
+        let tick = loop {
+            if let Some(first) = c.first.take() {
+                // The first update, or a fresh one for a page that fell
+                // behind: it replaces everything the page had.
+                let tick = first.await.ok()?;
+                c.at = tick.n;
+                break tick;
             }
-        } else {
-            c.changes.mark_unchanged();
-        }
-        let update = c.cluster.dashboard_update(&mut c.cursor);
-        c.last = Some(Instant::now());
+            match c.ticks.recv().await {
+                Ok(tick) if tick.n == c.at + 1 => {
+                    c.at = tick.n;
+                    break tick;
+                }
+                // Already in the page's first update.
+                Ok(tick) if tick.n <= c.at => continue,
+                // A gap: ticks were lost to this page.
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    let (ticks, first) = c.cluster.dashboard_hub().join(&c.cluster);
+                    c.ticks = ticks;
+                    c.first = Some(first);
+                }
+                Err(RecvError::Closed) => return None,
+            }
+        };
         let event = Event::default()
             .event("update")
             .retry(Duration::from_secs(1))
-            .json_data(&update)
-            .unwrap_or_else(|e| Event::default().event("error").data(e.to_string()));
+            .data(&tick.json);
         Some((Ok::<_, Infallible>(event), c))
     });
     let mut resp = Sse::new(stream).into_response();
@@ -467,16 +764,10 @@ pub struct TaskRow {
     pub summary: String,
 }
 
-impl From<TaskView> for TaskRow {
-    fn from(t: TaskView) -> Self {
-        let summary = match (&t.error, &t.result) {
-            (Some(e), _) => e.lines().last().unwrap_or_default().to_string(),
-            (None, Some(r)) => match &r.response {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            },
-            (None, None) => String::new(),
-        };
+impl TaskRow {
+    /// A task in memory as a row: nothing of its result is copied but the
+    /// summary's first [`SUMMARY`] bytes.
+    pub fn of_task(t: &Task) -> TaskRow {
         TaskRow {
             id: t.id,
             state: t.state,
@@ -485,9 +776,67 @@ impl From<TaskView> for TaskRow {
             submitted_at: t.submitted_at,
             started_at: t.started_at,
             finished_at: t.finished_at,
-            summary: cut(&summary, SUMMARY),
+            summary: summary(t.error.as_deref(), t.result.as_ref().map(|r| &r.response)),
         }
     }
+
+    /// A task read back from the store as a row.
+    pub fn of_record(t: &TaskRecord) -> TaskRow {
+        TaskRow {
+            id: t.id,
+            state: t.state,
+            node: t.node,
+            attempts: t.attempts,
+            submitted_at: t.submitted_at,
+            started_at: t.started_at,
+            finished_at: t.finished_at,
+            summary: summary(t.error.as_deref(), t.result.as_ref().map(|r| &r.response)),
+        }
+    }
+}
+
+/// A row's one-line summary: the last line of the error, or the start of
+/// the response, at most [`SUMMARY`] bytes (then ending in `…`). A large
+/// response is not serialised beyond that.
+fn summary(error: Option<&str>, response: Option<&serde_json::Value>) -> String {
+    match (error, response) {
+        (Some(e), _) => short(e.lines().next_back().unwrap_or_default()),
+        (None, Some(serde_json::Value::String(s))) => short(s),
+        (None, Some(other)) => {
+            /// Takes bytes until it has more than it may keep, then refuses
+            /// the rest (which ends the serialisation).
+            struct Bounded(Vec<u8>);
+            impl std::io::Write for Bounded {
+                fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                    if self.0.len() > SUMMARY {
+                        return Err(std::io::ErrorKind::WriteZero.into());
+                    }
+                    self.0.extend_from_slice(buf);
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let mut w = Bounded(Vec::with_capacity(32));
+            let _ = serde_json::to_writer(&mut w, other);
+            short(&String::from_utf8_lossy(&w.0))
+        }
+        (None, None) => String::new(),
+    }
+}
+
+/// `s` cut to at most [`SUMMARY`] bytes on a character boundary, with `…`
+/// when cut.
+fn short(s: &str) -> String {
+    if s.len() <= SUMMARY {
+        return s.to_string();
+    }
+    let mut end = SUMMARY;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 #[derive(Serialize, Debug)]
@@ -505,13 +854,10 @@ async fn task_rows(
 ) -> Result<Json<TaskRows>, ApiError> {
     let p = crate::api::list_params(&q)?;
     let (tasks, next) = cluster
-        .list_tasks(p.after, p.state, p.node, p.limit)
+        .dashboard_rows(p.after, p.state, p.node, p.limit)
         .await
         .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
-    Ok(Json(TaskRows {
-        tasks: tasks.into_iter().map(TaskRow::from).collect(),
-        next,
-    }))
+    Ok(Json(TaskRows { tasks, next }))
 }
 
 /// `GET /ui/tasks/{id}`: a task with its code, attempts and trace.
@@ -579,6 +925,91 @@ mod tests {
             s.push(3_000 + i as u64 * 1000, 1_000, 0, 0);
         }
         assert_eq!(s.after(0).0.len(), SERIES_LEN);
+    }
+
+    #[test]
+    fn the_login_limit_refuses_a_client_after_its_wrong_tokens_until_the_window_ends() {
+        let mut l = LoginLimiter::default();
+        let a = Some(std::net::IpAddr::from([10, 0, 0, 1]));
+        let b = Some(std::net::IpAddr::from([10, 0, 0, 2]));
+        let t0 = Instant::now();
+        for i in 0..LOGIN_ATTEMPTS {
+            assert_eq!(l.check(a, t0), Ok(()), "attempt {i}");
+            l.failed(a, t0);
+        }
+        let wait = l.check(a, t0 + Duration::from_secs(10)).unwrap_err();
+        assert_eq!(wait, LOGIN_WINDOW - Duration::from_secs(10));
+        // Another client is not affected.
+        assert_eq!(l.check(b, t0), Ok(()));
+        // After the window, the client starts afresh.
+        assert_eq!(l.check(a, t0 + LOGIN_WINDOW), Ok(()));
+        l.failed(a, t0 + LOGIN_WINDOW);
+        assert_eq!(l.check(a, t0 + LOGIN_WINDOW), Ok(()));
+        // Failures spread over more than a window never add up to a refusal.
+        let mut l = LoginLimiter::default();
+        for i in 0..20u64 {
+            let now = t0 + LOGIN_WINDOW / 4 * i as u32 * 2;
+            assert_eq!(l.check(a, now), Ok(()), "spread attempt {i}");
+            l.failed(a, now);
+        }
+    }
+
+    #[test]
+    fn the_login_limit_follows_a_bounded_number_of_clients() {
+        let mut l = LoginLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..(LOGIN_CLIENTS as u32 + 100) {
+            l.failed(Some(std::net::IpAddr::from(i.to_be_bytes())), t0);
+        }
+        assert!(l.clients.len() <= LOGIN_CLIENTS + 1);
+        // The clients past the bound share one window, so they are limited
+        // together.
+        assert!(l.check(None, t0).is_err());
+    }
+
+    #[test]
+    fn a_row_summary_is_bounded_whatever_the_result() {
+        assert_eq!(summary(None, Some(&serde_json::json!(42))), "42");
+        assert_eq!(summary(None, Some(&serde_json::json!("ok"))), "ok");
+        assert_eq!(
+            summary(Some("Traceback\n  line 1\nValueError: no"), None),
+            "ValueError: no"
+        );
+        assert_eq!(summary(None, None), "");
+        let big = serde_json::json!({"xs": vec![123456789u64; 100_000]});
+        let s = summary(None, Some(&big));
+        assert!(
+            s.starts_with("{\"xs\":[123456789,") && s.ends_with('…'),
+            "{s}"
+        );
+        assert!(s.len() <= SUMMARY + '…'.len_utf8());
+        let s = summary(None, Some(&serde_json::json!("é".repeat(1000))));
+        assert!(s.len() <= SUMMARY + '…'.len_utf8() && s.ends_with('…'));
+    }
+
+    #[test]
+    fn stored_attempts_show_when_the_last_one_ended() {
+        let rec = |attempt, outcome: Option<&str>| AttemptRecord {
+            task: 9,
+            attempt,
+            worker: attempt,
+            incarnation: 1,
+            slot: 0,
+            started_at: 100 * attempt as u64,
+            outcome: outcome.map(str::to_string),
+        };
+        let rows = AttemptRow::of_records(
+            &[
+                rec(1, Some("crashed: worker died")),
+                rec(2, Some("succeeded")),
+            ],
+            Some(250),
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].ended_at, None);
+        assert_eq!(rows[0].outcome.as_deref(), Some("crashed: worker died"));
+        assert_eq!((rows[1].ended_at, rows[1].worker), (Some(250), 2));
+        assert_eq!(rows[1].outcome.as_deref(), Some("succeeded"));
     }
 
     #[test]

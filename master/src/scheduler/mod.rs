@@ -1646,6 +1646,20 @@ impl Scheduler {
         limit: usize,
         scan: usize,
     ) -> (Vec<TaskView>, TaskId, bool) {
+        self.list_tasks_as(after, state, node, limit, scan, Task::view)
+    }
+
+    /// [`Self::list_tasks`], each task shown by `show` (the dashboard's
+    /// table takes a row without the result).
+    pub fn list_tasks_as<T>(
+        &self,
+        after: TaskId,
+        state: Option<TaskState>,
+        node: Option<WorkerId>,
+        limit: usize,
+        scan: usize,
+        show: impl Fn(&Task) -> T,
+    ) -> (Vec<T>, TaskId, bool) {
         let mut out = Vec::new();
         // IDs below `first_task` were never handed out here (time-based
         // IDs start far from 1): the scan starts where the IDs do.
@@ -1655,7 +1669,7 @@ impl Scheduler {
         while id < end && out.len() < limit {
             if let Some(t) = self.tasks.get(&id) {
                 if state.is_none_or(|s| t.state == s) && node.is_none_or(|n| t.node == Some(n)) {
-                    out.push(t.view());
+                    out.push(show(t));
                 }
             }
             id += 1;

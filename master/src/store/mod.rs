@@ -374,6 +374,13 @@ impl Store {
         schema::read_task(&conn, id).map_err(|e| self.read_error(format!("reading task {id}: {e}")))
     }
 
+    /// A task's attempts (committed ones), oldest first. Blocks on SQLite.
+    pub fn attempts(&self, task: TaskId) -> Result<Vec<AttemptRecord>, StoreError> {
+        let conn = self.reader.lock().expect("store reader lock");
+        schema::read_attempts(&conn, task)
+            .map_err(|e| self.read_error(format!("reading task {task}'s attempts: {e}")))
+    }
+
     /// The completion feed's committed entries at positions `from..before`
     /// (expired ones are skipped), at most `limit`. Blocks on SQLite.
     pub fn feed(

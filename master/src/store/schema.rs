@@ -399,6 +399,27 @@ pub(super) fn read_task(conn: &Connection, id: u64) -> rusqlite::Result<Option<T
         .optional()
 }
 
+/// A task's attempts, oldest first (the dashboard's task detail for a
+/// task that left memory).
+pub(super) fn read_attempts(conn: &Connection, task: u64) -> rusqlite::Result<Vec<AttemptRecord>> {
+    conn.prepare_cached(
+        "SELECT task, attempt, worker, incarnation, slot, started_at, outcome \
+         FROM attempts WHERE task = ?1 ORDER BY attempt",
+    )?
+    .query_map([task as i64], |r| {
+        Ok(AttemptRecord {
+            task: to_u64(r.get(0)?),
+            attempt: r.get::<_, i64>(1)? as u32,
+            worker: r.get::<_, i64>(2)? as u32,
+            incarnation: to_u64(r.get(3)?),
+            slot: r.get::<_, i64>(4)? as u32,
+            started_at: to_u64(r.get(5)?),
+            outcome: r.get(6)?,
+        })
+    })?
+    .collect()
+}
+
 /// The completion feed's entries at positions `from..before`, in order, at
 /// most `limit` (expired ones are simply not there).
 pub(super) fn read_feed(

@@ -692,7 +692,7 @@ async function loadDetail() {
       el('td', { text: String(a.attempt) }), el('td', { text: String(a.worker) }),
       el('td', { text: String(a.incarnation) }), el('td', { text: String(a.slot) }),
       el('td', { text: fmtTime(a.started_at) }),
-      el('td', { text: a.ended_at ? fmtMs(a.ended_at - a.started_at) : 'running' }),
+      el('td', { text: a.ended_at ? fmtMs(a.ended_at - a.started_at) : (a.outcome ? '–' : 'running') }),
       el('td', { text: a.outcome || 'running' })));
   }
   box.append(el('h4', { text: `attempts (${t.attempts})` }),
