@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use flotilla::runtime::kubernetes::{KubernetesRuntime, KubernetesSettings};
 use flotilla::runtime::owner::Owner;
 use flotilla::runtime::{Runtime, RuntimeEvent, WorkerLaunch};
-use flotilla_e2e::kube_standin::{describe, KubeApiStandin};
+use flotilla_e2e::kube_standin::{base64_decode, describe, KubeApiStandin};
 use flotilla_e2e::{bin, fresh_state_dir, read_banner_url, temp_file};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
@@ -160,8 +160,24 @@ async fn standin_api_server_one_pod_per_worker_with_name_labels_cpu_and_env() {
     assert_eq!(env["FLOTILLA_MASTER_URL"], "http://flotilla:5000");
     assert_eq!(env["FLOTILLA_WORKER_ID"], "0");
     assert_eq!(env["FLOTILLA_INCARNATION"], "1");
-    assert_eq!(env["FLOTILLA_WORKER_SECRET"], "worker-secret");
     assert_eq!(env["FLOTILLA_SLOTS"], "1");
+    // The credential is in the worker's Secret, which the pod refers to: the
+    // Pod object (what anyone who may read pods sees) carries none.
+    assert_eq!(
+        container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "FLOTILLA_WORKER_SECRET")
+            .unwrap()["valueFrom"],
+        json!({"secretKeyRef": {"name": "demo-worker-0", "key": "credential", "optional": false}})
+    );
+    assert!(!pod.to_string().contains("worker-secret"), "{pod}");
+    assert_eq!(container["command"], json!(["flotilla-worker"]));
+    let secret = standin.secret(NS, "demo-worker-0").unwrap();
+    assert_eq!(secret["data"]["credential"], "d29ya2VyLXNlY3JldA==");
+    assert_eq!(secret["metadata"]["labels"], pod["metadata"]["labels"]);
+    assert_eq!(standin.secret_names(NS), ["demo-worker-0", "demo-worker-1"]);
 
     let handle = rt.inspect(0).await.unwrap();
     assert_eq!(handle.incarnation, 1);
@@ -392,8 +408,25 @@ async fn standin_api_server_kill_deletes_the_pod_and_shutdown_deletes_them_all()
         ["DELETE /api/v1/namespaces/flotilla-test/pods/demo-worker-1"]
     );
 
+    // The next incarnation's credential replaces the previous one in the
+    // worker's Secret.
+    let mut next = launch(1, 2, 2);
+    next.secret = "second-secret".into();
+    rt.start(next).await.unwrap();
+    let secret = standin.secret(NS, "demo-worker-1").unwrap();
+    assert_eq!(secret["data"]["credential"], "c2Vjb25kLXNlY3JldA==");
+    assert_eq!(
+        secret["metadata"]["labels"]["flotilla.dev/incarnation"],
+        "2"
+    );
+
     rt.shutdown().await;
     assert!(standin.pods(NS).is_empty(), "{:?}", standin.pods(NS));
+    assert!(
+        standin.secret_names(NS).is_empty(),
+        "the credential Secrets go with their pods: {:?}",
+        standin.secret_names(NS)
+    );
     assert!(
         events.try_recv().is_err(),
         "deletions the runtime made itself are not deaths"
@@ -839,6 +872,11 @@ async fn standin_api_server_flotilla_down_deletes_the_pods_a_dead_master_left() 
         "{out}"
     );
     assert!(standin.pods(NS).is_empty());
+    assert!(
+        standin.secret_names(NS).is_empty(),
+        "down deletes the credential Secrets too: {:?}",
+        standin.secret_names(NS)
+    );
     assert_eq!(holder(&standin), "", "down hands the Lease back");
     let (ok, out, err) = flotilla_at(
         &kubeconfig,
@@ -853,6 +891,132 @@ async fn standin_api_server_flotilla_down_deletes_the_pods_a_dead_master_left() 
     );
     assert!(ok, "{err}");
     assert!(out.contains("no worker left to remove"), "{out}");
+}
+
+/// The decoded credential in worker `id`'s Secret of release `release`.
+fn credential_of(standin: &KubeApiStandin, release: &str, id: u32) -> String {
+    let secret = standin
+        .secret(NS, &format!("{release}-worker-{id}"))
+        .expect("the worker's Secret");
+    let data = base64_decode(secret["data"]["credential"].as_str().unwrap()).unwrap();
+    String::from_utf8(data).unwrap()
+}
+
+/// The per-incarnation credential reaches a worker pod through its Secret
+/// (`valueFrom.secretKeyRef`, resolved by the stand-in's kubelet as a real
+/// one does) and never through the Pod object: the workers register with
+/// it; task code finds it neither in its environment nor in any
+/// `/proc/*/environ` or `cmdline` it can read (the worker's own is closed to
+/// it); a restart writes the next incarnation's credential into the same
+/// Secret; Ctrl-C deletes pods and Secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standin_api_server_worker_credentials_are_in_secrets_not_in_pods_nor_in_reach_of_tasks() {
+    let standin = KubeApiStandin::start_with_kubelet(bin("flotilla-worker")).await;
+    let kubeconfig = standin.kubeconfig(NS);
+    let port = flotilla_e2e::free_port().to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let state = fresh_state_dir();
+    let manifest = "apiVersion: flotilla.dev/v1\nkind: Cluster\nmetadata: { name: cred }\nspec:\n  heartbeat: { intervalSeconds: 1, timeoutSeconds: 10 }\n  workers: [{ capacity: 2 }, { capacity: 2 }]\n";
+    let args = [
+        "--port",
+        port.as_str(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let envs = [("FLOTILLA_ADVERTISE_URL", url.as_str())];
+    let master = Master::start_with(manifest, &kubeconfig, &envs, &args);
+    assert_eq!(
+        active_workers(&url, 2).await,
+        [(0, 1, 0), (1, 1, 0)],
+        "both workers registered with the credential from their Secret"
+    );
+    let first = credential_of(&standin, "cred", 0);
+    assert!(first.starts_with("0.1."), "{first}");
+    for pod in standin.pods(NS) {
+        let text = pod.to_string();
+        for id in 0..2 {
+            let credential = credential_of(&standin, "cred", id);
+            assert!(!text.contains(&credential), "a credential in pod {text}");
+        }
+    }
+
+    let (status, body) = master
+        .post(
+            "/send/0",
+            json!({"type": "python", "command": concat!(
+                "import os, re, glob\n",
+                "seen = list(os.environ.keys()) + list(os.environ.values())\n",
+                "for p in glob.glob('/proc/[0-9]*/environ') + glob.glob('/proc/[0-9]*/cmdline'):\n",
+                "    try:\n",
+                "        seen.append(open(p, 'rb').read().decode('utf-8', 'replace'))\n",
+                "    except OSError:\n",
+                "        pass\n",
+                "try:\n",
+                "    open('/proc/%d/environ' % os.getppid(), 'rb').read()\n",
+                "    worker = 'readable'\n",
+                "except OSError as e:\n",
+                "    worker = type(e).__name__\n",
+                "text = '\\n'.join(seen)\n",
+                "response = [sorted(set(re.findall(r'\\d+\\.\\d+\\.[0-9a-f]{64}', text))), 'FLOTILLA_WORKER_SECRET' in '\\n'.join(os.environ), worker]\n",
+            )}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["task_id"].as_u64().unwrap();
+    let t = get_json(&format!("{url}/tasks/{id}?wait=30")).await;
+    assert_eq!(t["state"], "succeeded", "{t}");
+    let r = &t["result"]["response"];
+    let found: Vec<&str> = r[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for id in 0..2 {
+        let credential = credential_of(&standin, "cred", id);
+        assert!(
+            !found.contains(&credential.as_str()),
+            "task code read {credential}: {t}"
+        );
+    }
+    assert_eq!(r[1], false, "{t}");
+    // The worker is non-dumpable: its environ is closed to tasks of its
+    // user. (A root task, as here when the tests run as root, may open it,
+    // and the scan above shows the credential is not there either: the
+    // worker overwrote it.)
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))
+        .unwrap();
+    if !root {
+        assert_eq!(
+            r[2], "PermissionError",
+            "the worker's environ is closed to tasks: {t}"
+        );
+    }
+
+    // `/stop/0`: the next incarnation gets its own credential, in the same
+    // Secret, and registers with it.
+    let (status, body) = master.post("/stop/0", json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while active_workers(&url, 2).await[0].1 != 2 {
+        assert!(Instant::now() < deadline, "worker 0 never came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let second = credential_of(&standin, "cred", 0);
+    assert!(second.starts_with("0.2."), "{second}");
+    assert_ne!(first, second);
+
+    assert!(master.interrupt().success());
+    assert!(standin.pods(NS).is_empty());
+    assert!(
+        standin.secret_names(NS).is_empty(),
+        "{:?}",
+        standin.secret_names(NS)
+    );
 }
 
 const ADD_ONE: &str = "import time\ntotal = request_write_resource('total')\ntotal.value += 1\nrelease_write_resource('total')\ntime.sleep(0.15)\nresponse = total.value";

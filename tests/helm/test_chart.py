@@ -32,6 +32,8 @@ KUBE_VERSION = "1.35.0"
 POD_VERBS = ["get", "list", "watch", "create", "delete"]
 # The release's Lease <release>-owner: read, created, renewed.
 LEASE_VERBS = ["get", "create", "update"]
+# The workers' credential Secrets: written and deleted, never read back.
+SECRET_VERBS = ["create", "patch", "delete"]
 
 _spec = importlib.util.spec_from_file_location("render_manifests", ROOT / "charts" / "render-manifests.py")
 render_manifests = importlib.util.module_from_spec(_spec)
@@ -172,12 +174,13 @@ def test_every_rendered_object_validates(case):
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
 
-def test_role_grants_exactly_the_pod_and_lease_verbs_the_runtime_uses(case):
+def test_role_grants_exactly_the_pod_lease_and_secret_verbs_the_runtime_uses(case):
     _, _, objects, _ = case
     assert objects["Role"]["rules"] == [
         {"apiGroups": [""], "resources": ["pods"], "verbs": POD_VERBS},
         {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": LEASE_VERBS},
         {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": SECRET_VERBS},
     ]
     binding = objects["RoleBinding"]
     assert binding["roleRef"] == {

@@ -30,6 +30,14 @@
 //!   {name}` replaces only with the current `metadata.resourceVersion`
 //!   (else `409 Conflict`, the optimistic concurrency every Lease client
 //!   relies on).
+//! - Secrets (`v1`, the workers' credentials): `POST` creates (`409
+//!   AlreadyExists`; `data` must be base64, as the real server checks),
+//!   `GET {name}` reads, `PATCH {name}` with a JSON merge patch
+//!   (`application/merge-patch+json`, RFC 7386; other patch types `415`),
+//!   `DELETE {name}` removes. A pod's `env[].valueFrom.secretKeyRef` is
+//!   resolved when its worker process starts, as the kubelet does: a
+//!   missing Secret or key (not `optional`) leaves the container waiting
+//!   with `CreateContainerConfigError`, the kubelet's reason.
 //!
 //! Pods never run, and the test plays the kubelet with
 //! [`KubeApiStandin::set_pod_status`], unless the stand-in is started with
@@ -96,6 +104,8 @@ struct ApiState {
     leases: BTreeMap<(String, String), Value>,
     /// (namespace, name) -> a ReplicaSet (read only: see `put_replicaset`).
     replicasets: BTreeMap<(String, String), Value>,
+    /// (namespace, name) -> the Secret as a GET returns it.
+    secrets: BTreeMap<(String, String), Value>,
 }
 
 struct Recorded {
@@ -286,6 +296,14 @@ impl KubeApiStandin {
                 get(read_replicaset),
             )
             .route(
+                "/api/v1/namespaces/{ns}/secrets",
+                axum::routing::post(create_secret),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/secrets/{name}",
+                get(read_secret).patch(patch_secret).delete(delete_secret),
+            )
+            .route(
                 "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases",
                 axum::routing::post(create_lease),
             )
@@ -435,6 +453,26 @@ impl KubeApiStandin {
             .leases
             .get(&(namespace.to_string(), name.to_string()))
             .cloned()
+    }
+
+    /// The Secret `name` of `namespace`, as a GET returns it.
+    pub fn secret(&self, namespace: &str, name: &str) -> Option<Value> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .secrets
+            .get(&(namespace.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    /// The names of the Secrets of `namespace`.
+    pub fn secret_names(&self, namespace: &str) -> Vec<String> {
+        let state = self.shared.state.lock().unwrap();
+        state
+            .secrets
+            .keys()
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, name)| name.clone())
+            .collect()
     }
 
     /// `METHOD path?query` of every request so far.
@@ -931,17 +969,99 @@ fn run_pod(shared: &Arc<Shared>, namespace: &str, pod: Value) -> Value {
     let name = pod["metadata"]["name"].as_str().unwrap_or("").to_string();
     let uid = pod["metadata"]["uid"].as_str().unwrap_or("").to_string();
     let mut cmd = std::process::Command::new(shared.kubelet.as_ref().expect("a kubelet"));
+    // The container's environment starts empty but for what the pod gives
+    // it (and PATH, as an image's config would).
+    cmd.env_clear();
+    if let Some(path) = std::env::var_os("PATH") {
+        cmd.env("PATH", path);
+    }
+    let resolved = {
+        let state = shared.state.lock().unwrap();
+        container_env(&state, namespace, &pod)
+    };
+    let status = match resolved {
+        Err(message) => json!({"phase": "Pending", "containerStatuses": [{
+            "name": "worker", "image": "", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "CreateContainerConfigError", "message": message}}}]}),
+        Ok(vars) => {
+            cmd.envs(vars);
+            cmd.stdin(std::process::Stdio::null()).process_group(0);
+            spawn_pod(shared, namespace, &name, &uid, cmd)
+        }
+    };
+    let mut state = shared.state.lock().unwrap();
+    let rv = state.bump();
+    let key = (namespace.to_string(), name);
+    let Some(stored) = state.pods.get_mut(&key) else {
+        return pod;
+    };
+    stored["status"] = status;
+    stored["metadata"]["resourceVersion"] = json!(rv);
+    let stored = stored.clone();
+    state.emit(namespace, "MODIFIED", stored.clone());
+    stored
+}
+
+/// The environment of a pod's (first) container, as the kubelet builds it:
+/// `value`s as they are, `valueFrom.secretKeyRef` read from the Secret (its
+/// base64 `data` decoded). A Secret or key that is missing and not
+/// `optional` is an error, the kubelet's message.
+fn container_env(
+    state: &ApiState,
+    namespace: &str,
+    pod: &Value,
+) -> Result<Vec<(String, String)>, String> {
+    let mut vars = Vec::new();
     for e in pod["spec"]["containers"][0]["env"]
         .as_array()
         .into_iter()
         .flatten()
     {
-        if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
-            cmd.env(k, v);
+        let Some(k) = e["name"].as_str() else {
+            continue;
+        };
+        if let Some(v) = e["value"].as_str() {
+            vars.push((k.to_string(), v.to_string()));
+            continue;
         }
+        let r = &e["valueFrom"]["secretKeyRef"];
+        let (Some(secret), Some(key)) = (r["name"].as_str(), r["key"].as_str()) else {
+            continue;
+        };
+        let optional = r["optional"].as_bool().unwrap_or(false);
+        let found = state
+            .secrets
+            .get(&(namespace.to_string(), secret.to_string()));
+        let value = match found {
+            None if optional => continue,
+            None => return Err(format!("secret \"{secret}\" not found")),
+            Some(s) => match s["data"][key].as_str() {
+                None if optional => continue,
+                None => {
+                    return Err(format!(
+                        "couldn't find key {key} in Secret {namespace}/{secret}"
+                    ))
+                }
+                Some(b64) => base64_decode(b64)
+                    .ok_or_else(|| format!("secret {secret} key {key}: not base64"))?,
+            },
+        };
+        vars.push((k.to_string(), String::from_utf8_lossy(&value).into_owned()));
     }
-    cmd.stdin(std::process::Stdio::null()).process_group(0);
-    let status = match cmd.spawn() {
+    Ok(vars)
+}
+
+/// Starts a pod's process and follows it; returns the pod's status.
+fn spawn_pod(
+    shared: &Arc<Shared>,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    mut cmd: std::process::Command,
+) -> Value {
+    let name = name.to_string();
+    let uid = uid.to_string();
+    match cmd.spawn() {
         Ok(mut child) => {
             let pid = child.id();
             shared
@@ -968,18 +1088,7 @@ fn run_pod(shared: &Arc<Shared>, namespace: &str, pod: Value) -> Value {
             json!({"phase": "Running"})
         }
         Err(e) => json!({"phase": "Failed", "reason": "StartError", "message": e.to_string()}),
-    };
-    let mut state = shared.state.lock().unwrap();
-    let rv = state.bump();
-    let key = (namespace.to_string(), name);
-    let Some(stored) = state.pods.get_mut(&key) else {
-        return pod;
-    };
-    stored["status"] = status;
-    stored["metadata"]["resourceVersion"] = json!(rv);
-    let stored = stored.clone();
-    state.emit(namespace, "MODIFIED", stored.clone());
-    stored
+    }
 }
 
 /// A pod's process ended by itself: the pod is `Failed` with its exit code.
@@ -1031,4 +1140,185 @@ async fn read_replicaset(
             format!("replicasets.apps \"{name}\" not found"),
         ),
     }
+}
+
+async fn create_secret(
+    State(shared): State<Arc<Shared>>,
+    Path(ns): Path<String>,
+    body: Bytes,
+) -> Response {
+    let Ok(mut secret) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON".into(),
+        );
+    };
+    let Some(name) = secret["metadata"]["name"].as_str().map(String::from) else {
+        return status_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "Secret \"\" is invalid: metadata.name: Required value".into(),
+        );
+    };
+    if let Err(message) = check_secret_data(&name, &secret) {
+        return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message);
+    }
+    let mut state = shared.state.lock().unwrap();
+    let key = (ns.clone(), name.clone());
+    if state.secrets.contains_key(&key) {
+        return status_error(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("secrets \"{name}\" already exists"),
+        );
+    }
+    state.next_uid += 1;
+    let rv = state.bump();
+    secret["kind"] = json!("Secret");
+    secret["apiVersion"] = json!("v1");
+    let meta = &mut secret["metadata"];
+    meta["namespace"] = json!(ns);
+    meta["uid"] = json!(format!("00000000-0000-4000-a000-{:012x}", state.next_uid));
+    meta["resourceVersion"] = json!(rv);
+    meta["creationTimestamp"] = json!(now_rfc3339());
+    state.secrets.insert(key, secret.clone());
+    (StatusCode::CREATED, Json(secret)).into_response()
+}
+
+/// `data` values must be base64, as the real API server checks.
+fn check_secret_data(name: &str, secret: &Value) -> Result<(), String> {
+    for (key, value) in secret["data"].as_object().into_iter().flatten() {
+        let ok = value.as_str().and_then(base64_decode).is_some();
+        if !ok {
+            return Err(format!(
+                "Secret \"{name}\" is invalid: data[{key}]: not base64"
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn read_secret(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let state = shared.state.lock().unwrap();
+    match state.secrets.get(&(ns, name.clone())) {
+        Some(secret) => Json(secret.clone()).into_response(),
+        None => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("secrets \"{name}\" not found"),
+        ),
+    }
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else
+/// replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Some(fields) = patch.as_object() else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let obj = target.as_object_mut().expect("an object");
+    for (k, v) in fields {
+        if v.is_null() {
+            obj.remove(k);
+        } else {
+            merge_patch(obj.entry(k.clone()).or_insert(Value::Null), v);
+        }
+    }
+}
+
+async fn patch_secret(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let kind = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if kind != "application/merge-patch+json" {
+        return status_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the stand-in serves merge patches only, not `{kind}`"),
+        );
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+        return status_error(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the patch is not JSON".into(),
+        );
+    };
+    let mut state = shared.state.lock().unwrap();
+    let key = (ns, name.clone());
+    let Some(current) = state.secrets.get(&key) else {
+        return status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("secrets \"{name}\" not found"),
+        );
+    };
+    let mut patched = current.clone();
+    merge_patch(&mut patched, &patch);
+    // What identifies the object stays.
+    for field in ["name", "namespace", "uid", "creationTimestamp"] {
+        patched["metadata"][field] = current["metadata"][field].clone();
+    }
+    if let Err(message) = check_secret_data(&name, &patched) {
+        return status_error(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", message);
+    }
+    patched["metadata"]["resourceVersion"] = json!(state.bump());
+    state.secrets.insert(key, patched.clone());
+    Json(patched).into_response()
+}
+
+async fn delete_secret(
+    State(shared): State<Arc<Shared>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> Response {
+    let mut state = shared.state.lock().unwrap();
+    match state.secrets.remove(&(ns, name.clone())) {
+        Some(secret) => Json(secret).into_response(),
+        None => status_error(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            format!("secrets \"{name}\" not found"),
+        ),
+    }
+}
+
+/// Standard base64 with padding (RFC 4648), as Secret `data` is encoded;
+/// `None` for anything else.
+pub fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let last = i + 1 == bytes.len() / 4;
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && !last) {
+            return None;
+        }
+        let mut n: u32 = 0;
+        for &c in &chunk[..4 - pad] {
+            let v = ALPHABET.iter().position(|&a| a == c)? as u32;
+            n = n << 6 | v;
+        }
+        n <<= 6 * pad as u32;
+        let got = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&got[..3 - pad]);
+    }
+    Some(out)
 }

@@ -65,12 +65,14 @@ fn parse_var<T: std::str::FromStr>(name: &str, default: Option<T>) -> Result<T> 
 }
 
 impl Config {
-    fn from_env() -> Result<Self> {
+    /// `taken`: the credential [`take_env_credential`] took out of the
+    /// environment, if it was there.
+    fn from_env(taken: Option<String>) -> Result<Self> {
         Ok(Config {
             master_url: var(env::MASTER_URL)?.trim_end_matches('/').to_string(),
             worker_id: parse_var(env::WORKER_ID, None)?,
             incarnation: parse_var(env::INCARNATION, None)?,
-            secret: credential()?,
+            secret: credential(taken)?,
             slots: parse_var(env::SLOTS, Some(1))?.max(1),
             python: std::env::var(env::PYTHON).unwrap_or_else(|_| "python3".to_string()),
             limits: Limits::from_env()?,
@@ -79,13 +81,14 @@ impl Config {
 }
 
 /// This incarnation's credential, kept out of everything task code can read:
-/// the first line on stdin (how the master's process runtime hands it over),
-/// or `FLOTILLA_WORKER_SECRET`, which is then removed from the environment
-/// the tasks inherit. (The worker is also made non-dumpable, so that a task
-/// of the same user cannot read it from /proc/<worker>/environ or mem.)
-fn credential() -> Result<String> {
-    if let Ok(v) = std::env::var(env::WORKER_SECRET) {
-        std::env::remove_var(env::WORKER_SECRET);
+/// the first line on stdin (how the process and Docker runtimes hand it
+/// over), or `FLOTILLA_WORKER_SECRET` (a Kubernetes pod's, from the worker's
+/// Secret), which is then removed from the environment the tasks inherit.
+/// (The worker is also made non-dumpable, so that a task of the same user
+/// cannot read it from /proc/<worker>/environ or mem; in a pod the worker is
+/// the container's first process, so no other process there holds it.)
+fn credential(taken: Option<String>) -> Result<String> {
+    if let Some(v) = taken {
         if !v.trim().is_empty() {
             return Ok(v.trim().to_string());
         }
@@ -99,6 +102,39 @@ fn credential() -> Result<String> {
         anyhow::bail!("no worker credential: FLOTILLA_WORKER_SECRET is not set and stdin gave none (flotilla-worker is started by the master's runtime, which hands it over)");
     }
     Ok(line.to_string())
+}
+
+/// `FLOTILLA_WORKER_SECRET`, taken out of this process's environment: its
+/// bytes in the initial environment block (what `/proc/<pid>/environ`
+/// shows, even to a reader allowed to see it) are overwritten and the
+/// variable is removed, so no child inherits it. Called before any thread
+/// exists, since it changes the environment.
+fn take_env_credential() -> Option<String> {
+    let value = std::env::var(env::WORKER_SECRET).ok()?;
+    #[cfg(target_os = "linux")]
+    {
+        let key = format!("{}=", env::WORKER_SECRET);
+        let key = key.as_bytes();
+        extern "C" {
+            static mut environ: *const *mut std::ffi::c_char;
+        }
+        // SAFETY: `environ` is the C library's NULL-terminated array of
+        // NUL-terminated strings; each entry is only overwritten within its
+        // own length, while no other thread exists.
+        unsafe {
+            let mut entry = environ;
+            while !entry.is_null() && !(*entry).is_null() {
+                let s = std::ffi::CStr::from_ptr(*entry);
+                let len = s.to_bytes().len();
+                if s.to_bytes().starts_with(key) {
+                    std::ptr::write_bytes((*entry).add(key.len()), b'x', len - key.len());
+                }
+                entry = entry.add(1);
+            }
+        }
+    }
+    std::env::remove_var(env::WORKER_SECRET);
+    Some(value)
 }
 
 /// Children of the worker (interpreters, shell commands) die with it, so a
@@ -714,8 +750,49 @@ fn failed_report(task_id: TaskId, attempt: Attempt, error: String) -> TaskReport
     }
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+/// The first process of its container (a Kubernetes pod runs the worker
+/// itself, see the Kubernetes runtime): the kernel delivers no signal that
+/// has no handler to it, so SIGTERM (the kubelet stopping the pod) and
+/// SIGINT are handled here by exiting, which ends every process of the
+/// container with it.
+fn pid_one_signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    for (kind, code) in [
+        (SignalKind::terminate(), 143),
+        (SignalKind::interrupt(), 130),
+    ] {
+        match signal(kind) {
+            Ok(mut s) => {
+                tokio::spawn(async move {
+                    s.recv().await;
+                    info!(code, "stopped by a signal");
+                    std::process::exit(code);
+                });
+            }
+            Err(e) => warn!(error = %e, "cannot handle a stop signal as PID 1"),
+        }
+    }
+}
+
+fn main() -> Result<()> {
+    // Before the async runtime starts its threads: no task (same user) may
+    // read this process's memory or /proc/<pid>/environ, and the credential
+    // leaves the environment (both changes to the process as a whole).
+    let taken = if std::env::args().nth(1).as_deref() == Some("lock") {
+        None
+    } else {
+        #[cfg(target_os = "linux")]
+        nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE, 0)")?;
+        take_env_credential()
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(taken))
+}
+
+async fn run(taken: Option<String>) -> Result<()> {
     let format = std::env::var("FLOTILLA_LOG_FORMAT")
         .ok()
         .and_then(|f| f.parse().ok())
@@ -729,11 +806,10 @@ async fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("lock") {
         return locks::cli(&args[1..]).await;
     }
-    // Before anything else reads or spawns: no task (same user) may read this
-    // process's memory or /proc/<pid>/environ, where the credential was.
-    #[cfg(target_os = "linux")]
-    nix::sys::prctl::set_dumpable(false).context("prctl(PR_SET_DUMPABLE, 0)")?;
-    let cfg = Config::from_env()?;
+    let cfg = Config::from_env(taken)?;
+    if std::process::id() == 1 {
+        pid_one_signals();
+    }
     python::check_python(&cfg.python)?;
     // Processes that escape a task's process group stay ours to end.
     if let Err(e) = flotilla_proto::reap::become_subreaper() {

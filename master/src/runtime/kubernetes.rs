@@ -28,6 +28,16 @@
 //! [`Runtime::remove_leftovers`], once the release's Lease is held, and
 //! created again under the same name: no name is ever duplicated.
 //!
+//! Credentials. A worker's per-incarnation credential is never in its Pod
+//! object: it is in a Secret of the worker's own (`<release>-worker-<id>`,
+//! key `credential`, owned like the pods), written before each incarnation's
+//! pod is created and read by the pod through `valueFrom.secretKeyRef`. The
+//! container runs `flotilla-worker` itself as its first process, which
+//! makes itself non-dumpable and removes the variable before it starts any
+//! task, so task code finds it neither in its environment nor in any
+//! `/proc/<pid>/environ` it may read. The Secrets go with their pods at
+//! shutdown and `flotilla down`, and with the master's Deployment.
+//!
 //! Pods this master created carry an annotation with a random session ID,
 //! so that events about an earlier master's pods (same names, same
 //! incarnation numbers) are never taken for deaths of this master's workers.
@@ -42,12 +52,13 @@ use flotilla_proto::{env, Incarnation, WorkerId};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, Pod, PodSecurityContext,
+    PodSpec, ResourceRequirements, SeccompProfile, Secret, SecretKeySelector, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
-use kube::api::{Api, DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::wait::{await_condition, conditions};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -77,6 +88,14 @@ pub const LABEL_INCARNATION: &str = "flotilla.dev/incarnation";
 pub const ANNOTATION_SESSION: &str = "flotilla.dev/master-session";
 /// On the release's Lease: the holder's full record (JSON).
 pub const ANNOTATION_OWNER: &str = "flotilla.dev/owner";
+
+/// The key of a worker's Secret that holds its credential.
+pub const CREDENTIAL_KEY: &str = "credential";
+/// What a worker pod runs: the worker binary itself, as the container's
+/// first process (not the image's `tini` entrypoint), so that the only
+/// process whose initial environment holds the credential is the worker,
+/// which makes itself non-dumpable before it runs any task.
+pub const WORKER_COMMAND: &str = "flotilla-worker";
 
 /// The environment the chart gives the master.
 pub const ENV_RELEASE: &str = "FLOTILLA_RELEASE";
@@ -225,9 +244,16 @@ impl KubernetesSettings {
         ((capacity as f64 * self.cpu_per_capacity * 1000.0).round() as u64).max(1)
     }
 
-    /// The pod that runs one incarnation of a worker.
-    pub fn pod(&self, launch: &WorkerLaunch, session: &str) -> Pod {
-        let labels = BTreeMap::from([
+    /// The Secret that holds a worker's credential: one per worker, named
+    /// as its pod (Secrets and Pods are separate kinds), its content
+    /// replaced for each incarnation.
+    pub fn secret_name(&self, worker: WorkerId) -> String {
+        self.pod_name(worker)
+    }
+
+    /// The labels of one incarnation's pod and Secret.
+    fn worker_labels(&self, launch: &WorkerLaunch) -> BTreeMap<String, String> {
+        BTreeMap::from([
             (LABEL_NAME.to_string(), "flotilla".to_string()),
             (LABEL_INSTANCE.to_string(), self.release.clone()),
             (LABEL_COMPONENT.to_string(), "worker".to_string()),
@@ -236,7 +262,45 @@ impl KubernetesSettings {
                 LABEL_INCARNATION.to_string(),
                 launch.incarnation.to_string(),
             ),
-        ]);
+        ])
+    }
+
+    /// The Secret holding one incarnation's credential, which its pod reads
+    /// through `valueFrom.secretKeyRef`: the Pod object itself carries no
+    /// credential (anyone who may read pods would see it there). Owned like
+    /// the worker pods, so Kubernetes deletes it with them.
+    pub fn secret(&self, launch: &WorkerLaunch) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some(self.secret_name(launch.worker_id)),
+                labels: Some(self.worker_labels(launch)),
+                owner_references: self.worker_owner.clone().map(|o| vec![o]),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(
+                CREDENTIAL_KEY.to_string(),
+                k8s_openapi::ByteString(launch.secret.clone().into_bytes()),
+            )])),
+            ..Default::default()
+        }
+    }
+
+    /// The pod that runs one incarnation of a worker.
+    pub fn pod(&self, launch: &WorkerLaunch, session: &str) -> Pod {
+        let labels = self.worker_labels(launch);
+        let credential = EnvVar {
+            name: env::WORKER_SECRET.into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: self.secret_name(launch.worker_id),
+                    key: CREDENTIAL_KEY.into(),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let master_url = launch.master_url.clone();
         let var = |name: &str, value: String| EnvVar {
             name: name.into(),
@@ -295,12 +359,13 @@ impl KubernetesSettings {
                     name: "worker".into(),
                     image: Some(self.image.clone()),
                     image_pull_policy: self.image_pull_policy.clone(),
+                    command: Some(vec![WORKER_COMMAND.into()]),
                     env: Some(
                         [
                             var(env::MASTER_URL, master_url),
                             var(env::WORKER_ID, launch.worker_id.to_string()),
                             var(env::INCARNATION, launch.incarnation.to_string()),
-                            var(env::WORKER_SECRET, launch.secret.clone()),
+                            credential,
                             var(env::SLOTS, launch.slots.to_string()),
                         ]
                         .into_iter()
@@ -492,6 +557,8 @@ struct Tracked {
 
 struct Inner {
     pods: Api<Pod>,
+    /// The workers' credential Secrets (see [`KubernetesSettings::secret`]).
+    secrets: Api<Secret>,
     leases: Api<Lease>,
     /// The API server's URL, for errors.
     url: String,
@@ -554,6 +621,7 @@ impl KubernetesRuntime {
         }
         let inner = Arc::new(Inner {
             pods: Api::namespaced(client.clone(), &namespace),
+            secrets: Api::namespaced(client.clone(), &namespace),
             leases: Api::namespaced(client, &namespace),
             url: url.clone(),
             claim: Mutex::new(None),
@@ -608,6 +676,11 @@ enum PodError {
     Watch(kube::runtime::wait::Error),
     #[error("still there {}s after it was deleted", .0.as_secs())]
     StillThere(Duration),
+    #[error("cannot write its credential Secret {name}: {source}. The master's ServiceAccount needs create, patch and delete on secrets (the chart's Role)")]
+    Secret {
+        name: String,
+        source: Box<kube::Error>,
+    },
 }
 
 fn is_api(e: &kube::Error, check: impl Fn(&kube::core::Status) -> bool) -> bool {
@@ -631,10 +704,13 @@ impl Inner {
 
     /// Deletes every worker pod of the release that exists before this
     /// master starts any (see the module comment), and waits until they are
-    /// gone so that their names are free. Returns their names.
+    /// gone so that their names are free; then their credential Secrets,
+    /// and those of `recorded` workers (whose pods may be gone already).
+    /// Returns the pods' names.
     async fn remove_leftovers(
         &self,
         spare_tracked: bool,
+        recorded: &[WorkerId],
     ) -> Result<Vec<String>, KubernetesSetupError> {
         let spared: Vec<String> = if spare_tracked {
             let tracked = self.tracked.lock().expect("tracked lock");
@@ -648,7 +724,15 @@ impl Inner {
             .into_iter()
             .filter(|p| p.metadata.uid.as_ref().is_none_or(|u| !spared.contains(u)))
             .collect();
+        let mut workers: Vec<WorkerId> = items
+            .iter()
+            .filter_map(|p| p.metadata.labels.as_ref()?.get(LABEL_WORKER)?.parse().ok())
+            .chain(recorded.iter().copied())
+            .collect();
+        workers.sort_unstable();
+        workers.dedup();
         if items.is_empty() {
+            futures::future::join_all(workers.into_iter().map(|w| self.delete_secret(w))).await;
             return Ok(Vec::new());
         }
         let names: Vec<&str> = items
@@ -673,6 +757,7 @@ impl Inner {
             .filter_map(Result::err)
             .collect();
         if failures.is_empty() {
+            futures::future::join_all(workers.into_iter().map(|w| self.delete_secret(w))).await;
             Ok(items
                 .iter()
                 .filter_map(|p| p.metadata.name.as_deref())
@@ -909,6 +994,50 @@ impl Inner {
         }
     }
 
+    /// Writes the credential Secret of the incarnation about to start:
+    /// created, or (left by the worker's previous incarnation) its content,
+    /// labels and owner replaced by a merge patch. Before the pod is
+    /// created, so the kubelet finds the credential when it starts the
+    /// container.
+    async fn put_secret(&self, secret: &Secret) -> Result<(), PodError> {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let failed = |source| PodError::Secret {
+            name: name.clone(),
+            source: Box::new(source),
+        };
+        match self.secrets.create(&PostParams::default(), secret).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_api(&e, |s| s.is_already_exists()) => {}
+            Err(e) => return Err(failed(e)),
+        }
+        let patch = serde_json::json!({
+            "metadata": {
+                "labels": secret.metadata.labels,
+                "ownerReferences": secret.metadata.owner_references,
+            },
+            "data": secret.data,
+        });
+        self.secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(failed)
+    }
+
+    /// Deletes the credential Secret of `worker` (its pod is gone for
+    /// good). Already gone is fine; anything else is logged, since the
+    /// Secret also goes with its owner.
+    async fn delete_secret(&self, worker: WorkerId) {
+        let name = self.settings.secret_name(worker);
+        match self.secrets.delete(&name, &DeleteParams::default()).await {
+            Ok(_) => debug!(secret = %name, "deleted worker credential Secret"),
+            Err(e) if is_api(&e, |s| s.is_not_found()) => {}
+            Err(e) => {
+                warn!(secret = %name, error = %e, "could not delete the worker's credential Secret (the Role needs delete on secrets)")
+            }
+        }
+    }
+
     /// Deletes pod `name` at once, only if it is still the one with `uid`,
     /// and waits until no pod with that UID is left. Already gone is fine.
     async fn delete_and_wait(&self, name: &str, uid: &str) -> Result<(), PodError> {
@@ -1097,7 +1226,10 @@ impl Runtime for KubernetesRuntime {
                 reported: false,
             },
         );
-        let created = inner.create(&pod).await;
+        let created = match inner.put_secret(&inner.settings.secret(&launch)).await {
+            Ok(()) => inner.create(&pod).await,
+            Err(e) => Err(e),
+        };
         let mut tracked = inner.tracked.lock().expect("tracked lock");
         let entry = tracked
             .get_mut(&launch.worker_id)
@@ -1247,10 +1379,11 @@ impl Runtime for KubernetesRuntime {
 
     async fn remove_workers(
         &self,
-        _recorded: &[RecordedWorker],
+        recorded: &[RecordedWorker],
     ) -> Result<Vec<String>, RuntimeError> {
+        let ids: Vec<WorkerId> = recorded.iter().map(|w| w.id).collect();
         self.inner
-            .remove_leftovers(false)
+            .remove_leftovers(false, &ids)
             .await
             .map_err(|e| RuntimeError::Remove(e.to_string()))
     }
@@ -1259,7 +1392,7 @@ impl Runtime for KubernetesRuntime {
     /// were not adopted.
     async fn remove_leftovers(&self) -> Result<(), RuntimeError> {
         self.inner
-            .remove_leftovers(true)
+            .remove_leftovers(true, &[])
             .await
             .map(|_| ())
             .map_err(|e| RuntimeError::Remove(e.to_string()))
@@ -1275,6 +1408,7 @@ impl Runtime for KubernetesRuntime {
             .expect("tracked lock")
             .drain()
             .collect();
+        let workers: Vec<WorkerId> = all.iter().map(|(w, _)| *w).collect();
         let deletions = all.into_iter().map(|(worker, t)| {
             let name = inner.settings.pod_name(worker);
             let params = DeleteParams {
@@ -1293,7 +1427,11 @@ impl Runtime for KubernetesRuntime {
                 }
             }
         });
-        let all_done = futures::future::join_all(deletions);
+        let secrets = workers.into_iter().map(|w| inner.delete_secret(w));
+        let all_done = futures::future::join(
+            futures::future::join_all(deletions),
+            futures::future::join_all(secrets),
+        );
         if tokio::time::timeout(Duration::from_secs(20), all_done)
             .await
             .is_err()
@@ -1375,6 +1513,12 @@ mod tests {
             pod["metadata"]["ownerReferences"],
             json!([{"apiVersion": "v1", "kind": "Pod", "name": "flotilla-abc", "uid": "u-1"}])
         );
+        // The credential Secret goes with the same owner.
+        let secret = serde_json::to_value(s.secret(&launch())).unwrap();
+        assert_eq!(
+            secret["metadata"]["ownerReferences"],
+            pod["metadata"]["ownerReferences"]
+        );
         let s = KubernetesSettings::from_spec_with(&spec(""), no_env).unwrap();
         let pod = serde_json::to_value(s.pod(&launch(), "abc")).unwrap();
         assert!(pod["metadata"].get("ownerReferences").is_none());
@@ -1434,19 +1578,33 @@ mod tests {
         assert_eq!(c["resources"]["requests"]["cpu"], "1000m");
         assert_eq!(c["resources"]["limits"]["cpu"], "1000m");
         assert_eq!(c["resources"]["limits"]["memory"], "512Mi");
-        let env: HashMap<&str, &str> = c["env"]
+        assert_eq!(c["command"], json!(["flotilla-worker"]));
+        let env: HashMap<&str, &serde_json::Value> = c["env"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+            .map(|e| (e["name"].as_str().unwrap(), e))
             .collect();
-        assert_eq!(env["FLOTILLA_MASTER_URL"], "http://127.0.0.1:5000");
-        assert_eq!(env["FLOTILLA_WORKER_ID"], "3");
-        assert_eq!(env["FLOTILLA_INCARNATION"], "7");
-        assert_eq!(env["FLOTILLA_WORKER_SECRET"], "s3cret");
-        assert_eq!(env["FLOTILLA_SLOTS"], "2");
+        let value = |k: &str| env[k]["value"].as_str().unwrap();
+        assert_eq!(value("FLOTILLA_MASTER_URL"), "http://127.0.0.1:5000");
+        assert_eq!(value("FLOTILLA_WORKER_ID"), "3");
+        assert_eq!(value("FLOTILLA_INCARNATION"), "7");
+        assert_eq!(value("FLOTILLA_SLOTS"), "2");
+        // The credential is in the worker's Secret, never in the Pod object.
         assert_eq!(
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"], "http://jaeger:4318",
+            env["FLOTILLA_WORKER_SECRET"],
+            &json!({"name": "FLOTILLA_WORKER_SECRET", "valueFrom": {"secretKeyRef":
+                {"name": "demo-worker-3", "key": "credential", "optional": false}}})
+        );
+        assert!(!pod.to_string().contains("s3cret"), "{pod}");
+        let secret = serde_json::to_value(s.secret(&launch())).unwrap();
+        assert_eq!(secret["metadata"]["name"], "demo-worker-3");
+        assert_eq!(secret["metadata"]["labels"], pod["metadata"]["labels"]);
+        assert_eq!(secret["type"], "Opaque");
+        assert_eq!(secret["data"]["credential"], "czNjcmV0", "base64 of s3cret");
+        assert_eq!(
+            value("OTEL_EXPORTER_OTLP_ENDPOINT"),
+            "http://jaeger:4318",
             "traces follow the master's settings"
         );
     }
