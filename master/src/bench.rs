@@ -25,6 +25,8 @@ pub struct BenchOptions {
     /// W7's number of tasks (1,000,000 by default; the first figure is
     /// taken after a tenth of them).
     pub w7_tasks: usize,
+    /// Every cluster under test runs `--ephemeral` (no store).
+    pub ephemeral: bool,
 }
 
 /// A stand-in trace collector for measuring the cost of tracing: accepts
@@ -63,9 +65,9 @@ struct Target {
 
 impl Target {
     /// A durable master (as `flotilla up` is by default), on a fresh state
-    /// directory.
+    /// directory; with `--ephemeral`, one without a store.
     async fn start(opts: &BenchOptions, manifest: &str) -> Result<Target> {
-        Self::start_with(opts, manifest, false).await
+        Self::start_with(opts, manifest, opts.ephemeral).await
     }
 
     async fn start_with(opts: &BenchOptions, manifest: &str, ephemeral: bool) -> Result<Target> {
@@ -287,9 +289,14 @@ async fn batch(t: &Target, n: usize, code: &str) -> Result<f64> {
 }
 
 /// W1 twice, side by side: durable (as `flotilla up` runs by default) and
-/// `--ephemeral`.
+/// `--ephemeral`; only the latter when the bench runs `--ephemeral`.
 async fn w1(opts: &BenchOptions) -> Result<Value> {
     let n = 2000;
+    if opts.ephemeral {
+        let t = Target::start(opts, &manifest(4, 64)).await?;
+        let secs = batch(&t, n, "response = {i}").await?;
+        return Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs}));
+    }
     let secs = {
         let t = Target::start(opts, &manifest(4, 64)).await?;
         batch(&t, n, "response = {i}").await?
@@ -757,7 +764,8 @@ async fn w7(opts: &BenchOptions) -> Result<Value> {
     const BATCH: usize = 2_000;
     const IN_FLIGHT: usize = 4 * BATCH;
     let manifest = manifest(4, 4).replace("spec:\n", "spec:\n  resultTtlSeconds: 10\n");
-    let t = Target::start(opts, &manifest).await?;
+    // Always durable, even under `--ephemeral`: W7 measures the store too.
+    let t = Target::start_with(opts, &manifest, false).await?;
     let pid = t.child.id();
     let state_dir = t.state_dir.clone().expect("W7 runs durable");
     let mut seen = vec![false; total];

@@ -157,6 +157,10 @@ enum Command {
         /// this one), e.g. an earlier build to compare against.
         #[arg(long)]
         cluster_binary: Option<std::path::PathBuf>,
+        /// Run every cluster under test with `--ephemeral` (no store), e.g.
+        /// to compare with a build that had none; W1 then runs once per run.
+        #[arg(long)]
+        ephemeral: bool,
     },
 
     /// A chaos soak: a real cluster, a mixed workload and seeded faults,
@@ -530,6 +534,7 @@ async fn run() -> Result<()> {
             json,
             trace,
             cluster_binary,
+            ephemeral,
         } => {
             let _telemetry = logs.init_telemetry("error", None);
             let sink = if trace {
@@ -546,6 +551,7 @@ async fn run() -> Result<()> {
                 },
                 otlp_endpoint: sink.as_ref().map(|(url, _)| url.clone()),
                 w7_tasks,
+                ephemeral,
             };
             let mut figures = flotilla::bench::run(&opts).await?;
             if let Some((_, bytes)) = &sink {
