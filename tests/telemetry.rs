@@ -215,6 +215,108 @@ async fn one_task_is_one_trace_across_master_and_worker_with_its_lock_wait() {
     assert!(trace.iter().any(|s| s.name == "assigned"));
 }
 
+/// `spec.telemetry.sampleRatio`: a share of the tasks is traced, each of
+/// them whole on both sides (the worker follows the master's decision), and
+/// an unsampled task leaves no span anywhere: every exported span belongs
+/// to the trace of a sampled task's root span.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_ratio_traces_a_share_of_the_tasks_each_one_whole() {
+    let (endpoint, spans) = otlp_receiver().await;
+    let manifest = format!(
+        "{}  resources:\n    - {{ name: total, type: Integer, initialValue: 0 }}\n  telemetry: {{ sampleRatio: 0.5 }}\n",
+        native_manifest(&[2, 2], 1.0, 5.0, 3)
+    );
+    let c = Cluster::start_with(
+        &manifest,
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    )
+    .await
+    .unwrap();
+    const N: u64 = 40;
+    let mut ids = Vec::new();
+    for _ in 0..N {
+        ids.push(
+            c.send_python(
+                "with write_resource('total') as t:\n    t.value += 1\nresponse = t.value",
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    for id in &ids {
+        let t = c.wait_task(*id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(t["state"], "succeeded", "{t}");
+    }
+    // Every sampled task's worker span has arrived, and nothing more comes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = usize::MAX;
+    let snapshot = loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let snapshot = spans.lock().unwrap().clone();
+        let roots = snapshot
+            .iter()
+            .filter(|s| s.service == "flotilla-master" && s.name == "task")
+            .count();
+        let running = snapshot
+            .iter()
+            .filter(|s| s.service == "flotilla-worker" && s.name == "running")
+            .count();
+        if roots > 0 && running >= roots && snapshot.len() == last {
+            break snapshot;
+        }
+        last = snapshot.len();
+        assert!(
+            Instant::now() < deadline,
+            "exports never settled: {} spans",
+            snapshot.len()
+        );
+    };
+    let roots: HashMap<&str, &SpanRecord> = snapshot
+        .iter()
+        .filter(|s| s.service == "flotilla-master" && s.name == "task")
+        .map(|s| (s.trace_id.as_str(), s))
+        .collect();
+    let sampled = roots.len() as u64;
+    // 0.5 of 40: all or none would be a chance of 2^-39 each.
+    assert!(
+        0 < sampled && sampled < N,
+        "{sampled} of {N} tasks traced at ratio 0.5"
+    );
+    for root in roots.values() {
+        assert!(root.parent.is_empty());
+        let id: u64 = root.attrs["task.id"].parse().unwrap();
+        let running = find(&snapshot, "flotilla-worker", "running", id)
+            .unwrap_or_else(|| panic!("sampled task {id} has no worker span"));
+        assert_eq!(running.trace_id, root.trace_id);
+        for name in ["lock wait", "lock held"] {
+            assert!(
+                snapshot
+                    .iter()
+                    .any(|s| s.trace_id == root.trace_id && s.name == name),
+                "sampled task {id} has no {name} span"
+            );
+        }
+    }
+    for s in &snapshot {
+        assert!(
+            roots.contains_key(s.trace_id.as_str()),
+            "a span outside every sampled task's trace: {s:?}"
+        );
+    }
+    let running = snapshot
+        .iter()
+        .filter(|s| s.service == "flotilla-worker" && s.name == "running")
+        .count() as u64;
+    assert_eq!(
+        running, sampled,
+        "one worker span per sampled task, none for the others"
+    );
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))

@@ -667,9 +667,17 @@ async fn lock(
     headers: HeaderMap,
     Body(req): Body<LockRequest>,
 ) -> ApiResult<Json<Value>> {
-    let span = tracing::info_span!(target: TRACE_TARGET, "lock call", resource = %req.name,
-        lock.mode = %req.mode, lock.action = ?req.action);
-    adopt_parent(&span, header(&headers, TRACEPARENT));
+    // Part of the task's trace when the call carries one (a call of an
+    // untraced task carries none: no span).
+    let _span = match header(&headers, TRACEPARENT) {
+        Some(parent) => {
+            let span = tracing::info_span!(target: TRACE_TARGET, "lock call", resource = %req.name,
+                lock.mode = %req.mode, lock.action = ?req.action);
+            adopt_parent(&span, Some(parent));
+            span
+        }
+        None => tracing::Span::none(),
+    };
     match req.action {
         LockAction::Acquire => {
             let wait = match req.timeout_s {
@@ -1136,11 +1144,12 @@ async fn poll(
     Body(p): Body<Poll>,
 ) -> ApiResult<Response> {
     identity.check(p.worker_id, p.incarnation)?;
-    if let Some(report) = &p.report {
-        // The result's delivery joins the task's trace (the worker's span is its parent).
+    // The result's delivery joins the task's trace (the worker's span is its
+    // parent); a report without one is of an untraced task: no span.
+    if let (Some(report), Some(parent)) = (&p.report, header(&headers, TRACEPARENT)) {
         let span = tracing::info_span!(target: TRACE_TARGET, "result received", task.id = report.task_id,
             task.attempt = report.attempt, worker.id = p.worker_id);
-        adopt_parent(&span, header(&headers, TRACEPARENT));
+        adopt_parent(&span, Some(parent));
     }
     let assignment = cluster
         .poll(p.worker_id, p.incarnation, p.slot, p.report)

@@ -15,6 +15,7 @@ use flotilla_client::Client;
 use flotilla_proto::{TaskKind, TaskSpec};
 use serde_json::{json, Value};
 
+#[derive(Clone)]
 pub struct BenchOptions {
     pub workloads: Vec<String>,
     pub runs: usize,
@@ -22,6 +23,10 @@ pub struct BenchOptions {
     /// Export traces (OTLP/HTTP) from the cluster under test to this
     /// endpoint; `None`: tracing off.
     pub otlp_endpoint: Option<String>,
+    /// With an endpoint: the cluster's `spec.telemetry.sampleRatio`
+    /// (`None`: the manifest's default, 1). The `trace` workload's sampled
+    /// share (0.1 when not given).
+    pub trace_ratio: Option<f64>,
     /// W7's number of tasks (1,000,000 by default; the first figure is
     /// taken after a tenth of them).
     pub w7_tasks: usize,
@@ -75,6 +80,10 @@ impl Target {
         let dir = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("cluster.yaml");
+        let manifest = match (&opts.otlp_endpoint, opts.trace_ratio) {
+            (Some(_), Some(ratio)) => with_sample_ratio(manifest, ratio),
+            _ => manifest.to_string(),
+        };
         std::fs::write(&path, manifest)?;
         let state_dir = (!ephemeral).then(|| {
             use rand::Rng;
@@ -819,12 +828,89 @@ async fn w7(opts: &BenchOptions) -> Result<Value> {
     }))
 }
 
+/// `manifest` with `spec.telemetry.sampleRatio` set.
+fn with_sample_ratio(manifest: &str, ratio: f64) -> String {
+    manifest.replacen(
+        "spec:\n",
+        &format!("spec:\n  telemetry: {{ sampleRatio: {ratio} }}\n"),
+        1,
+    )
+}
+
+/// Submits `n` tasks `response = i` in batches of `per_batch` (one request
+/// each, all sent before the first result is read), then follows the
+/// completion feed: the seconds from the first submit to the last result,
+/// each response checked to arrive exactly once.
+async fn batches(t: &Target, n: usize, per_batch: usize) -> Result<f64> {
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(n);
+    for first in (0..n).step_by(per_batch) {
+        let tasks: Vec<TaskSpec> = (first..(first + per_batch).min(n))
+            .map(|i| python(format!("response = {i}")))
+            .collect();
+        ids.extend(t.client.submit(&tasks).await?);
+    }
+    let (done, end) = t.collect(&ids).await?;
+    check_unique_results(&done, n)?;
+    Ok((end - start).as_secs_f64())
+}
+
+/// What trace export costs W1, side by side in one run: 10,000 tasks
+/// `response = i` in batches of 2,000 on 4 workers of capacity 64
+/// (`--ephemeral`, so the store's syncs do not hide the CPU that tracing
+/// takes) with export off, on for every task (sample ratio 1), and on for
+/// a share (`--trace-ratio`, else 0.1), each on a fresh master exporting to
+/// a stand-in collector. The order rotates from run to run.
+async fn trace_cost(opts: &BenchOptions, run: usize) -> Result<Value> {
+    const N: usize = 10_000;
+    let (sink, bytes) = start_trace_sink().await?;
+    let ratio = opts.trace_ratio.unwrap_or(0.1);
+    let configs = [
+        ("off", None, None),
+        ("all", Some(sink.clone()), Some(1.0)),
+        ("ratio", Some(sink), Some(ratio)),
+    ];
+    let mut out = serde_json::Map::new();
+    for k in 0..configs.len() {
+        let (name, endpoint, sample) = configs[(k + run) % configs.len()].clone();
+        let o = BenchOptions {
+            otlp_endpoint: endpoint,
+            trace_ratio: sample,
+            ..opts.clone()
+        };
+        let before = bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let secs = {
+            let t = Target::start_with(&o, &manifest(4, 64), true).await?;
+            let secs = batches(&t, N, 2_000).await?;
+            // Stopping the master flushes its last spans (and its workers').
+            drop(t);
+            secs
+        };
+        let exported = bytes.load(std::sync::atomic::Ordering::Relaxed) - before;
+        out.insert(format!("{name}_tasks_per_s"), json!(N as f64 / secs));
+        out.insert(format!("{name}_bytes_exported"), json!(exported));
+    }
+    let off = out["off_tasks_per_s"].as_f64().unwrap_or(f64::NAN);
+    for name in ["all", "ratio"] {
+        let on = out[&format!("{name}_tasks_per_s")]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        out.insert(
+            format!("{name}_loss_percent"),
+            json!(100.0 * (1.0 - on / off)),
+        );
+    }
+    out.insert("ratio".into(), json!(ratio));
+    Ok(Value::Object(out))
+}
+
 pub async fn run(opts: &BenchOptions) -> Result<Value> {
     let mut workloads = serde_json::Map::new();
     for w in &opts.workloads {
         let mut runs = Vec::new();
-        for _ in 0..opts.runs {
+        for run in 0..opts.runs {
             let r = match w.as_str() {
+                "trace" => trace_cost(opts, run).await?,
                 "W1" => w1(opts).await?,
                 "W2" => w2(opts).await?,
                 "W3" => cpu_workload(opts, 2, 32, 32, 30, None).await?,
@@ -837,7 +923,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "dashboards" => dashboards(opts).await?,
                 "W7" => w7(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, locks, idle, cancel, dashboards or docker-start")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, locks, idle, cancel, dashboards, trace or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -872,6 +958,16 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "fast_tasks_per_s": med("fast_tasks_per_s"),
                 "updates_per_s_per_client": med("updates_per_s_per_client"),
                 "page_bytes": med("page_bytes"),
+            }),
+            "trace" => json!({
+                "off_tasks_per_s": med("off_tasks_per_s"),
+                "all_tasks_per_s": med("all_tasks_per_s"),
+                "ratio_tasks_per_s": med("ratio_tasks_per_s"),
+                "all_loss_percent": med("all_loss_percent"),
+                "ratio_loss_percent": med("ratio_loss_percent"),
+                "all_bytes_exported": med("all_bytes_exported"),
+                "ratio_bytes_exported": med("ratio_bytes_exported"),
+                "ratio": runs.first().map(|r| r["ratio"].clone()),
             }),
             "docker-start" => {
                 json!({"one_s": med("one_s"), "three_s": med("three_s"), "ratio": med("ratio")})

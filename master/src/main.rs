@@ -132,8 +132,9 @@ enum Command {
         /// trip), idle; also cancel (cancel to the next task's start on the
         /// freed slot), dashboards (W1 with three dashboards open against
         /// W1 without, and the updates each receives a second), W7 (the
-        /// master's memory over 1,000,000 tasks, see --w7-tasks) and
-        /// docker-start (1 vs 3 Docker workers; needs Docker).
+        /// master's memory over 1,000,000 tasks, see --w7-tasks), trace
+        /// (W1 with trace export off, at ratio 1 and at --trace-ratio, side
+        /// by side) and docker-start (1 vs 3 Docker workers; needs Docker).
         #[arg(
             long,
             default_value = "W1,W2,W3,W4,W6,locks,idle",
@@ -161,6 +162,11 @@ enum Command {
         /// to compare with a build that had none; W1 then runs once per run.
         #[arg(long)]
         ephemeral: bool,
+        /// With --trace: the share of tasks traced (the clusters'
+        /// spec.telemetry.sampleRatio, 0 to 1). For the `trace` workload:
+        /// the ratio measured beside off and 1 (default 0.1).
+        #[arg(long, value_parser = sample_ratio)]
+        trace_ratio: Option<f64>,
     },
 
     /// A chaos soak: a real cluster, a mixed workload and seeded faults,
@@ -313,6 +319,16 @@ async fn run_verb(command: Command) -> ! {
     std::process::exit(code)
 }
 
+/// `--trace-ratio`: a share between 0 and 1.
+fn sample_ratio(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "`{raw}` is not a share between 0 and 1 (e.g. 0.1: one task in ten traced)"
+        )),
+    }
+}
+
 /// The logging flags of the command line, shared by this process and the
 /// workers it starts.
 struct LogArgs {
@@ -323,13 +339,15 @@ struct LogArgs {
 
 impl LogArgs {
     /// Logs (and traces, when an OTLP endpoint is set) for this process.
-    fn init_telemetry(&self, default: &str, otlp: Option<&str>) -> Telemetry {
+    /// `sample_ratio`: the manifest's `spec.telemetry.sampleRatio`.
+    fn init_telemetry(&self, default: &str, otlp: Option<&str>, sample_ratio: f64) -> Telemetry {
         telemetry::init(
             "flotilla-master",
             self.level.as_deref().unwrap_or(default),
             self.format,
             self.color,
             otlp,
+            Some(sample_ratio),
         )
     }
 
@@ -449,7 +467,8 @@ async fn run() -> Result<()> {
         | Command::Watch(_)) => run_verb(verb).await,
         Command::Up(args) => {
             let spec = manifest::load_file(&args.file)?;
-            let _telemetry = logs.init_telemetry("info", spec.otlp_endpoint.as_deref());
+            let _telemetry =
+                logs.init_telemetry("info", spec.otlp_endpoint.as_deref(), spec.sample_ratio);
             let workers = logs.worker_env("info", spec.otlp_endpoint.as_deref());
             let mut opts = serve_options(&args, workers);
             opts.state_dir = up_state_dir(&args, &spec);
@@ -509,7 +528,8 @@ async fn run() -> Result<()> {
             timeout,
         } => {
             let spec = manifest::load_file(&serve.file)?;
-            let _telemetry = logs.init_telemetry("warn", spec.otlp_endpoint.as_deref());
+            let _telemetry =
+                logs.init_telemetry("warn", spec.otlp_endpoint.as_deref(), spec.sample_ratio);
             let workers = logs.worker_env("warn", spec.otlp_endpoint.as_deref());
             let opts = serve_options(&serve, workers);
             let master = flotilla::start(&spec, &opts).await?;
@@ -535,8 +555,9 @@ async fn run() -> Result<()> {
             trace,
             cluster_binary,
             ephemeral,
+            trace_ratio,
         } => {
-            let _telemetry = logs.init_telemetry("error", None);
+            let _telemetry = logs.init_telemetry("error", None, 1.0);
             let sink = if trace {
                 Some(flotilla::bench::start_trace_sink().await?)
             } else {
@@ -550,6 +571,7 @@ async fn run() -> Result<()> {
                     None => std::env::current_exe()?,
                 },
                 otlp_endpoint: sink.as_ref().map(|(url, _)| url.clone()),
+                trace_ratio,
                 w7_tasks,
                 ephemeral,
             };
@@ -571,7 +593,7 @@ async fn run() -> Result<()> {
             force,
         } => {
             let spec = manifest::load_file(&file)?;
-            let _telemetry = logs.init_telemetry("warn", None);
+            let _telemetry = logs.init_telemetry("warn", None, 1.0);
             let state_dir = state_dir
                 .or_else(|| spec.state_dir.clone())
                 .unwrap_or_else(|| flotilla::store::Store::default_dir(&spec.name));
@@ -597,7 +619,7 @@ async fn run() -> Result<()> {
             }
         }
         Command::Chaos(args) => {
-            let _telemetry = logs.init_telemetry("warn", None);
+            let _telemetry = logs.init_telemetry("warn", None, 1.0);
             match args.command {
                 Some(ChaosCommand::Check { history, json }) => {
                     let events = flotilla::chaos::history::read(&history)?;

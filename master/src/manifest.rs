@@ -173,6 +173,11 @@ pub struct ClusterSpec {
     /// `spec.telemetry.jaegerUrl`: the Jaeger UI the dashboard links each
     /// task's trace to (`<url>/trace/<trace id>`).
     pub jaeger_url: Option<String>,
+    /// `spec.telemetry.sampleRatio` (0 to 1, default 1): the share of tasks
+    /// whose traces are exported (a parent-based ratio sampler on each
+    /// task's root span; workers follow the task's decision).
+    /// `OTEL_TRACES_SAMPLER` wins when set.
+    pub sample_ratio: f64,
     /// `spec.workerPods`: scheduling and extra settings of worker pods
     /// (Kubernetes runtime only).
     pub worker_pods: WorkerPods,
@@ -236,6 +241,7 @@ impl ClusterSpec {
             requests: Vec::new(),
             otlp_endpoint: None,
             worker_otlp_endpoint: None,
+            sample_ratio: 1.0,
             jaeger_url: None,
             worker_pods: WorkerPods::default(),
             file_root: None,
@@ -412,6 +418,8 @@ struct NativeTelemetry {
     worker_otlp_endpoint: Option<String>,
     #[serde(default)]
     jaeger_url: Option<String>,
+    #[serde(default)]
+    sample_ratio: Option<f64>,
 }
 
 /// Parses `"512Mi"`, `"1Gi"`, `"500M"`, `"1048576"` into bytes.
@@ -658,6 +666,7 @@ fn from_native(file: NativeFile) -> Result<ClusterSpec, SpecError> {
         spec.otlp_endpoint = t.otlp_endpoint;
         spec.worker_otlp_endpoint = t.worker_otlp_endpoint;
         spec.jaeger_url = t.jaeger_url;
+        spec.sample_ratio = t.sample_ratio.unwrap_or(1.0);
     }
     spec.worker_pods = s.worker_pods;
     spec.file_root = s.file_root;
@@ -742,6 +751,12 @@ fn validate(spec: &ClusterSpec) -> Result<(), SpecError> {
                 )));
             }
         }
+    }
+    if !(0.0..=1.0).contains(&spec.sample_ratio) {
+        return Err(SpecError::Rule(format!(
+            "spec.telemetry.sampleRatio {} is not between 0 and 1 (the share of tasks whose traces are exported: 1 all, 0.1 one in ten, 0 none)",
+            spec.sample_ratio
+        )));
     }
     if let Some(url) = &spec.jaeger_url {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -1044,6 +1059,27 @@ system:
             .unwrap_err()
             .to_string();
         assert!(err.contains("nodeSelecter"), "{err}");
+    }
+
+    #[test]
+    fn the_trace_sample_ratio_defaults_to_all_and_stays_within_0_and_1() {
+        assert_eq!(parse(NATIVE, "m").unwrap().sample_ratio, 1.0);
+        let with = |ratio: &str| {
+            parse(
+                &format!("{NATIVE}  telemetry: {{ sampleRatio: {ratio} }}\n"),
+                "m",
+            )
+        };
+        assert_eq!(with("0.1").unwrap().sample_ratio, 0.1);
+        assert_eq!(with("0").unwrap().sample_ratio, 0.0);
+        assert_eq!(with("1").unwrap().sample_ratio, 1.0);
+        for bad in ["1.5", "-0.1", ".nan"] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains("spec.telemetry.sampleRatio"), "{bad}: {err}");
+            assert!(err.contains("between 0 and 1"), "{bad}: {err}");
+        }
+        let err = with("often").unwrap_err().to_string();
+        assert!(err.contains("sampleRatio"), "{err}");
     }
 
     #[test]

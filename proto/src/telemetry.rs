@@ -10,6 +10,13 @@
 //! under the [`TRACE_TARGET`] target, which the log output never shows) are
 //! disabled at their call sites, which costs next to nothing.
 //!
+//! Sampling: the master samples whole tasks with a parent-based ratio sampler
+//! (`spec.telemetry.sampleRatio`, 1.0 unless set) unless `OTEL_TRACES_SAMPLER`
+//! names another; the decision is taken once, on a task's root span, and an
+//! unsampled task gets no further spans (see [`sampled`]). Workers follow the
+//! sampled flag of the `traceparent` they receive ([`parent_sampled`]): a
+//! task without a sampled parent gets no span on a worker either.
+//!
 //! W3C trace context crosses processes in the `traceparent` HTTP header:
 //! [`traceparent`] reads it off a span, [`adopt_parent`] puts it on one.
 
@@ -18,7 +25,7 @@ use std::collections::HashMap;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -120,13 +127,17 @@ impl Drop for Telemetry {
 /// string (`info`, `flotilla=debug`, ...); `RUST_LOG` wins when set.
 /// Text lines get ANSI colours only as `color` says. Traces are exported
 /// when the standard `OTEL_EXPORTER_OTLP_*ENDPOINT` variables say where, or
-/// else to `otlp_endpoint` (a manifest's setting) when given.
+/// else to `otlp_endpoint` (a manifest's setting) when given. `sample_ratio`:
+/// the share of root spans (tasks) sampled, by a parent-based ratio sampler;
+/// `None` leaves the SDK's default (parent-based, always on). A set
+/// `OTEL_TRACES_SAMPLER` wins over both.
 pub fn init(
     service: &'static str,
     filter: &str,
     format: LogFormat,
     color: LogColor,
     otlp_endpoint: Option<&str>,
+    sample_ratio: Option<f64>,
 ) -> Telemetry {
     let directives = match std::env::var("RUST_LOG") {
         Ok(v) if !v.is_empty() => v,
@@ -144,12 +155,21 @@ pub fn init(
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let provider = otlp_provider(service, otlp_endpoint);
+    let provider = otlp_provider(service, otlp_endpoint, sample_ratio);
     let traces = provider.as_ref().map(|p| {
         let targets = tracing_subscriber::filter::Targets::new()
             .with_target(TRACE_TARGET, tracing::Level::TRACE);
+        // Each span carries its own attributes only: the layer's extras
+        // (source file, module and line, thread ID and name, busy/idle
+        // times) describe this program, not the task, and cost five more
+        // attributes to build, encode and send per span. Task spans are
+        // never entered, so no context is activated on entry either.
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer(service))
+            .with_location(false)
+            .with_threads(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
             .with_filter(targets)
     });
     let _ = tracing_subscriber::registry()
@@ -166,7 +186,11 @@ fn set(key: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn otlp_provider(service: &'static str, fallback: Option<&str>) -> Option<SdkTracerProvider> {
+fn otlp_provider(
+    service: &'static str,
+    fallback: Option<&str>,
+    sample_ratio: Option<f64>,
+) -> Option<SdkTracerProvider> {
     if set("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
         return None;
     }
@@ -195,12 +219,35 @@ fn otlp_provider(service: &'static str, fallback: Option<&str>) -> Option<SdkTra
         resource = resource.with_service_name(service);
     }
     let resource = resource.build();
-    Some(
-        SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(resource)
-            .build(),
-    )
+    let mut provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource);
+    // The builder's default reads OTEL_TRACES_SAMPLER/_ARG: when set, it wins.
+    if let (None, Some(ratio)) = (set("OTEL_TRACES_SAMPLER"), sample_ratio) {
+        provider = provider.with_sampler(Sampler::ParentBased(Box::new(
+            Sampler::TraceIdRatioBased(ratio.clamp(0.0, 1.0)),
+        )));
+    }
+    Some(provider.build())
+}
+
+/// Whether `span` is recorded for export: the sampler's decision, taken now
+/// if it was not yet (a disabled span is not).
+pub fn sampled(span: &tracing::Span) -> bool {
+    use opentelemetry::trace::TraceContextExt;
+    !span.is_disabled() && span.context().span().span_context().is_sampled()
+}
+
+/// Whether a W3C `traceparent` (`00-<trace id>-<span id>-<flags>`) says
+/// its span is sampled (bit 0 of the flags). Malformed: not sampled.
+pub fn parent_sampled(traceparent: &str) -> bool {
+    let parts: Vec<&str> = traceparent.trim().split('-').collect();
+    match parts.as_slice() {
+        [_version, trace, span, flags, ..] if trace.len() == 32 && span.len() == 16 => {
+            u8::from_str_radix(flags, 16).is_ok_and(|f| f & 1 == 1)
+        }
+        _ => false,
+    }
 }
 
 /// The span's W3C `traceparent`, when it is being traced.
@@ -226,6 +273,18 @@ pub fn adopt_parent(span: &tracing::Span, traceparent: Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_traceparent_says_whether_it_is_sampled() {
+        let id = "0af7651916cd43dd8448eb211c80319c";
+        assert!(parent_sampled(&format!("00-{id}-b7ad6b7169203331-01")));
+        assert!(!parent_sampled(&format!("00-{id}-b7ad6b7169203331-00")));
+        assert!(parent_sampled(&format!("00-{id}-b7ad6b7169203331-03")));
+        assert!(!parent_sampled(&format!("00-{id}-b7ad6b71-01")));
+        assert!(!parent_sampled("00-01"));
+        assert!(!parent_sampled(""));
+        assert!(!parent_sampled(&format!("00-{id}-b7ad6b7169203331-zz")));
+    }
 
     #[test]
     fn colour_modes_parse_and_resolve() {

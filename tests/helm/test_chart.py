@@ -64,7 +64,7 @@ CUSTOM = {
 FULL = {
     **CUSTOM,
     "telemetry": {"otlpEndpoint": "http://jaeger-collector:4318", "workerOtlpEndpoint": "https://otel.example:4319",
-                  "serviceName": "flotilla-test"},
+                  "serviceName": "flotilla-test", "sampleRatio": 0.25},
     "imagePullSecrets": [{"name": "regcred"}],
     "serviceAccount": {"create": True, "name": "flotilla-master", "annotations": {"example.com/role": "flotilla"}},
     "workerPods": {
@@ -290,7 +290,8 @@ def test_custom_cluster_manifest_carries_the_values():
     assert spec["maxAttempts"] == 5
     # The YAML loader must see the types the values had: "007" stays a string.
     assert spec["resources"] == CUSTOM["sharedResources"]
-    assert spec["telemetry"] == {"otlpEndpoint": "http://jaeger-collector:4318"}
+    # values.yaml's sampleRatio (1: every task) goes into the manifest.
+    assert spec["telemetry"] == {"otlpEndpoint": "http://jaeger-collector:4318", "sampleRatio": 1}
 
 
 def test_full_cluster_manifest_carries_worker_pod_settings():
@@ -298,6 +299,7 @@ def test_full_cluster_manifest_carries_worker_pod_settings():
     spec = yaml.safe_load(objects["ConfigMap"]["data"]["cluster.yaml"])["spec"]
     assert spec["telemetry"] == {
         "otlpEndpoint": "http://jaeger-collector:4318", "workerOtlpEndpoint": "https://otel.example:4319",
+        "sampleRatio": 0.25,
     }
     pods = dict(FULL["workerPods"])
     assert spec["workerPods"] == {**pods, "imagePullSecrets": [{"name": "regcred"}]}

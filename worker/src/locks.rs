@@ -49,7 +49,10 @@ impl LockProxy<'_> {
             timeout_s,
             resend: false,
         };
+        // The task's spans only when the task is traced (an untraced task's
+        // running span is none; a child of none would start a trace).
         let span = match req.action {
+            _ if self.span.is_none() => tracing::Span::none(),
             LockAction::Acquire => {
                 info_span!(target: TRACE_TARGET, parent: self.span, "lock wait", resource = %req.name, lock.mode = %req.mode)
             }
@@ -65,7 +68,7 @@ impl LockProxy<'_> {
             self.http,
             self.master_url,
             req.clone(),
-            traceparent(&span),
+            (!span.is_none()).then(|| traceparent(&span)).flatten(),
             || link.grace().saturating_sub(link.silent_for()),
             || link.heard(),
         )
@@ -73,7 +76,7 @@ impl LockProxy<'_> {
         drop(span);
         match result {
             Ok(body) => {
-                if req.action == LockAction::Acquire {
+                if req.action == LockAction::Acquire && !self.span.is_none() {
                     let held = info_span!(target: TRACE_TARGET, parent: self.span, "lock held", resource = %req.name,
                         lock.mode = %req.mode, lock.token = body["token"].as_u64().unwrap_or(0));
                     self.held

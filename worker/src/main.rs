@@ -505,9 +505,17 @@ impl Worker {
                             continue;
                         }
                     };
-                    let span = info_span!(target: TRACE_TARGET, "running", task.id = assignment.task_id,
-                        task.attempt = assignment.attempt, task.kind = %assignment.spec.kind, worker.id = self.cfg.worker_id);
-                    adopt_parent(&span, parent.as_deref());
+                    // Traced only when the master sampled the task: an
+                    // unsampled task costs no span here either.
+                    let span = match parent.as_deref() {
+                        Some(tp) if telemetry::parent_sampled(tp) => {
+                            let span = info_span!(target: TRACE_TARGET, "running", task.id = assignment.task_id,
+                                task.attempt = assignment.attempt, task.kind = %assignment.spec.kind, worker.id = self.cfg.worker_id);
+                            adopt_parent(&span, Some(tp));
+                            span
+                        }
+                        _ => tracing::Span::none(),
+                    };
                     if assignment.spec.kind == TaskKind::Python && interpreter.is_none() {
                         if let Some(w) = warming.take() {
                             interpreter = w.await.ok().and_then(|r| r.ok());
@@ -540,7 +548,11 @@ impl Worker {
                     if interpreter.is_none() && warming.is_none() {
                         warming = Some(self.replacement(slot));
                     }
-                    report_trace = traceparent(&span);
+                    report_trace = if span.is_none() {
+                        None
+                    } else {
+                        traceparent(&span)
+                    };
                 }
                 StatusCode::NO_CONTENT => {
                     report = None;
@@ -801,7 +813,9 @@ async fn run(taken: Option<String>) -> Result<()> {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or_default();
-    let _telemetry = telemetry::init("flotilla-worker", "info", format, color, None);
+    // No sampler of its own: a task's spans follow the master's decision
+    // (the sampled flag of the traceparent each assignment carries).
+    let _telemetry = telemetry::init("flotilla-worker", "info", format, color, None, None);
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("lock") {
         return locks::cli(&args[1..]).await;

@@ -153,6 +153,9 @@ spec:
     {{- with .workerOtlpEndpoint }}
     workerOtlpEndpoint: {{ . | quote }}
     {{- end }}
+    {{- if hasKey . "sampleRatio" }}
+    sampleRatio: {{ .sampleRatio }}
+    {{- end }}
   {{- end }}
   {{- end }}
   {{- $pods := .Values.workerPods }}
