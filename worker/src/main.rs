@@ -824,7 +824,6 @@ async fn run(taken: Option<String>) -> Result<()> {
     if std::process::id() == 1 {
         pid_one_signals();
     }
-    python::check_python(&cfg.python)?;
     // Processes that escape a task's process group stay ours to end.
     if let Err(e) = flotilla_proto::reap::become_subreaper() {
         warn!(error = %e, "cannot become a child subreaper; processes that escape a task with setsid may outlive it");
@@ -868,8 +867,16 @@ async fn run(taken: Option<String>) -> Result<()> {
         }
     }));
     let interpreters = warm.await;
-    worker.warm_standby();
+    if interpreters.iter().all(Option::is_none) {
+        // Not one would start: say plainly whether Python itself is the
+        // problem (checked only now, so that a healthy start costs no extra
+        // interpreter: workers starting together share the CPU).
+        python::check_python(&worker.cfg.python)?;
+    }
     let reply = worker.register().await?;
+    // The spare interpreter (for a slot whose interpreter is killed) starts
+    // once the worker has registered, not on the way to it.
+    worker.warm_standby();
     worker.adopt_settings(&reply);
     let (id, inc) = (worker.cfg.worker_id, worker.cfg.incarnation);
     info!(
