@@ -434,9 +434,9 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
 
 /// The master's counters of its dashboard work, from `GET /metrics`:
 /// seconds it held the scheduler's lock for the dashboard, updates it
-/// built, table rows it served (NaN where a master, an earlier build under
+/// built, table rows it served, CPU seconds of that work (NaN where a master, an earlier build under
 /// `--cluster-binary`, has no such counter).
-async fn dashboard_counters(url: &str) -> Result<[f64; 3]> {
+async fn dashboard_counters(url: &str) -> Result<[f64; 4]> {
     let http = reqwest::Client::new();
     let mut req = http.get(format!("{url}/metrics"));
     if let Some(t) = crate::api_token() {
@@ -452,6 +452,7 @@ async fn dashboard_counters(url: &str) -> Result<[f64; 3]> {
         read("flotilla_dashboard_lock_seconds_total"),
         read("flotilla_dashboard_updates_built_total"),
         read("flotilla_dashboard_table_rows_total"),
+        read("flotilla_dashboard_cpu_seconds_total"),
     ])
 }
 
@@ -463,6 +464,7 @@ struct Phase {
     lock_s: f64,
     updates_built: f64,
     rows: f64,
+    dashboard_cpu_s: f64,
     secs: f64,
 }
 
@@ -470,7 +472,19 @@ async fn measured_batch(t: &Target, n: usize) -> Result<Phase> {
     let pid = t.child.id();
     let url = t.client.url().to_string();
     let (cpu0, c0) = (cpu_seconds(pid)?, dashboard_counters(&url).await?);
-    let secs = batch(t, n, "response = {i}").await?;
+    // Submitted in requests of at most 5,000 tasks (a request body is
+    // bounded), the results followed together.
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(n);
+    for from in (0..n).step_by(5_000) {
+        let tasks: Vec<TaskSpec> = (from..n.min(from + 5_000))
+            .map(|i| python(format!("response = {i}")))
+            .collect();
+        ids.extend(t.client.submit(&tasks).await?);
+    }
+    let (done, end) = t.collect(&ids).await?;
+    check_unique_results(&done, n)?;
+    let secs = (end - start).as_secs_f64();
     let (cpu1, c1) = (cpu_seconds(pid)?, dashboard_counters(&url).await?);
     Ok(Phase {
         tasks_per_s: n as f64 / secs,
@@ -478,6 +492,7 @@ async fn measured_batch(t: &Target, n: usize) -> Result<Phase> {
         lock_s: c1[0] - c0[0],
         updates_built: c1[1] - c0[1],
         rows: c1[2] - c0[2],
+        dashboard_cpu_s: c1[3] - c0[3],
         secs,
     })
 }
@@ -539,6 +554,8 @@ async fn dashboards(opts: &BenchOptions) -> Result<Value> {
     let lock_s: f64 = on.iter().map(|p| p.0.lock_s).sum();
     let updates_built: f64 = on.iter().map(|p| p.0.updates_built).sum();
     let rows: f64 = on.iter().map(|p| p.0.rows).sum();
+    let dashboard_cpu: f64 = on.iter().map(|p| p.0.dashboard_cpu_s).sum();
+    let on_tasks = (n * on.len()) as f64;
     let page = page_bytes(&url).await?;
     drop(t);
 
@@ -565,9 +582,13 @@ async fn dashboards(opts: &BenchOptions) -> Result<Value> {
         "dashboard_lock_ms_per_s": lock_s * 1000.0 / on_secs,
         "dashboard_updates_built_per_s": updates_built / on_secs,
         "dashboard_table_rows_per_s": rows / on_secs,
+        "dashboard_cpu_ms_per_s": dashboard_cpu * 1000.0 / on_secs,
+        "dashboard_cpu_ms_per_1000_tasks": dashboard_cpu * 1e6 / on_tasks,
+        "dashboard_cpu_share_percent": 100.0 * (dashboard_cpu * 1000.0 / on_tasks) / off_cpu,
         "updates_per_s_per_client_w1": mean(&on, |p| p.1),
         "fast_tasks_per_s": fast.tasks_per_s,
         "fast_master_cpu_ms_per_1000_tasks": fast.cpu_per_1000 * 1000.0,
+        "fast_dashboard_cpu_ms_per_1000_tasks": fast.dashboard_cpu_s * 1e6 / big as f64,
         "updates_per_s_per_client": per_client.iter().cloned().fold(0.0, f64::max),
         "page_bytes": page,
     }))
@@ -955,6 +976,10 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "cpu_increase_percent": med("cpu_increase_percent"),
                 "dashboard_lock_ms_per_s": med("dashboard_lock_ms_per_s"),
                 "dashboard_updates_built_per_s": med("dashboard_updates_built_per_s"),
+                "dashboard_cpu_ms_per_s": med("dashboard_cpu_ms_per_s"),
+                "dashboard_cpu_ms_per_1000_tasks": med("dashboard_cpu_ms_per_1000_tasks"),
+                "dashboard_cpu_share_percent": med("dashboard_cpu_share_percent"),
+                "fast_dashboard_cpu_ms_per_1000_tasks": med("fast_dashboard_cpu_ms_per_1000_tasks"),
                 "fast_tasks_per_s": med("fast_tasks_per_s"),
                 "updates_per_s_per_client": med("updates_per_s_per_client"),
                 "page_bytes": med("page_bytes"),

@@ -1053,6 +1053,13 @@ impl Cluster {
         &self.hub
     }
 
+    /// Counts `cpu` (this thread's CPU time, see
+    /// [`crate::dashboard::thread_cpu`]) as the dashboard's
+    /// (`flotilla_dashboard_cpu_seconds_total`).
+    pub fn dashboard_cpu(&self, cpu: Duration) {
+        self.metrics.dashboard_cpu(cpu.as_secs_f64());
+    }
+
     /// Runs `f` on the scheduling state for the dashboard, counting the
     /// time it held the lock (`flotilla_dashboard_lock_seconds_total`).
     fn with_state_for_dashboard<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
@@ -1222,11 +1229,13 @@ impl Cluster {
         node: Option<WorkerId>,
         limit: usize,
     ) -> Result<(Vec<TaskRow>, Option<TaskId>), StoreError> {
+        let cpu = crate::dashboard::thread_cpu();
         let (mut page, end, more, feed_below) = self.with_state_for_dashboard(|s| {
             let (page, end, more) =
                 s.list_tasks_as(after, state, node, limit, LIST_SCAN, TaskRow::of_task);
             (page, end, more, s.feed_base())
         });
+        self.dashboard_cpu(crate::dashboard::thread_cpu().saturating_sub(cpu));
         let stored_states = state.is_none_or(|s| s.is_final());
         if let (Some(store), true, true) = (self.store.clone(), feed_below > 0, stored_states) {
             let rows = tokio::task::spawn_blocking(move || {

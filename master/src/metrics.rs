@@ -60,6 +60,7 @@ pub struct Metrics {
     worker_running: Family<WorkerLabel, Gauge>,
     master_queue: Gauge,
     dashboard_lock: Counter<f64, std::sync::atomic::AtomicU64>,
+    dashboard_cpu: Counter<f64, std::sync::atomic::AtomicU64>,
     dashboard_updates: Counter,
     dashboard_rows: Counter,
 }
@@ -81,6 +82,7 @@ impl Default for Metrics {
             worker_running: Family::default(),
             master_queue: Gauge::default(),
             dashboard_lock: Counter::default(),
+            dashboard_cpu: Counter::default(),
             dashboard_updates: Counter::default(),
             dashboard_rows: Counter::default(),
         };
@@ -151,6 +153,11 @@ impl Metrics {
             self.dashboard_lock.clone(),
         );
         r.register(
+            "dashboard_cpu_seconds",
+            "CPU time of the dashboard's own work: building and serialising updates and table rows, framing each page's events",
+            self.dashboard_cpu.clone(),
+        );
+        r.register(
             "dashboard_updates_built",
             "Live updates the dashboard built (one per tick, shared by every open page, plus each page's first)",
             self.dashboard_updates.clone(),
@@ -200,6 +207,11 @@ impl Metrics {
     /// The dashboard held the scheduler's lock for `seconds`.
     pub fn dashboard_locked(&self, seconds: f64) {
         self.dashboard_lock.inc_by(seconds);
+    }
+
+    /// The dashboard's own work used `seconds` of CPU.
+    pub fn dashboard_cpu(&self, seconds: f64) {
+        self.dashboard_cpu.inc_by(seconds);
     }
 
     pub fn dashboard_update_built(&self) {
