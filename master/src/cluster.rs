@@ -1105,7 +1105,10 @@ impl Cluster {
                     slots,
                     s.running_attempts(),
                     fresh,
-                    s.locks.views(),
+                    s.locks.previews(
+                        crate::dashboard::HOLDERS_SHOWN,
+                        crate::dashboard::value_preview,
+                    ),
                 )
             });
         let samples: Vec<_> = {

@@ -231,28 +231,41 @@ pub struct Update {
 }
 
 impl Update {
-    /// Cuts resource values to a preview and bounds the holder lists.
-    pub fn resource_rows(views: Vec<flotilla_proto::api::ResourceView>) -> Vec<ResourceRow> {
-        views
+    /// Resources as `LockTable::previews` gives them (see
+    /// `resources::locks`): values already cut, holder lists bounded.
+    pub fn resource_rows(
+        previews: Vec<(flotilla_proto::api::ResourceView, usize)>,
+    ) -> Vec<ResourceRow> {
+        previews
             .into_iter()
-            .map(|r| {
-                let value = match &r.value {
-                    serde_json::Value::String(s) => s.clone(),
+            .map(|(r, waiting_total)| ResourceRow {
+                name: r.name,
+                kind: r.kind,
+                value: match r.value {
+                    serde_json::Value::String(s) => s,
                     other => other.to_string(),
-                };
-                ResourceRow {
-                    name: r.name,
-                    kind: r.kind,
-                    value: cut(&value, VALUE_PREVIEW),
-                    version: r.version,
-                    holders: r.holders.into_iter().take(MAX_HOLDERS).collect(),
-                    waiting_total: r.waiting.len(),
-                    waiting: r.waiting.into_iter().take(MAX_HOLDERS).collect(),
-                }
+                },
+                version: r.version,
+                holders: r.holders,
+                waiting: r.waiting,
+                waiting_total,
             })
             .collect()
     }
 }
+
+/// A resource's value as the dashboard's updates show it: a string as
+/// itself, anything else as JSON, cut to [`VALUE_PREVIEW`] bytes. A large
+/// value is not serialised past the cut.
+pub fn value_preview(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => cut(s, VALUE_PREVIEW),
+        other => bounded_json(other, VALUE_PREVIEW),
+    }
+}
+
+/// Holders and waiters listed per resource in an update.
+pub const HOLDERS_SHOWN: usize = MAX_HOLDERS;
 
 pub const UPDATE_LIMITS: (usize, usize) = (MAX_BARS, MAX_EVENTS);
 
@@ -821,39 +834,43 @@ impl TaskRow {
 /// response is not serialised beyond that.
 fn summary(error: Option<&str>, response: Option<&serde_json::Value>) -> String {
     match (error, response) {
-        (Some(e), _) => short(e.lines().next_back().unwrap_or_default()),
-        (None, Some(serde_json::Value::String(s))) => short(s),
-        (None, Some(other)) => {
-            /// Takes bytes until it has more than it may keep, then refuses
-            /// the rest (which ends the serialisation).
-            struct Bounded(Vec<u8>);
-            impl std::io::Write for Bounded {
-                fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                    if self.0.len() > SUMMARY {
-                        return Err(std::io::ErrorKind::WriteZero.into());
-                    }
-                    self.0.extend_from_slice(buf);
-                    Ok(buf.len())
-                }
-                fn flush(&mut self) -> std::io::Result<()> {
-                    Ok(())
-                }
-            }
-            let mut w = Bounded(Vec::with_capacity(32));
-            let _ = serde_json::to_writer(&mut w, other);
-            short(&String::from_utf8_lossy(&w.0))
-        }
+        (Some(e), _) => short(e.lines().next_back().unwrap_or_default(), SUMMARY),
+        (None, Some(serde_json::Value::String(s))) => short(s, SUMMARY),
+        (None, Some(other)) => bounded_json(other, SUMMARY),
         (None, None) => String::new(),
     }
 }
 
-/// `s` cut to at most [`SUMMARY`] bytes on a character boundary, with `…`
-/// when cut.
-fn short(s: &str) -> String {
-    if s.len() <= SUMMARY {
+/// `v` as JSON, at most `max` bytes (then ending in `…`), serialised no
+/// further than that.
+fn bounded_json(v: &serde_json::Value, max: usize) -> String {
+    /// Takes bytes until it has more than it may keep, then refuses the
+    /// rest (which ends the serialisation).
+    struct Bounded(Vec<u8>, usize);
+    impl std::io::Write for Bounded {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.0.len() > self.1 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.0.extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut w = Bounded(Vec::with_capacity(32), max);
+    let _ = serde_json::to_writer(&mut w, v);
+    short(&String::from_utf8_lossy(&w.0), max)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when
+/// cut.
+fn short(s: &str, max: usize) -> String {
+    if s.len() <= max {
         return s.to_string();
     }
-    let mut end = SUMMARY;
+    let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
@@ -1010,6 +1027,22 @@ mod tests {
         assert!(s.len() <= SUMMARY + '…'.len_utf8());
         let s = summary(None, Some(&serde_json::json!("é".repeat(1000))));
         assert!(s.len() <= SUMMARY + '…'.len_utf8() && s.ends_with('…'));
+    }
+
+    #[test]
+    fn a_resource_value_preview_is_bounded_and_serialises_no_further() {
+        assert_eq!(value_preview(&serde_json::json!(7)), "7");
+        assert_eq!(value_preview(&serde_json::json!("text")), "text");
+        let big = serde_json::json!(vec!["item"; 200_000]);
+        let p = value_preview(&big);
+        assert!(p.starts_with("[\"item\",") && p.ends_with('…'), "{p}");
+        assert!(p.len() <= VALUE_PREVIEW + '…'.len_utf8());
+        let long = "y".repeat(10_000);
+        let p = value_preview(&serde_json::json!(long));
+        assert!(
+            p.starts_with("yyy") && p.contains("more bytes not shown"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -688,6 +688,53 @@ impl LockTable {
     pub fn views(&self) -> Vec<ResourceView> {
         self.resources.keys().filter_map(|n| self.view(n)).collect()
     }
+
+    /// Every resource for a display (the dashboard): the value as
+    /// `show_value` makes it (a preview, so a large value is not copied),
+    /// at most `most` holders and `most` waiters, and how many wait in all.
+    /// The work is bounded by the number of resources, not their sizes.
+    pub fn previews(
+        &self,
+        most: usize,
+        show_value: impl Fn(&Value) -> String,
+    ) -> Vec<(ResourceView, usize)> {
+        self.resources
+            .iter()
+            .map(|(name, r)| {
+                let holders = r
+                    .writer
+                    .iter()
+                    .map(|(_, o, _)| Holder {
+                        mode: LockMode::Write,
+                        owner: *o,
+                    })
+                    .chain(r.readers.values().map(|o| Holder {
+                        mode: LockMode::Read,
+                        owner: *o,
+                    }))
+                    .take(most)
+                    .collect();
+                let waiting = r
+                    .queue
+                    .iter()
+                    .take(most)
+                    .map(|w| Holder {
+                        mode: w.mode,
+                        owner: w.owner,
+                    })
+                    .collect();
+                let view = ResourceView {
+                    name: name.clone(),
+                    kind: r.kind.name().to_string(),
+                    value: Value::String(show_value(&r.value)),
+                    version: r.version,
+                    holders,
+                    waiting,
+                };
+                (view, r.queue.len())
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -715,6 +762,29 @@ mod tests {
         let (tx, rx) = oneshot::channel();
         t.acquire("total", mode, o, tx).unwrap();
         rx
+    }
+
+    #[test]
+    fn previews_bound_the_holders_and_waiters_and_show_the_value_as_given() {
+        let mut t = table();
+        let _held = ask(&mut t, LockMode::Write, owner(0, 1));
+        let _waiting: Vec<_> = (2..12)
+            .map(|task| ask(&mut t, LockMode::Write, owner(1, task)))
+            .collect();
+        let previews = t.previews(3, |v| format!("value {v}"));
+        assert_eq!(previews.len(), 1);
+        let (view, waiting_total) = &previews[0];
+        assert_eq!(view.name, "total");
+        assert_eq!(view.value, json!("value 0"));
+        assert_eq!(view.holders.len(), 1);
+        assert_eq!(view.holders[0].owner.task, 1);
+        assert_eq!(view.waiting.len(), 3);
+        assert_eq!(view.waiting[0].owner.task, 2, "the first in line first");
+        assert_eq!(*waiting_total, 10);
+        // The same as the full view, but bounded.
+        let full = t.view("total").unwrap();
+        assert_eq!(full.waiting[..3], view.waiting[..]);
+        assert_eq!(full.waiting.len(), 10);
     }
 
     #[test]
