@@ -316,7 +316,9 @@ flotilla-worker lock release write fenced --value $((value + 1)) --token $token"
 
 /// The lease of an attempt (task, attempt, worker, incarnation), as the
 /// master derives it: HMAC-SHA256 under "flotilla lease key/" and the
-/// cluster's worker secret, its first 16 bytes in hex.
+/// cluster's worker secret of "task/attempt/worker/incarnation/epoch" (the
+/// epoch: the incarnation of the master that started the attempt, as the
+/// store records it), its first 16 bytes in hex.
 fn lease_of(state_dir: &std::path::Path, task: u64, attempt: u32, worker: u32, inc: u64) -> String {
     let db = rusqlite::Connection::open_with_flags(
         state_dir.join("state.sqlite"),
@@ -330,11 +332,22 @@ fn lease_of(state_dir: &std::path::Path, task: u64, attempt: u32, worker: u32, i
             |r| r.get(0),
         )
         .unwrap();
+    let epoch: Option<i64> = db
+        .query_row(
+            "SELECT epoch FROM attempts WHERE task = ?1 AND attempt = ?2",
+            [task as i64, attempt as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
     let key = ring::hmac::Key::new(
         ring::hmac::HMAC_SHA256,
         format!("flotilla lease key/{secret}").as_bytes(),
     );
-    let tag = ring::hmac::sign(&key, format!("{task}/{attempt}/{worker}/{inc}").as_bytes());
+    let material = match epoch.unwrap_or(0) {
+        0 => format!("{task}/{attempt}/{worker}/{inc}"),
+        e => format!("{task}/{attempt}/{worker}/{inc}/{e}"),
+    };
+    let tag = ring::hmac::sign(&key, material.as_bytes());
     tag.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))

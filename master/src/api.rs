@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::cluster::{Cluster, Lookup, StopError};
+use crate::cluster::{Cluster, Kept, Lookup, StopError};
 use crate::resources::locks::LockError;
 use crate::resources::ResourceType;
 use crate::scheduler::{CancelError, LockCallError, Refusal, SubmitError};
@@ -1121,6 +1121,7 @@ async fn register(
         heartbeat_interval_ms: cluster.cfg.heartbeat_interval.as_millis() as u64,
         capacity,
         master_grace_ms: Some(cluster.cfg.master_grace.as_millis() as u64),
+        keep_reports: cluster.store().is_some(),
     }))
 }
 
@@ -1152,7 +1153,16 @@ async fn poll(
         adopt_parent(&span, Some(parent));
     }
     let assignment = cluster
-        .poll(p.worker_id, p.incarnation, p.slot, p.report)
+        .poll(
+            p.worker_id,
+            p.incarnation,
+            p.slot,
+            p.report,
+            Kept {
+                keeps: p.keeps,
+                kept: p.kept,
+            },
+        )
         .await
         .map_err(refusal)?;
     let Some(mut assignment) = assignment else {

@@ -163,6 +163,10 @@ pub struct Cluster {
     /// The durable state (`None`: ephemeral). Every transition's journal is
     /// appended to it inside the same critical section, so in order.
     store: Option<Arc<Store>>,
+    /// Per worker slot: the incarnation and the store sequence number of
+    /// its last poll's changes (what its next poll's `kept` report needs
+    /// durable). Bounded by the slots of the workers.
+    slot_seqs: Mutex<std::collections::HashMap<(WorkerId, u32), (Incarnation, u64)>>,
     /// The scheduler's activity revision, published after every critical
     /// section that moved it: the dashboard's live updates wait on this.
     changes: tokio::sync::watch::Sender<u64>,
@@ -198,6 +202,7 @@ impl Cluster {
             Some((store, secret, incarnation)) => {
                 sched.keep_journal();
                 sched.set_lease_secret(&secret);
+                sched.set_epoch(incarnation);
                 (Some(store), secret, incarnation)
             }
             None => (None, random_secret(), crate::scheduler::unix_ms()),
@@ -214,6 +219,7 @@ impl Cluster {
             stopping: Default::default(),
             draining: Default::default(),
             store,
+            slot_seqs: Mutex::new(Default::default()),
             changes: tokio::sync::watch::Sender::new(0),
             started: Instant::now(),
             series: Mutex::new(Default::default()),
@@ -290,6 +296,13 @@ impl Cluster {
     /// changed is appended to the store in the same critical section (so in
     /// order).
     fn with_state<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> R {
+        self.with_state_seq(f).0
+    }
+
+    /// [`Cluster::with_state`], also returning the store's sequence number
+    /// that covers the changes made (0 without a store): once it is
+    /// durable, so are they.
+    fn with_state_seq<R>(&self, f: impl FnOnce(&mut Scheduler) -> R) -> (R, u64) {
         let mut s = self.sched.lock().expect("scheduler lock poisoned");
         let out = f(&mut s);
         for tally in s.drain_tallies() {
@@ -300,13 +313,16 @@ impl Cluster {
         if *self.changes.borrow() != revision {
             self.changes.send_replace(revision);
         }
+        let mut seq = 0;
         if let Some(store) = &self.store {
             let ops = s.take_journal();
-            if !ops.is_empty() {
-                store.append(ops);
-            }
+            seq = if ops.is_empty() {
+                store.last_seq()
+            } else {
+                store.append(ops)
+            };
         }
-        out
+        (out, seq)
     }
 
     fn credential_key(&self) -> ring::hmac::Key {
@@ -1006,7 +1022,12 @@ impl Cluster {
             tasks_by_state: s.tasks_by_state(),
             nodes: s.nodes(),
             master_queue: s.master_queue_len(),
+            store: None,
         });
+        let now = Snapshot {
+            store: self.store.as_ref().map(|st| st.stats()),
+            ..now
+        };
         self.metrics.render(&now)
     }
 
@@ -1438,27 +1459,59 @@ impl Cluster {
     /// until a task is handed to the slot (`Some`) or `poll_hold` passes
     /// (`None`). If the caller goes away with a task handed to it but not
     /// sent, the task goes back to the worker's queue unspent.
+    ///
+    /// With a store, an answer means to the worker that what it may now
+    /// forget is durable, so the answer waits for that (see ARCHITECTURE.md,
+    /// "Adoption"): the report this poll carries, unless the worker keeps it
+    /// (`keeps`: it sends it again with its next poll, as `kept`); and the
+    /// report it kept from its previous poll. The attempt handed out is not
+    /// waited for: its task code may start before its start is synced.
     pub async fn poll(
         &self,
         worker: WorkerId,
         inc: Incarnation,
         slot: u32,
         report: Option<TaskReport>,
+        kept: Kept,
     ) -> Result<Option<Assignment>, Refusal> {
+        let carried = report.is_some();
+        let had_kept = kept.kept.is_some();
         let (tx, rx) = oneshot::channel();
-        let poll_id = self.with_state(|s| s.poll(worker, inc, slot, report, tx))?;
+        let (poll_id, seq) =
+            self.with_state_seq(|s| s.poll_keeping(worker, inc, slot, kept.kept, report, tx));
+        let poll_id = poll_id?;
+        // The append that holds this poll's report, for the next poll of
+        // the slot; and the one that held the previous poll's.
+        let previous = self.store.as_ref().and_then(|_| {
+            self.slot_seqs
+                .lock()
+                .expect("slot sequence lock")
+                .insert((worker, slot), (inc, seq))
+        });
+        let mut needed: Option<u64> = None;
+        if carried && !kept.keeps {
+            needed = Some(seq);
+        }
+        if had_kept {
+            // Appended by this master when the previous poll came: wait for
+            // that. Not seen by this master (it started since): it was
+            // recorded just now, if it was missing.
+            let at = match previous {
+                Some((i, p)) if i == inc => p,
+                _ => seq,
+            };
+            needed = Some(needed.map_or(at, |n| n.max(at)));
+        }
         let woken = self
             .pending(rx, move |s, undelivered| {
                 s.withdraw_poll(worker, slot, poll_id, undelivered)
             })
             .wait(Some(Instant::now() + self.cfg.poll_hold))
             .await;
-        // The answer waits until the report it carried and the attempt it
-        // hands out are durable: a worker forgets a report once answered,
-        // and must run only attempts a master started after a crash knows
-        // of (it adopts the worker and them). One group commit for all.
-        if let Err(e) = self.durable().await {
-            warn!(error = %e, "answering a worker with changes that are not durable");
+        if let (Some(store), Some(seq)) = (&self.store, needed) {
+            if let Err(e) = store.durable(seq).await {
+                warn!(error = %e, "answering a worker with changes that are not durable");
+            }
         }
         match woken {
             Woken::Fired(assignment) => Ok(Some(assignment)),
@@ -1580,6 +1633,16 @@ pub enum StopError {
     UnknownNode(WorkerId),
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+}
+
+/// What a poll says about the reports the worker keeps (see
+/// [`flotilla_proto::Poll`]).
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// The worker keeps this poll's report until an answer to a later poll.
+    pub keeps: bool,
+    /// The report its previous poll carried and kept.
+    pub kept: Option<TaskReport>,
 }
 
 /// How a [`Pending`] wait ended.

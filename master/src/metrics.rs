@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub tasks_by_state: Vec<(TaskState, usize)>,
     pub nodes: Vec<NodeView>,
     pub master_queue: usize,
+    /// The durable store's writer so far (`None`: ephemeral).
+    pub store: Option<crate::store::StoreStats>,
 }
 
 pub struct Metrics {
@@ -63,6 +65,10 @@ pub struct Metrics {
     dashboard_cpu: Counter<f64, std::sync::atomic::AtomicU64>,
     dashboard_updates: Counter,
     dashboard_rows: Counter,
+    store_commits: Gauge,
+    store_ops: Gauge,
+    store_apply: Gauge<f64, std::sync::atomic::AtomicU64>,
+    store_sync: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -85,6 +91,10 @@ impl Default for Metrics {
             dashboard_cpu: Counter::default(),
             dashboard_updates: Counter::default(),
             dashboard_rows: Counter::default(),
+            store_commits: Gauge::default(),
+            store_ops: Gauge::default(),
+            store_apply: Gauge::default(),
+            store_sync: Gauge::default(),
         };
         m.register()
     }
@@ -167,6 +177,26 @@ impl Metrics {
             "Task table rows the dashboard served",
             self.dashboard_rows.clone(),
         );
+        r.register(
+            "store_commits",
+            "Transactions the state store committed since the master started (each one sync)",
+            self.store_commits.clone(),
+        );
+        r.register(
+            "store_ops",
+            "Operations (task, attempt, lock, worker changes) the state store committed since the master started",
+            self.store_ops.clone(),
+        );
+        r.register(
+            "store_apply_seconds",
+            "Seconds the state store's writer spent running the operations' SQL since the master started",
+            self.store_apply.clone(),
+        );
+        r.register(
+            "store_sync_seconds",
+            "Seconds the state store's writer spent committing (writing and syncing its log) since the master started",
+            self.store_sync.clone(),
+        );
         self
     }
 
@@ -242,6 +272,12 @@ impl Metrics {
                 .set(n.running as i64);
         }
         self.master_queue.set(now.master_queue as i64);
+        if let Some(st) = &now.store {
+            self.store_commits.set(st.commits as i64);
+            self.store_ops.set(st.ops as i64);
+            self.store_apply.set(st.apply_seconds);
+            self.store_sync.set(st.sync_seconds);
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
@@ -264,6 +300,12 @@ mod tests {
             tasks_by_state: TaskState::ALL.iter().map(|&s| (s, 1)).collect(),
             nodes: vec![],
             master_queue: queued,
+            store: Some(crate::store::StoreStats {
+                commits: 3,
+                ops: 40,
+                apply_seconds: 0.5,
+                sync_seconds: 0.25,
+            }),
         };
         let text = m.render(&snapshot(7));
         assert!(text.contains("flotilla_tasks_submitted_total 2"), "{text}");
@@ -273,6 +315,8 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("flotilla_master_queue_length 7"), "{text}");
+        assert!(text.contains("flotilla_store_commits 3"), "{text}");
+        assert!(text.contains("flotilla_store_sync_seconds 0.25"), "{text}");
         assert!(
             text.contains("flotilla_tasks{state=\"succeeded\"} 1"),
             "{text}"

@@ -47,6 +47,11 @@ pub mod limits {
     /// The master's body limit on worker routes: a report plus the poll
     /// around it.
     pub const REPORT_BODY: usize = (REPORT as usize) + (1 << 20);
+    /// The largest poll body whose report a worker keeps and sends again
+    /// with the next poll (bytes); larger ones are confirmed durable before
+    /// the poll is answered. Well within `REPORT_BODY - REPORT`, so a poll
+    /// carrying a kept report beside a full one still fits.
+    pub const KEPT_REPORT: usize = 64 << 10;
     /// Worker environment variables overriding the output and result limits
     /// (bytes; the result limit is capped below [`REPORT`]).
     pub const OUTPUT_ENV: &str = "FLOTILLA_MAX_OUTPUT_BYTES";
@@ -177,6 +182,11 @@ pub struct RegisterReply {
     /// itself. Absent: 60 s.
     #[serde(default)]
     pub master_grace_ms: Option<u64>,
+    /// The master keeps its state in a durable store and takes reports the
+    /// worker keeps (see [`Poll::keeps`]): a slot need not wait for its
+    /// report's sync before it runs its next task. Absent: false.
+    #[serde(default)]
+    pub keep_reports: bool,
 }
 
 /// `POST /internal/heartbeat`.
@@ -202,6 +212,18 @@ pub struct Poll {
     pub slot: u32,
     #[serde(default)]
     pub report: Option<TaskReport>,
+    /// The worker keeps `report` and sends it again as `kept` with the
+    /// slot's next poll, until an answer says it is durable: so this poll's
+    /// answer need not wait until the store has it. (Only small reports are
+    /// kept: [`limits::KEPT_REPORT`].)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keeps: bool,
+    /// The report the slot's previous poll carried with `keeps`, sent again:
+    /// any answer to this poll means it is durable (the worker then forgets
+    /// it). A master that has it already ignores it; a master started since
+    /// (which may lack it) records it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<TaskReport>,
 }
 
 /// The master's answer to a poll: one task attempt to run now.

@@ -270,6 +270,7 @@ impl Worker {
         if let Some(ms) = reply.master_grace_ms {
             self.link.set_grace(Duration::from_millis(ms));
         }
+        self.link.set_keep_reports(reply.keep_reports);
     }
 
     /// Ends the worker when no master has answered for the grace period.
@@ -430,33 +431,50 @@ impl Worker {
     }
 
     /// The poll's body, with the report checked against the size the master
-    /// accepts.
-    fn poll_body(&self, slot: u32, report: &mut Option<TaskReport>) -> Vec<u8> {
+    /// accepts, and the report kept from the previous poll; and whether the
+    /// worker keeps this one (a durable master, a small report: see
+    /// [`link::Kept`]).
+    fn poll_body(
+        &self,
+        slot: u32,
+        report: &mut Option<TaskReport>,
+        kept: &link::Kept,
+    ) -> (Vec<u8>, bool) {
         let mut poll = Poll {
             worker_id: self.cfg.worker_id,
             incarnation: self.cfg.incarnation,
             slot,
             report: report.take(),
+            keeps: false,
+            kept: None,
         };
-        let body = serde_json::to_vec(&poll).expect("serialisable");
-        if body.len() as u64 <= flotilla_proto::limits::REPORT {
-            *report = poll.report;
-            return body;
+        let mut body = serde_json::to_vec(&poll).expect("serialisable");
+        if body.len() as u64 > flotilla_proto::limits::REPORT {
+            let r = poll.report.take().expect("only a report can be this large");
+            let error = format!(
+                "the task's report is {} bytes, over the limit of {} bytes",
+                body.len(),
+                flotilla_proto::limits::REPORT
+            );
+            warn!(task = r.task_id, %error, "report replaced");
+            poll.report = Some(failed_report(r.task_id, r.attempt, error));
+            body = serde_json::to_vec(&poll).expect("serialisable");
         }
-        let r = poll.report.take().expect("only a report can be this large");
-        let error = format!(
-            "the task's report is {} bytes, over the limit of {} bytes",
-            body.len(),
-            flotilla_proto::limits::REPORT
-        );
-        warn!(task = r.task_id, %error, "report replaced");
-        poll.report = Some(failed_report(r.task_id, r.attempt, error));
-        *report = poll.report.clone();
-        serde_json::to_vec(&poll).expect("serialisable")
+        poll.keeps = poll.report.is_some()
+            && self.link.keeps_reports()
+            && body.len() <= flotilla_proto::limits::KEPT_REPORT;
+        if poll.keeps || kept.kept.is_some() {
+            poll.kept = kept.kept.clone();
+            body = serde_json::to_vec(&poll).expect("serialisable");
+        }
+        *report = poll.report;
+        (body, poll.keeps)
     }
 
     async fn slot(self: Arc<Self>, slot: u32, mut interpreter: Option<Interpreter>) -> Verdict {
         let mut report: Option<TaskReport> = None;
+        // The report an earlier poll carried, kept until it is durable.
+        let mut kept = link::Kept::default();
         // The finished task's span context, sent with its report.
         let mut report_trace: Option<String> = None;
         // Whether the pending report already replaces one the master refused.
@@ -464,7 +482,7 @@ impl Worker {
         let mut warming: Option<tokio::task::JoinHandle<Result<Interpreter>>> = None;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let body = self.poll_body(slot, &mut report);
+            let (body, keeps) = self.poll_body(slot, &mut report, &kept);
             let mut call = self
                 .http
                 .post(self.url(routes::POLL))
@@ -490,7 +508,7 @@ impl Worker {
             backoff = Duration::from_millis(50);
             match resp.status() {
                 StatusCode::OK => {
-                    report = None;
+                    kept.answered(report.take(), keeps);
                     report_trace = None;
                     replaced = false;
                     let parent = resp
@@ -555,7 +573,7 @@ impl Worker {
                     };
                 }
                 StatusCode::NO_CONTENT => {
-                    report = None;
+                    kept.answered(report.take(), keeps);
                     report_trace = None;
                     replaced = false;
                 }

@@ -1055,6 +1055,7 @@ mod tests {
             slot: 0,
             started_at: 100 * attempt as u64,
             outcome: outcome.map(str::to_string),
+            epoch: 1,
         };
         let rows = AttemptRow::of_records(
             &[

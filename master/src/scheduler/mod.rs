@@ -188,6 +188,9 @@ pub struct Scheduler {
     journal: Option<Vec<Op>>,
     /// The key attempt leases are derived from (see [`Scheduler::lease`]).
     lease_key: ring::hmac::Key,
+    /// The master's incarnation (see [`Scheduler::set_epoch`]); 0 without
+    /// a store.
+    epoch: u64,
     /// What happened lately (the dashboard's stream and event log).
     pub activity: Activity,
     /// Tasks that finished under this master, by final state (succeeded,
@@ -298,11 +301,19 @@ fn derive_lease(
     attempt: Attempt,
     worker: WorkerId,
     incarnation: Incarnation,
+    epoch: u64,
 ) -> String {
-    let tag = ring::hmac::sign(
-        key,
-        format!("{task}/{attempt}/{worker}/{incarnation}").as_bytes(),
-    );
+    // The master's incarnation (`epoch`) is part of it: an attempt a master
+    // started but never synced (it died first) may still run on an adopted
+    // worker, and the next master, which does not know it, may hand out
+    // the same attempt number to the same worker; their leases differ, so
+    // the unknown attempt can take no lock. 0: started by a master whose
+    // store did not keep the epoch.
+    let material = match epoch {
+        0 => format!("{task}/{attempt}/{worker}/{incarnation}"),
+        e => format!("{task}/{attempt}/{worker}/{incarnation}/{e}"),
+    };
+    let tag = ring::hmac::sign(key, material.as_bytes());
     tag.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -345,6 +356,7 @@ impl Scheduler {
             task_timeout: None,
             stops: HashMap::new(),
             lease_key: random_lease_key(),
+            epoch: 0,
             activity: Activity::default(),
             finished_counts: [0; 3],
         }
@@ -354,6 +366,12 @@ impl Scheduler {
     /// in the store), so a master that adopts a running attempt knows the
     /// lease its task code already holds, without the store keeping any
     /// lease.
+    /// This master's incarnation on its state directory, part of every
+    /// lease it derives for an attempt it starts (see `derive_lease`).
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
     pub fn set_lease_secret(&mut self, secret: &str) {
         let mut material = b"flotilla lease key/".to_vec();
         material.extend_from_slice(secret.as_bytes());
@@ -627,7 +645,14 @@ impl Scheduler {
                     ended_at: None,
                     outcome: None,
                 });
-                let lease = derive_lease(&self.lease_key, t.id, a.attempt, a.worker, a.incarnation);
+                let lease = derive_lease(
+                    &self.lease_key,
+                    t.id,
+                    a.attempt,
+                    a.worker,
+                    a.incarnation,
+                    a.epoch,
+                );
                 self.lease_of.insert((t.id, a.attempt), lease.clone());
                 self.leases.insert(
                     lease,
@@ -1002,6 +1027,23 @@ impl Scheduler {
         report: Option<TaskReport>,
         tx: oneshot::Sender<Assignment>,
     ) -> Result<u64, Refusal> {
+        self.poll_keeping(worker, inc, slot, None, report, tx)
+    }
+
+    /// [`Scheduler::poll`] of a worker that sends again the report its
+    /// previous poll carried (`kept`, see `flotilla_proto::Poll`). It is
+    /// recorded first, if this slot still runs its attempt as far as this
+    /// master knows (a master started since the report was first sent may
+    /// lack it); else it was recorded already and is ignored, silently.
+    pub fn poll_keeping(
+        &mut self,
+        worker: WorkerId,
+        inc: Incarnation,
+        slot: u32,
+        kept: Option<TaskReport>,
+        report: Option<TaskReport>,
+        tx: oneshot::Sender<Assignment>,
+    ) -> Result<u64, Refusal> {
         let w = self.check(worker, inc)?;
         if w.state != WorkerState::Active {
             return Err(Refusal::NotRegistered(worker));
@@ -1012,6 +1054,12 @@ impl Scheduler {
                 slot,
                 slots: w.slots,
             });
+        }
+        if let Some(kept) = kept {
+            let runs = self.workers[worker as usize].running.get(&slot);
+            if runs == Some(&(kept.task_id, kept.attempt)) {
+                self.record(worker, slot, kept);
+            }
         }
         if let Some(report) = report {
             self.record(worker, slot, report);
@@ -1404,7 +1452,14 @@ impl Scheduler {
                 let task = self.tasks.get_mut(&tid).expect("waiting task exists");
                 let (attempt, traceparent, first_wait) = task.start(w.id, w.incarnation, slot);
                 let started_at = task.started_at.unwrap_or_default();
-                let lease = derive_lease(&self.lease_key, tid, attempt, w.id, w.incarnation);
+                let lease = derive_lease(
+                    &self.lease_key,
+                    tid,
+                    attempt,
+                    w.id,
+                    w.incarnation,
+                    self.epoch,
+                );
                 let assignment = Assignment {
                     task_id: tid,
                     attempt,
@@ -1437,6 +1492,7 @@ impl Scheduler {
                                 slot,
                                 started_at,
                                 outcome: None,
+                                epoch: self.epoch,
                             })
                         );
                         let owner = Owner {

@@ -609,3 +609,62 @@ fn finished_tasks_leave_memory_by_count_and_age_oldest_first_keeping_feed_positi
     // An ID never handed out is not taken for one that left.
     assert!(!s.handed_out(ids[9] + 1));
 }
+
+#[test]
+fn a_kept_report_is_recorded_once_whichever_poll_brings_it() {
+    let mut s = cluster(&[1]);
+    let mut rx = poll(&mut s, 0, 0, None);
+    let id = s.submit(spec("a"));
+    let a = rx.try_recv().unwrap();
+    // The report comes with the next poll (kept by the worker), and again
+    // as `kept` with the one after: recorded once, the second silently
+    // ignored, and no task of the slot is taken for lost.
+    let (tx, mut rx) = oneshot::channel();
+    s.poll_keeping(0, 1, 0, None, report(&a, ok(1)), tx)
+        .unwrap();
+    assert_eq!(s.task(id).unwrap().state, TaskState::Succeeded);
+    let b_id = s.submit(spec("b"));
+    let b = rx.try_recv().unwrap();
+    let (tx, _rx) = oneshot::channel();
+    s.poll_keeping(0, 1, 0, report(&a, ok(2)), report(&b, ok(3)), tx)
+        .unwrap();
+    assert_eq!(s.completed_total(), 2);
+    let (feed, _) = s.completions_after(0, 10).unwrap();
+    let ids: Vec<_> = feed.iter().map(|t| t.id).collect();
+    assert_eq!(ids, vec![id, b_id]);
+    assert_eq!(feed[0].result.as_ref().unwrap().response, 1);
+    assert_eq!(s.task(b_id).unwrap().attempts, 1, "b ran once");
+}
+
+#[test]
+fn a_kept_report_a_restarted_master_lacks_is_recorded_before_the_new_one() {
+    // As a master started after a crash sees it: the slot still runs A (its
+    // report was never synced); the poll brings B's report (an attempt this
+    // master never started: dropped) and A's report as kept (recorded).
+    let mut s = cluster(&[1]);
+    let mut rx = poll(&mut s, 0, 0, None);
+    let id = s.submit(spec("a"));
+    let a = rx.try_recv().unwrap();
+    let orphan = TaskReport {
+        task_id: id + 1,
+        attempt: 1,
+        outcome: ok(9),
+    };
+    let (tx, _rx) = oneshot::channel();
+    s.poll_keeping(0, 1, 0, report(&a, ok(1)), Some(orphan), tx)
+        .unwrap();
+    let t = s.task(id).unwrap();
+    assert_eq!(t.state, TaskState::Succeeded);
+    assert_eq!(t.attempts, 1, "not taken for lost in transit");
+    assert_eq!(s.completed_total(), 1);
+}
+
+#[test]
+fn leases_of_the_same_attempt_differ_between_master_incarnations() {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"k");
+    let first = derive_lease(&key, 7, 2, 0, 1, 1);
+    assert_ne!(first, derive_lease(&key, 7, 2, 0, 1, 2));
+    assert_eq!(first, derive_lease(&key, 7, 2, 0, 1, 1));
+    // Epoch 0 (a store that did not keep it) derives as before epochs.
+    assert_ne!(first, derive_lease(&key, 7, 2, 0, 1, 0));
+}

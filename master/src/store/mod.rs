@@ -39,7 +39,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 /// The store's layout version; a directory written by a newer one is refused.
-pub const FORMAT_VERSION: i64 = 2;
+pub const FORMAT_VERSION: i64 = 3;
 
 /// The file names inside a state directory.
 pub const DB_FILE: &str = "state.sqlite";
@@ -116,6 +116,9 @@ pub struct AttemptRecord {
     pub started_at: u64,
     /// How it ended (`succeeded`, `failed`, `crashed`, `lost`), once it has.
     pub outcome: Option<String>,
+    /// The incarnation of the master that started it (0: a store of format
+    /// 2 or older did not say); part of what its lease is derived from.
+    pub epoch: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -235,10 +238,29 @@ struct Progress {
     committed: u64,
     /// Transactions committed (each one sync).
     commits: u64,
+    /// Operations committed.
+    ops: u64,
+    /// Time spent applying operations (SQL statements) and committing
+    /// (writing and syncing the WAL), in µs.
+    apply_us: u64,
+    sync_us: u64,
     /// Set when a commit failed: nothing later can be acknowledged.
     failed: Option<String>,
     /// Expired results are being deleted (in steps, between commits).
     expiring: bool,
+}
+
+/// The writer's work so far (see [`Store::stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StoreStats {
+    /// Transactions committed: each one cost one sync.
+    pub commits: u64,
+    /// Operations committed.
+    pub ops: u64,
+    /// Seconds spent running the operations' SQL statements.
+    pub apply_seconds: f64,
+    /// Seconds spent committing: writing the WAL and syncing it.
+    pub sync_seconds: f64,
 }
 
 /// A page of finished tasks read from the store (the task listing's part
@@ -355,6 +377,18 @@ impl Store {
     /// Transactions committed so far: each one cost one sync.
     pub fn commits(&self) -> u64 {
         self.progress.borrow().commits
+    }
+
+    /// What the writer has done so far: commits, operations, and where its
+    /// time went.
+    pub fn stats(&self) -> StoreStats {
+        let p = self.progress.borrow();
+        StoreStats {
+            commits: p.commits,
+            ops: p.ops,
+            apply_seconds: p.apply_us as f64 / 1e6,
+            sync_seconds: p.sync_us as f64 / 1e6,
+        }
     }
 
     /// Operations appended so far.

@@ -55,6 +55,7 @@ CREATE TABLE attempts (
     slot INTEGER NOT NULL,
     started_at INTEGER NOT NULL,
     outcome TEXT,
+    epoch INTEGER,
     PRIMARY KEY (task, attempt)
 ) WITHOUT ROWID;
 CREATE TABLE resources (
@@ -294,15 +295,34 @@ pub(super) fn open_db(dir: &Path, cluster: &str, secret: &str) -> Result<Connect
     }
     conn.execute_batch(ADDED_INDEXES)
         .map_err(|e| db_error(dir, &path, e))?;
-    if version < 2 {
-        // Format 1 did not keep a task's `timeout`: a restart ran its
-        // tasks without one. Their timeouts are lost; the column is added.
-        conn.execute_batch(
-            "BEGIN; ALTER TABLE tasks ADD COLUMN timeout_s REAL; PRAGMA user_version = 2; COMMIT;",
-        )
-        .map_err(|e| db_error(dir, &path, e))?;
+    if version < FORMAT_VERSION {
+        // Format 1 did not keep a task's `timeout` (a restart ran its tasks
+        // without one: those are lost; the column is added); format 2 not
+        // which master started an attempt (its `epoch`: those are 0).
+        upgrade(&conn).map_err(|e| db_error(dir, &path, e))?;
     }
     Ok(conn)
+}
+
+/// Adds what older formats lack, in one transaction.
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    let mut sql = String::from("BEGIN;");
+    if !has("tasks", "timeout_s")? {
+        sql.push_str("ALTER TABLE tasks ADD COLUMN timeout_s REAL;");
+    }
+    if !has("attempts", "epoch")? {
+        sql.push_str("ALTER TABLE attempts ADD COLUMN epoch INTEGER;");
+    }
+    sql.push_str(&format!("PRAGMA user_version = {FORMAT_VERSION}; COMMIT;"));
+    conn.execute_batch(&sql)
 }
 
 /// SQLite would take a non-database for an empty one in some cases: look
@@ -403,7 +423,7 @@ pub(super) fn read_task(conn: &Connection, id: u64) -> rusqlite::Result<Option<T
 /// task that left memory).
 pub(super) fn read_attempts(conn: &Connection, task: u64) -> rusqlite::Result<Vec<AttemptRecord>> {
     conn.prepare_cached(
-        "SELECT task, attempt, worker, incarnation, slot, started_at, outcome \
+        "SELECT task, attempt, worker, incarnation, slot, started_at, outcome, epoch \
          FROM attempts WHERE task = ?1 ORDER BY attempt",
     )?
     .query_map([task as i64], |r| {
@@ -415,6 +435,7 @@ pub(super) fn read_attempts(conn: &Connection, task: u64) -> rusqlite::Result<Ve
             slot: r.get::<_, i64>(4)? as u32,
             started_at: to_u64(r.get(5)?),
             outcome: r.get(6)?,
+            epoch: r.get::<_, Option<i64>>(7)?.map_or(0, to_u64),
         })
     })?
     .collect()
@@ -487,7 +508,7 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
             .map(to_u64)?;
         let open_attempts = tx
             .prepare(
-                "SELECT task, attempt, worker, incarnation, slot, started_at, outcome \
+                "SELECT task, attempt, worker, incarnation, slot, started_at, outcome, epoch \
                  FROM attempts WHERE outcome IS NULL ORDER BY task, attempt",
             )?
             .query_map([], |r| {
@@ -499,6 +520,7 @@ pub(super) fn load(dir: &Path, conn: &mut Connection) -> Result<Recovered, Store
                     slot: r.get::<_, i64>(4)? as u32,
                     started_at: to_u64(r.get(5)?),
                     outcome: r.get(6)?,
+                    epoch: r.get::<_, Option<i64>>(7)?.map_or(0, to_u64),
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;

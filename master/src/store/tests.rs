@@ -112,6 +112,7 @@ fn everything_written_is_read_back_in_order() {
             slot: 0,
             started_at: 2000,
             outcome: None,
+            epoch: 0,
         }),
         Op::Finish {
             id: 1,
@@ -131,6 +132,7 @@ fn everything_written_is_read_back_in_order() {
             slot: 1,
             started_at: 2500,
             outcome: None,
+            epoch: 0,
         }),
         Op::Resource(ResourceRecord {
             name: "total".into(),
@@ -191,6 +193,7 @@ fn everything_written_is_read_back_in_order() {
             slot: 1,
             started_at: 2500,
             outcome: None,
+            epoch: 0,
         }],
         "the finished task's attempt is closed"
     );
@@ -224,6 +227,7 @@ fn grants_and_attempts_can_be_closed() {
             slot: 0,
             started_at: 1,
             outcome: None,
+            epoch: 0,
         }),
         Op::Grant(GrantRecord {
             resource: "r".into(),

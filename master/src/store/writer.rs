@@ -90,7 +90,9 @@ pub(super) fn run(
         };
         let started = std::time::Instant::now();
         match commit(&mut conn, &batch) {
-            Ok(expire) => {
+            Ok((expire, applied)) => {
+                let apply_us = (applied - started).as_micros() as u64;
+                let sync_us = applied.elapsed().as_micros() as u64;
                 if let Some(before) = expire {
                     expiring = Some(expiring.map_or(before, |b| b.max(before)));
                     progress.send_modify(|p| p.expiring = true);
@@ -104,6 +106,9 @@ pub(super) fn run(
                 progress.send_modify(|p| {
                     p.committed = last;
                     p.commits += 1;
+                    p.ops += ops as u64;
+                    p.apply_us += apply_us;
+                    p.sync_us += sync_us;
                 });
             }
             Err(e) => {
@@ -150,8 +155,12 @@ pub(super) fn expire_step(conn: &mut Connection, before: u64) -> rusqlite::Resul
 }
 
 /// Applies a batch in one transaction; returns the latest expiry cutoff it
-/// carried (the deletion itself runs in steps, see [`expire_step`]).
-fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<Option<u64>> {
+/// carried (the deletion itself runs in steps, see [`expire_step`]) and the
+/// instant its statements were done (the rest was the commit: the sync).
+fn commit(
+    conn: &mut Connection,
+    batch: &[Msg],
+) -> rusqlite::Result<(Option<u64>, std::time::Instant)> {
     let tx = conn.transaction()?;
     let mut max_id = 0u64;
     let mut feed_len = 0u64;
@@ -185,8 +194,9 @@ fn commit(conn: &mut Connection, batch: &[Msg]) -> rusqlite::Result<Option<u64>>
         )?
         .execute([(max_id + 1) as i64])?;
     }
+    let applied = std::time::Instant::now();
     tx.commit()?;
-    Ok(expire)
+    Ok((expire, applied))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
@@ -223,8 +233,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Start(a) => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO attempts (task, attempt, worker, incarnation, slot, started_at, outcome) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL)",
+                "INSERT OR REPLACE INTO attempts (task, attempt, worker, incarnation, slot, started_at, outcome, epoch) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, ?7)",
             )?
             .execute(params![
                 a.task as i64,
@@ -232,7 +242,8 @@ fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 a.worker,
                 a.incarnation as i64,
                 a.slot,
-                a.started_at as i64
+                a.started_at as i64,
+                a.epoch as i64
             ])?;
             tx.prepare_cached(
                 // The latest attempt's start, as the master shows it.
