@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub w7_tasks: usize,
     /// Every cluster under test runs `--ephemeral` (no store).
     pub ephemeral: bool,
+    /// The queued tasks of the restart workload (100,000 by default).
+    pub restart_tasks: usize,
 }
 
 /// A stand-in trace collector for measuring the cost of tracing: accepts
@@ -60,10 +62,59 @@ pub async fn start_trace_sink() -> Result<(String, std::sync::Arc<std::sync::ato
     Ok((url, bytes))
 }
 
+/// The bench's scratch directory (manifests, state directories, claims).
+fn bench_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Starts `flotilla up` on `manifest` as a child: durable on `state_dir`
+/// (`None`: `--ephemeral`), its runtime's claims in `claims`, on `port`
+/// (0: any free one); its stdout piped (it prints its address first).
+fn spawn_master(
+    opts: &BenchOptions,
+    manifest: &str,
+    state_dir: Option<&std::path::Path>,
+    claims: &std::path::Path,
+    port: u16,
+) -> Result<Child> {
+    let flotilla = &opts.flotilla;
+    let path = bench_dir()?.join("cluster.yaml");
+    let manifest = match (&opts.otlp_endpoint, opts.trace_ratio) {
+        (Some(_), Some(ratio)) => with_sample_ratio(manifest, ratio),
+        _ => manifest.to_string(),
+    };
+    std::fs::write(&path, manifest)?;
+    let state_args: Vec<std::ffi::OsString> = match state_dir {
+        Some(d) => vec!["--state-dir".into(), d.into()],
+        None => vec!["--ephemeral".into()],
+    };
+    Command::new(flotilla)
+        .env("FLOTILLA_RUNTIME_DIR", claims)
+        .args(["--log-level", "error", "up"])
+        .arg(&path)
+        .args(["--port", &port.to_string()])
+        .args(state_args)
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .envs(crate::api_token().map(|t| (flotilla_client::TOKEN_ENV, t)))
+        .envs(
+            opts.otlp_endpoint
+                .iter()
+                .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e.as_str())),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("cannot start {}", flotilla.display()))
+}
+
 /// A cluster under test: a child `flotilla up`.
 struct Target {
     child: Child,
     client: Client,
+    url: String,
     /// Its state directory (removed when it is done); `None`: `--ephemeral`.
     state_dir: Option<PathBuf>,
 }
@@ -76,47 +127,23 @@ impl Target {
     }
 
     async fn start_with(opts: &BenchOptions, manifest: &str, ephemeral: bool) -> Result<Target> {
-        let flotilla = &opts.flotilla;
-        let dir = std::env::temp_dir().join(format!("flotilla-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let path = dir.join("cluster.yaml");
-        let manifest = match (&opts.otlp_endpoint, opts.trace_ratio) {
-            (Some(_), Some(ratio)) => with_sample_ratio(manifest, ratio),
-            _ => manifest.to_string(),
-        };
-        std::fs::write(&path, manifest)?;
+        let dir = bench_dir()?;
         let state_dir = (!ephemeral).then(|| {
             use rand::Rng;
             dir.join(format!("state-{:x}", rand::thread_rng().gen::<u64>()))
         });
-        let state_args: Vec<std::ffi::OsString> = match &state_dir {
-            Some(d) => vec!["--state-dir".into(), d.into()],
-            None => vec!["--ephemeral".into()],
-        };
         // A claim directory of its own: a bench beside other masters of the
         // same cluster name (another bench, a test) must not be refused.
         let claims = {
             use rand::Rng;
             dir.join(format!("run-{:x}", rand::thread_rng().gen::<u64>()))
         };
-        let mut child = Command::new(flotilla)
-            .env("FLOTILLA_RUNTIME_DIR", &claims)
-            .args(["--log-level", "error", "up"])
-            .arg(&path)
-            .args(["--port", "0"])
-            .args(state_args)
-            .env_remove("RUST_LOG")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .envs(crate::api_token().map(|t| (flotilla_client::TOKEN_ENV, t)))
-            .envs(
-                opts.otlp_endpoint
-                    .iter()
-                    .map(|e| ("OTEL_EXPORTER_OTLP_ENDPOINT", e.as_str())),
-            )
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("cannot start {}", flotilla.display()))?;
+        let child = spawn_master(opts, manifest, state_dir.as_deref(), &claims, 0)?;
+        Self::ready(child, state_dir).await
+    }
+
+    /// Reads the address the child printed and waits for its workers.
+    async fn ready(mut child: Child, state_dir: Option<PathBuf>) -> Result<Target> {
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
         let url = line
@@ -127,6 +154,7 @@ impl Target {
         let t = Target {
             child,
             client: Client::new(&url, crate::api_token())?,
+            url,
             state_dir,
         };
         t.client
@@ -297,8 +325,31 @@ async fn batch(t: &Target, n: usize, code: &str) -> Result<f64> {
     Ok((end - start).as_secs_f64())
 }
 
+impl Target {
+    /// The `flotilla_store_*` figures of its `/metrics` (commits, operations,
+    /// seconds applying and syncing), as `name -> value`.
+    async fn store_figures(&self) -> Result<std::collections::HashMap<String, f64>> {
+        let mut req = reqwest::Client::new().get(format!("{}/metrics", self.url));
+        if let Some(t) = crate::api_token() {
+            req = req.bearer_auth(t);
+        }
+        let text = req.send().await?.error_for_status()?.text().await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix("flotilla_store_"))
+            .filter_map(|l| {
+                let (k, v) = l.split_once(' ')?;
+                Some((k.to_string(), v.trim().parse().ok()?))
+            })
+            .collect())
+    }
+}
+
 /// W1 twice, side by side: durable (as `flotilla up` runs by default) and
-/// `--ephemeral`; only the latter when the bench runs `--ephemeral`.
+/// `--ephemeral`; only the latter when the bench runs `--ephemeral`. For
+/// the durable run also what its store did during the batch: commits (one
+/// sync each), operations per commit, and the share of the batch's time the
+/// writer thread was busy (SQL, then sync); and the master's CPU per task.
 async fn w1(opts: &BenchOptions) -> Result<Value> {
     let n = 2000;
     if opts.ephemeral {
@@ -306,19 +357,37 @@ async fn w1(opts: &BenchOptions) -> Result<Value> {
         let secs = batch(&t, n, "response = {i}").await?;
         return Ok(json!({"tasks_per_s": n as f64 / secs, "seconds": secs}));
     }
-    let secs = {
+    let (secs, cpu, store) = {
         let t = Target::start(opts, &manifest(4, 64)).await?;
-        batch(&t, n, "response = {i}").await?
+        let before = t.store_figures().await?;
+        let cpu_before = cpu_seconds(t.child.id())?;
+        let secs = batch(&t, n, "response = {i}").await?;
+        let cpu = cpu_seconds(t.child.id())? - cpu_before;
+        let after = t.store_figures().await?;
+        let d = |k: &str| after.get(k).unwrap_or(&0.0) - before.get(k).unwrap_or(&0.0);
+        let commits = d("commits");
+        let store = json!({
+            "commits": commits,
+            "ops_per_commit": d("ops") / commits.max(1.0),
+            "apply_share": d("apply_seconds") / secs,
+            "sync_share": d("sync_seconds") / secs,
+        });
+        (secs, cpu, store)
     };
-    let ephemeral_secs = {
+    let (ephemeral_secs, ephemeral_cpu) = {
         let t = Target::start_with(opts, &manifest(4, 64), true).await?;
-        batch(&t, n, "response = {i}").await?
+        let cpu_before = cpu_seconds(t.child.id())?;
+        let secs = batch(&t, n, "response = {i}").await?;
+        (secs, cpu_seconds(t.child.id())? - cpu_before)
     };
     Ok(json!({
         "tasks_per_s": n as f64 / secs,
         "seconds": secs,
         "ephemeral_tasks_per_s": n as f64 / ephemeral_secs,
         "durable_vs_ephemeral": ephemeral_secs / secs,
+        "master_cpu_us_per_task": 1e6 * cpu / n as f64,
+        "ephemeral_master_cpu_us_per_task": 1e6 * ephemeral_cpu / n as f64,
+        "store": store,
     }))
 }
 
@@ -780,6 +849,100 @@ fn rss_bytes(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
+/// A master restarted with `opts.restart_tasks` (100,000) queued tasks: one
+/// worker of capacity 1 runs a task that sleeps until it is cancelled, the
+/// tasks `response = i` are queued behind it, and the master (only the
+/// master: its worker runs on) is SIGKILLed and started again on the same
+/// state directory and port. Measured from the new master's start: until
+/// `/health` answers, and until it dispatches again: the sleeping task is
+/// cancelled as soon as `/health` answers, and the first queued task's
+/// result is in the completion feed (the adopted worker registered again,
+/// its slot was freed, the task handed to it and run).
+async fn restart(opts: &BenchOptions) -> Result<Value> {
+    let queued = opts.restart_tasks.max(1);
+    let manifest = manifest(1, 1);
+    let dir = bench_dir()?;
+    let (state_dir, claims) = {
+        use rand::Rng;
+        let r: u64 = rand::thread_rng().gen();
+        (
+            dir.join(format!("state-{r:x}")),
+            dir.join(format!("run-{r:x}")),
+        )
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = spawn_master(opts, &manifest, Some(&state_dir), &claims, port)?;
+    let mut t = Target::ready(child, Some(state_dir.clone())).await?;
+    let blocker = t
+        .client
+        .submit(&[python("import time\ntime.sleep(600)".into())])
+        .await?[0];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while t.client.task(blocker).await?.state != TaskState::Running {
+        if Instant::now() > deadline {
+            bail!("the sleeping task did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    const BATCH: usize = 10_000;
+    let mut i = 0;
+    while i < queued {
+        let n = BATCH.min(queued - i);
+        let tasks: Vec<TaskSpec> = (i..i + n)
+            .map(|k| python(format!("response = {k}")))
+            .collect();
+        t.client.submit(&tasks).await?;
+        i += n;
+    }
+    let after = t.client.feed_position().await?;
+    // Acknowledged, so durable. Only the master dies.
+    t.child.kill()?;
+    t.child.wait()?;
+    let started = Instant::now();
+    let child = spawn_master(opts, &manifest, Some(&state_dir), &claims, port)?;
+    // The old child is gone; dropping `t` stops the new one (and its worker).
+    t.child = child;
+    let health_s = loop {
+        if t.client.health().await.is_ok() {
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the restarted master did not answer /health within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    t.client.cancel(blocker).await?;
+    let mut position = after;
+    let dispatch_s = loop {
+        let page = t.client.finished(position, Duration::from_secs(10)).await?;
+        position = page.next;
+        if let Some(task) = page.tasks.iter().find(|task| task.id != blocker) {
+            if task.state != TaskState::Succeeded {
+                bail!("the first task after the restart did not succeed: {task:?}");
+            }
+            break started.elapsed().as_secs_f64();
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the restarted master dispatched nothing within 60 s");
+        }
+    };
+    let unfinished = t
+        .client
+        .health()
+        .await?
+        .get("master_queue")
+        .and_then(Value::as_u64);
+    Ok(json!({
+        "queued": queued,
+        "health_s": health_s,
+        "dispatch_s": dispatch_s,
+        "master_queue_after": unfinished,
+        "store_bytes": crate::store::disk_bytes(&state_dir),
+    }))
+}
+
 /// W7, memory over time: `opts.w7_tasks` (1,000,000) tasks `response = i`
 /// in batches of 2,000 (four batches in flight), results read from the
 /// completion feed, on a durable master with a short result TTL (10 s, so
@@ -943,8 +1106,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "cancel" => cancel_latency(opts).await?,
                 "dashboards" => dashboards(opts).await?,
                 "W7" => w7(opts).await?,
+                "restart" => restart(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, locks, idle, cancel, dashboards, trace or docker-start")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, restart, locks, idle, cancel, dashboards, trace or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -956,6 +1120,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "tasks_per_s": med("tasks_per_s"),
                 "ephemeral_tasks_per_s": med("ephemeral_tasks_per_s"),
                 "durable_vs_ephemeral": med("durable_vs_ephemeral"),
+                "master_cpu_us_per_task": med("master_cpu_us_per_task"),
+                "ephemeral_master_cpu_us_per_task": med("ephemeral_master_cpu_us_per_task"),
             }),
             "W2" | "locks" | "cancel" => {
                 json!({"p50_ms": med("p50_ms"), "p99_ms": med("p99_ms")})
@@ -997,6 +1163,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
             "docker-start" => {
                 json!({"one_s": med("one_s"), "three_s": med("three_s"), "ratio": med("ratio")})
             }
+            "restart" => json!({
+                "health_s": med("health_s"),
+                "dispatch_s": med("dispatch_s"),
+                "queued": opts.restart_tasks,
+            }),
             "W7" => json!({
                 "rss_ratio": med("rss_ratio"),
                 "bytes_per_finished_task": med("bytes_per_finished_task"),

@@ -134,7 +134,10 @@ enum Command {
         /// W1 without, and the updates each receives a second), W7 (the
         /// master's memory over 1,000,000 tasks, see --w7-tasks), trace
         /// (W1 with trace export off, at ratio 1 and at --trace-ratio, side
-        /// by side) and docker-start (1 vs 3 Docker workers; needs Docker).
+        /// by side), restart (a master SIGKILLed with 100,000 queued tasks
+        /// and started again: seconds to /health and to dispatching; see
+        /// --restart-tasks) and docker-start (1 vs 3 Docker workers; needs
+        /// Docker).
         #[arg(
             long,
             default_value = "W1,W2,W3,W4,W6,locks,idle",
@@ -147,6 +150,9 @@ enum Command {
         /// W7's number of tasks (memory over time).
         #[arg(long, default_value_t = 1_000_000)]
         w7_tasks: usize,
+        /// The restart workload's number of queued tasks.
+        #[arg(long, default_value_t = 100_000)]
+        restart_tasks: usize,
         /// Print the figures as JSON.
         #[arg(long)]
         json: bool,
@@ -551,6 +557,7 @@ async fn run() -> Result<()> {
             workloads,
             runs,
             w7_tasks,
+            restart_tasks,
             json,
             trace,
             cluster_binary,
@@ -574,6 +581,7 @@ async fn run() -> Result<()> {
                 trace_ratio,
                 w7_tasks,
                 ephemeral,
+                restart_tasks,
             };
             let mut figures = flotilla::bench::run(&opts).await?;
             if let Some((_, bytes)) = &sink {
@@ -768,6 +776,14 @@ fn print_figures(f: &serde_json::Value) {
             x["one_s"].as_f64().unwrap_or(0.0),
             x["three_s"].as_f64().unwrap_or(0.0),
             x["ratio"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(x) = w.get("restart") {
+        println!(
+            "restart: a master SIGKILLed with {} queued tasks and started again answers /health after {:.2} s and dispatches again after {:.2} s",
+            x["queued"].as_u64().unwrap_or(0),
+            x["health_s"].as_f64().unwrap_or(0.0),
+            x["dispatch_s"].as_f64().unwrap_or(0.0)
         );
     }
     if let Some(x) = w.get("W7") {
