@@ -744,21 +744,34 @@ impl Cluster {
         }
     }
 
-    /// The heartbeat monitor: sleeps until the earliest deadline, declares
-    /// the overdue dead. No polling: a heartbeat only moves deadlines later.
+    /// The heartbeat monitor: sleeps until the earliest deadline (or one
+    /// heartbeat timeout, whichever is sooner), declares the overdue dead. A
+    /// heartbeat only moves deadlines later; a registration can move one
+    /// earlier, seen at the next wake, which comes before that deadline.
     pub fn spawn_health_monitor(self: &Arc<Self>) {
         let me = self.clone();
         tokio::spawn(async move {
             let timeout = me.cfg.heartbeat_timeout;
             loop {
+                // At most one heartbeat timeout at a time: a registration
+                // moves a worker's deadline earlier (from its start-up
+                // grace to one timeout), which this sleep would not see.
                 let deadline = me
                     .with_state(|s| s.next_deadline(timeout))
-                    .unwrap_or_else(|| Instant::now() + timeout);
+                    .unwrap_or_else(|| Instant::now() + timeout)
+                    .min(Instant::now() + timeout);
                 tokio::time::sleep_until(deadline.into()).await;
                 let overdue = me.with_state(|s| s.overdue(Instant::now(), timeout));
-                for (id, inc) in overdue {
+                for (id, inc, starting) in overdue {
                     me.metrics.heartbeat_missed();
-                    let reason = format!("no heartbeat for {:.1}s", timeout.as_secs_f64());
+                    let reason = if starting {
+                        format!(
+                            "not registered {:.0}s after its start",
+                            timeout.max(crate::scheduler::STARTUP_GRACE).as_secs_f64()
+                        )
+                    } else {
+                        format!("no heartbeat for {:.1}s", timeout.as_secs_f64())
+                    };
                     me.with_state(|s| {
                         s.activity.event(
                             crate::scheduler::activity::EventKind::MissedHeartbeat,

@@ -87,17 +87,36 @@ impl Worker {
         self.waiting.len() + self.running.len()
     }
 
+    /// How long the master waits for it before declaring it dead: the
+    /// heartbeat timeout once registered; while starting (warming its
+    /// interpreters, then registering), [`STARTUP_GRACE`]. A hundred
+    /// workers started at once on two cores take longer than a heartbeat
+    /// timeout to warm, and declaring them dead there restarts them all
+    /// again, a storm that never settles. A start that fails is seen by
+    /// the runtime (the process or container exits) without this wait.
+    fn allowed_silence(&self, timeout: Duration) -> Duration {
+        if self.state == WorkerState::Starting {
+            timeout.max(STARTUP_GRACE)
+        } else {
+            timeout
+        }
+    }
+
     fn alive(&self) -> bool {
         self.state != WorkerState::Dead
     }
 }
+
+/// How long a starting worker may take to register (see
+/// `Worker::allowed_silence`).
+pub const STARTUP_GRACE: Duration = Duration::from_secs(60);
 
 /// Why a worker message was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("node {0} does not exist")]
     UnknownWorker(WorkerId),
-    #[error("node {worker} incarnation {got} has been replaced by incarnation {current}")]
+    #[error("node {worker} incarnation {got} is no longer current: the master declared it dead or started a newer one (its current incarnation: {current})")]
     Stale {
         worker: WorkerId,
         got: Incarnation,
@@ -830,12 +849,17 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Workers alive whose last heartbeat (or start) is older than `timeout`.
-    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<(WorkerId, Incarnation)> {
+    /// Workers alive whose last heartbeat is older than `timeout`, or that
+    /// are still starting [`STARTUP_GRACE`] (at least `timeout`) after their
+    /// start: (ID, incarnation, whether it was still starting).
+    pub fn overdue(&self, now: Instant, timeout: Duration) -> Vec<(WorkerId, Incarnation, bool)> {
         self.workers
             .iter()
-            .filter(|w| w.alive() && now.saturating_duration_since(w.last_heartbeat) >= timeout)
-            .map(|w| (w.id, w.incarnation))
+            .filter(|w| {
+                w.alive()
+                    && now.saturating_duration_since(w.last_heartbeat) >= w.allowed_silence(timeout)
+            })
+            .map(|w| (w.id, w.incarnation, w.state == WorkerState::Starting))
             .collect()
     }
 
@@ -844,7 +868,7 @@ impl Scheduler {
         self.workers
             .iter()
             .filter(|w| w.alive())
-            .map(|w| w.last_heartbeat + timeout)
+            .map(|w| w.last_heartbeat + w.allowed_silence(timeout))
             .min()
     }
 

@@ -668,3 +668,29 @@ fn leases_of_the_same_attempt_differ_between_master_incarnations() {
     // Epoch 0 (a store that did not keep it) derives as before epochs.
     assert_ne!(first, derive_lease(&key, 7, 2, 0, 1, 0));
 }
+
+#[test]
+fn a_starting_worker_has_the_startup_grace_then_the_heartbeat_timeout() {
+    let mut s = Scheduler::new(3);
+    let (id, inc) = s.add_worker(2);
+    let timeout = Duration::from_secs(10);
+    let start = Instant::now();
+    // Still warming its interpreters: not overdue after a heartbeat timeout.
+    assert!(s.overdue(start + timeout * 2, timeout).is_empty());
+    assert_eq!(
+        s.next_deadline(timeout),
+        Some(s.workers[0].last_heartbeat + STARTUP_GRACE)
+    );
+    assert_eq!(
+        s.overdue(start + STARTUP_GRACE + Duration::from_secs(1), timeout),
+        vec![(id, inc, true)]
+    );
+    // Registered: the heartbeat timeout again.
+    s.register(id, inc, 1, None, None).unwrap();
+    let registered = s.workers[0].last_heartbeat;
+    assert_eq!(s.next_deadline(timeout), Some(registered + timeout));
+    assert_eq!(
+        s.overdue(registered + timeout, timeout),
+        vec![(id, inc, false)]
+    );
+}
