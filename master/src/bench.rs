@@ -15,6 +15,8 @@ use flotilla_client::Client;
 use flotilla_proto::{TaskKind, TaskSpec};
 use serde_json::{json, Value};
 
+mod scale;
+
 #[derive(Clone)]
 pub struct BenchOptions {
     pub workloads: Vec<String>,
@@ -81,8 +83,10 @@ fn spawn_master(
 ) -> Result<Child> {
     let flotilla = &opts.flotilla;
     let path = bench_dir()?.join("cluster.yaml");
+    // Ratio 1 is the default: not written, so that an earlier build
+    // without the setting (`--cluster-binary`) can be measured too.
     let manifest = match (&opts.otlp_endpoint, opts.trace_ratio) {
-        (Some(_), Some(ratio)) => with_sample_ratio(manifest, ratio),
+        (Some(_), Some(ratio)) if ratio < 1.0 => with_sample_ratio(manifest, ratio),
         _ => manifest.to_string(),
     };
     std::fs::write(&path, manifest)?;
@@ -158,7 +162,7 @@ impl Target {
             state_dir,
         };
         t.client
-            .wait_ready(Duration::from_secs(30))
+            .wait_ready(Duration::from_secs(120))
             .await
             .context("workers did not come up")?;
         Ok(t)
@@ -1044,7 +1048,9 @@ async fn batches(t: &Target, n: usize, per_batch: usize) -> Result<f64> {
 /// (`--ephemeral`, so the store's syncs do not hide the CPU that tracing
 /// takes) with export off, on for every task (sample ratio 1), and on for
 /// a share (`--trace-ratio`, else 0.1), each on a fresh master exporting to
-/// a stand-in collector. The order rotates from run to run.
+/// a stand-in collector. The order rotates from run to run. Besides the
+/// rates: the CPU time of the cluster's processes per task, and the bytes
+/// exported.
 async fn trace_cost(opts: &BenchOptions, run: usize) -> Result<Value> {
     const N: usize = 10_000;
     let (sink, bytes) = start_trace_sink().await?;
@@ -1063,19 +1069,46 @@ async fn trace_cost(opts: &BenchOptions, run: usize) -> Result<Value> {
             ..opts.clone()
         };
         let before = bytes.load(std::sync::atomic::Ordering::Relaxed);
-        let secs = {
+        let (secs, cpu) = {
             let t = Target::start_with(&o, &manifest(4, 64), true).await?;
+            // CPU of the master, its workers and their interpreters: a
+            // figure that a machine shared with other work disturbs far
+            // less than the rate. Taken until the exporters' next batch
+            // (every 5 s by default) has gone out.
+            let pids = descendants(t.child.id())?;
+            let ticks = || -> u64 {
+                pids.iter()
+                    .filter_map(|p| proc_stat(*p))
+                    .map(|(_, u, s)| u + s)
+                    .sum()
+            };
+            let cpu0 = ticks();
             let secs = batches(&t, N, 2_000).await?;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let cpu = ticks() - cpu0;
             // Stopping the master flushes its last spans (and its workers').
             drop(t);
-            secs
+            (secs, cpu)
         };
+        let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
         let exported = bytes.load(std::sync::atomic::Ordering::Relaxed) - before;
         out.insert(format!("{name}_tasks_per_s"), json!(N as f64 / secs));
+        out.insert(
+            format!("{name}_cpu_us_per_task"),
+            json!(cpu as f64 / hz / N as f64 * 1e6),
+        );
         out.insert(format!("{name}_bytes_exported"), json!(exported));
     }
     let off = out["off_tasks_per_s"].as_f64().unwrap_or(f64::NAN);
+    let off_cpu = out["off_cpu_us_per_task"].as_f64().unwrap_or(f64::NAN);
     for name in ["all", "ratio"] {
+        let cpu = out[&format!("{name}_cpu_us_per_task")]
+            .as_f64()
+            .unwrap_or(f64::NAN);
+        out.insert(
+            format!("{name}_cpu_extra_percent"),
+            json!(100.0 * (cpu / off_cpu - 1.0)),
+        );
         let on = out[&format!("{name}_tasks_per_s")]
             .as_f64()
             .unwrap_or(f64::NAN);
@@ -1095,6 +1128,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
         for run in 0..opts.runs {
             let r = match w.as_str() {
                 "trace" => trace_cost(opts, run).await?,
+                "W8" => scale::w8(opts, run).await?,
+                "backlog" => scale::backlog(opts).await?,
                 "W1" => w1(opts).await?,
                 "W2" => w2(opts).await?,
                 "W3" => cpu_workload(opts, 2, 32, 32, 30, None).await?,
@@ -1108,7 +1143,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "W7" => w7(opts).await?,
                 "restart" => restart(opts).await?,
                 other => {
-                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, restart, locks, idle, cancel, dashboards, trace or docker-start")
+                    bail!("unknown workload `{other}`: expected W1, W2, W3, W4, W6, W7, locks, idle, cancel, dashboards, trace, W8, backlog, restart or docker-start")
                 }
             };
             eprintln!("{w}: {r}");
@@ -1150,10 +1185,36 @@ pub async fn run(opts: &BenchOptions) -> Result<Value> {
                 "updates_per_s_per_client": med("updates_per_s_per_client"),
                 "page_bytes": med("page_bytes"),
             }),
+            "W8" => json!({
+                "w1_100_tasks_per_s": med("w1_100_tasks_per_s"),
+                "w1_4_tasks_per_s": med("w1_4_tasks_per_s"),
+                "w1_100_vs_4": med("w1_100_vs_4"),
+                "idle_master_cpu_percent": med("idle_master_cpu_percent"),
+                "idle_cluster_cpu_percent": med("idle_cluster_cpu_percent"),
+                "startup_s": med("startup_s"),
+                "interpreter_rss_bytes": med("interpreter_rss_bytes"),
+                "interpreter_pss_bytes": med("interpreter_pss_bytes"),
+                "pss_per_slot_bytes": med("pss_per_slot_bytes"),
+                "worker_rss_bytes": med("worker_rss_bytes"),
+            }),
+            "backlog" => json!({
+                "submit_tasks_per_s": med("submit_tasks_per_s"),
+                "rss_bytes_per_queued_task": med("rss_bytes_per_queued_task"),
+                "health_p50_ms": med("health_p50_ms"),
+                "health_max_ms": med("health_max_ms"),
+                "dispatch_tasks_per_s": med("dispatch_tasks_per_s"),
+                "dispatch_without_backlog_tasks_per_s": med("dispatch_without_backlog_tasks_per_s"),
+                "dispatch_with_vs_without": med("dispatch_with_vs_without"),
+            }),
             "trace" => json!({
                 "off_tasks_per_s": med("off_tasks_per_s"),
                 "all_tasks_per_s": med("all_tasks_per_s"),
                 "ratio_tasks_per_s": med("ratio_tasks_per_s"),
+                "off_cpu_us_per_task": med("off_cpu_us_per_task"),
+                "all_cpu_us_per_task": med("all_cpu_us_per_task"),
+                "ratio_cpu_us_per_task": med("ratio_cpu_us_per_task"),
+                "all_cpu_extra_percent": med("all_cpu_extra_percent"),
+                "ratio_cpu_extra_percent": med("ratio_cpu_extra_percent"),
                 "all_loss_percent": med("all_loss_percent"),
                 "ratio_loss_percent": med("ratio_loss_percent"),
                 "all_bytes_exported": med("all_bytes_exported"),

@@ -134,8 +134,11 @@ enum Command {
         /// W1 without, and the updates each receives a second), W7 (the
         /// master's memory over 1,000,000 tasks, see --w7-tasks), trace
         /// (W1 with trace export off, at ratio 1 and at --trace-ratio, side
-        /// by side), restart (a master SIGKILLed with 100,000 queued tasks
-        /// and started again: seconds to /health and to dispatching; see
+        /// by side), W8 (100 workers of capacity 2: idle CPU, heartbeats,
+        /// interpreter memory, W1 against 4 workers), backlog (300,000
+        /// tasks queued: submit rate, memory, /health, dispatch rate),
+        /// restart (a master SIGKILLed with 100,000 queued tasks and
+        /// started again: seconds to /health and to dispatching; see
         /// --restart-tasks) and docker-start (1 vs 3 Docker workers; needs
         /// Docker).
         #[arg(
