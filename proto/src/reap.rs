@@ -41,6 +41,56 @@ pub fn snapshot() -> Vec<Proc> {
     Vec::new()
 }
 
+/// The descendants of `root` (not `root` itself), found by walking the
+/// kernel's per-thread `children` lists down from it, so that the cost is
+/// that of the subtree, not of every process on the host (a worker's sweep
+/// on a host running hundreds of processes read them all after each task).
+/// Like the whole table, a process forking or exiting meanwhile may be
+/// missed and is seen by the next look. Without `children` lists (a kernel
+/// built without them): the whole table.
+#[cfg(target_os = "linux")]
+pub fn snapshot_below(root: i32) -> Vec<Proc> {
+    if std::fs::metadata(format!("/proc/{root}/task/{root}/children")).is_err() {
+        return snapshot();
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    let mut seen: std::collections::HashSet<i32> = [root].into();
+    while let Some(pid) = todo.pop() {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for t in threads.flatten() {
+            let Ok(list) = std::fs::read_to_string(t.path().join("children")) else {
+                continue;
+            };
+            for child in list
+                .split_whitespace()
+                .filter_map(|c| c.parse::<i32>().ok())
+            {
+                if !seen.insert(child) {
+                    continue;
+                }
+                let Ok(st) = procfs::process::Process::new(child).and_then(|p| p.stat()) else {
+                    continue;
+                };
+                out.push(Proc {
+                    pid: st.pid,
+                    ppid: st.ppid,
+                    zombie: st.state == 'Z',
+                });
+                todo.push(child);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn snapshot_below(_root: i32) -> Vec<Proc> {
+    Vec::new()
+}
+
 /// Children of each process.
 pub fn children(procs: &[Proc]) -> HashMap<i32, Vec<&Proc>> {
     let mut map: HashMap<i32, Vec<&Proc>> = HashMap::new();
@@ -137,6 +187,37 @@ pub fn reap(pid: i32) -> bool {
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_subtree_is_found_without_reading_the_whole_table() {
+        // sh -> sleep: a child and a grandchild of this process.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let me = std::process::id() as i32;
+        let sh = child.id() as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let below = loop {
+            let below = snapshot_below(me);
+            if below.iter().any(|p| p.ppid == sh) || std::time::Instant::now() > deadline {
+                break below;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert!(
+            below.iter().any(|p| p.pid == sh && p.ppid == me),
+            "{below:?}"
+        );
+        let sleep = below.iter().find(|p| p.ppid == sh).expect("the grandchild");
+        assert!(!below.iter().any(|p| p.pid == me), "not the root itself");
+        // The same subtree as the whole table shows.
+        let table = snapshot();
+        let kids = children(&table);
+        assert!(subtree(&kids, sh).contains(&sleep.pid));
+        kill_all(&[sleep.pid, sh]);
+        let _ = child.wait();
+    }
 
     #[test]
     fn the_table_shows_a_child_and_its_environment() {

@@ -166,7 +166,8 @@ impl Cleaner {
     /// One sweep; returns how many processes it killed.
     pub fn sweep(&self) -> usize {
         let me = std::process::id() as i32;
-        let procs = reap::snapshot();
+        // Only the worker's subtree: what it must judge is all below it.
+        let procs = reap::snapshot_below(me);
         let kids = reap::children(&procs);
         // Read after the table: a process in the table that belongs to a
         // task started before it was read, so that task is in here.
