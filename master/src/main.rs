@@ -737,11 +737,11 @@ fn print_figures(f: &serde_json::Value) {
     if let Some(x) = w.get("dashboards") {
         let f = |k: &str| x[k].as_f64().unwrap_or(0.0);
         println!(
-            "W1 with 3 dashboards open: {:.0} tasks/s against {:.0} without (drop {:.1}%); under {:.0} tasks/s each dashboard got {:.1} updates/s; page weight {:.0} bytes",
+            "W1 with 3 dashboards open: {:.0} tasks/s against {:.0} without (drop {:.1}%); at {:.0} tasks/s each dashboard got {:.1} updates/s; page weight {:.0} bytes",
             f("with_dashboards_tasks_per_s"),
             f("tasks_per_s"),
             f("drop_percent"),
-            f("sustained_tasks_per_s"),
+            f("fast_tasks_per_s"),
             f("updates_per_s_per_client"),
             f("page_bytes")
         );
