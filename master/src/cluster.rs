@@ -708,8 +708,13 @@ impl Cluster {
                 info!(worker = id, incarnation = inc, "Node {id} restarted");
                 self.record_handle(id, inc).await;
             }
-            // The heartbeat monitor declares it dead again and we retry.
-            Err(e) => error!(worker = id, error = %e, "restart failed"),
+            // Declared dead at once (not after the start-up grace, which is
+            // for a start that worked and is still warming): restarted again
+            // with the growing delay of a worker that never registered.
+            Err(e) => {
+                error!(worker = id, error = %e, "restart failed");
+                self.died(id, inc, &format!("its start failed: {e}"), false);
+            }
         }
     }
 

@@ -109,6 +109,12 @@ pub struct LockTable {
     /// lost with a master is answered as it was, even when the next writer
     /// already has the lock.
     released: HashMap<String, (RequestId, Owner, u64, bool)>,
+    /// The last [`RECENT_RELEASES`] write releases of each resource (owner,
+    /// token, whether it published), the one above included: a resend can
+    /// arrive after later writers have released too (a worker that lost its
+    /// master retries with a growing delay while the others carry on with
+    /// the next master), and is still answered as the first release was.
+    recent_releases: HashMap<String, VecDeque<(Owner, u64, bool)>>,
     /// Resources whose value or version changed since [`LockTable::take_changed`].
     changed: std::collections::BTreeSet<String>,
     /// Grants made and ended since [`LockTable::take_grant_ops`], in order,
@@ -116,6 +122,24 @@ pub struct LockTable {
     grant_log: Option<Vec<Op>>,
     /// Grants made since [`LockTable::take_grants`] (the event log).
     grants: Vec<Granted>,
+}
+
+/// How many write releases per resource [`LockTable::already_released`]
+/// remembers (see `LockTable::recent_releases`).
+const RECENT_RELEASES: usize = 256;
+
+fn remember_release(
+    recent: &mut HashMap<String, VecDeque<(Owner, u64, bool)>>,
+    name: &str,
+    owner: Owner,
+    token: u64,
+    committed: bool,
+) {
+    let recent = recent.entry(name.to_string()).or_default();
+    if recent.len() == RECENT_RELEASES {
+        recent.pop_front();
+    }
+    recent.push_back((owner, token, committed));
 }
 
 /// How the store marks the record of a released write grant (see
@@ -395,6 +419,7 @@ impl LockTable {
                     let before = self
                         .released
                         .insert(name.to_string(), (id, owner, token, committed));
+                    remember_release(&mut self.recent_releases, name, owner, token, committed);
                     if let Some((old, ..)) = before {
                         log_grant(&mut self.grant_log, name, old, None);
                     }
@@ -540,9 +565,13 @@ impl LockTable {
             // A read release changes nothing: done is done.
             LockMode::Read => Some((r.version, false)),
             LockMode::Write => {
-                let &(_, by, token, committed) = self.released.get(name)?;
-                let same_token = publish.is_none_or(|(_, t)| *t == token);
-                (by == owner && same_token).then_some((token, committed))
+                let same_token = |token: u64| publish.is_none_or(|(_, t)| *t == token);
+                self.recent_releases
+                    .get(name)?
+                    .iter()
+                    .rev()
+                    .find(|&&(by, token, _)| by == owner && same_token(token))
+                    .map(|&(_, token, committed)| (token, committed))
             }
         }
     }
@@ -564,6 +593,13 @@ impl LockTable {
         };
         self.released
             .insert(g.resource.clone(), (g.request, owner, g.token, committed));
+        remember_release(
+            &mut self.recent_releases,
+            &g.resource,
+            owner,
+            g.token,
+            committed,
+        );
         true
     }
 
@@ -785,6 +821,50 @@ mod tests {
         let full = t.view("total").unwrap();
         assert_eq!(full.waiting[..3], view.waiting[..]);
         assert_eq!(full.waiting.len(), 10);
+    }
+
+    #[test]
+    fn a_resent_release_is_answered_as_done_after_later_writers_released_too() {
+        let mut t = table();
+        let (a, b, c) = (owner(0, 1), owner(1, 2), owner(2, 3));
+        let mut ga = ask(&mut t, LockMode::Write, a);
+        assert_eq!(ga.try_recv().unwrap().token, 1);
+        let publish = (json!(5), 1);
+        assert_eq!(
+            t.release("total", LockMode::Write, a, Some(publish.clone())),
+            Ok((1, true))
+        );
+        // Two more writers come and go before a's resend arrives.
+        for (who, token) in [(b, 2), (c, 3)] {
+            let mut g = ask(&mut t, LockMode::Write, who);
+            assert_eq!(g.try_recv().unwrap().token, token);
+            assert_eq!(
+                t.release("total", LockMode::Write, who, Some((json!(token), token))),
+                Ok((token, true))
+            );
+        }
+        assert_eq!(
+            t.already_released("total", LockMode::Write, a, Some(&publish)),
+            Some((1, true)),
+            "a's release was carried out: answered as done, not refused as stale"
+        );
+        assert_eq!(
+            t.already_released("total", LockMode::Write, a, Some(&(json!(5), 2))),
+            None,
+            "b's token is not a's release"
+        );
+        // The memory is bounded: after RECENT_RELEASES more, a's is forgotten.
+        for i in 0..RECENT_RELEASES as u64 {
+            let who = owner(1, 100 + i);
+            let mut g = ask(&mut t, LockMode::Write, who);
+            let token = g.try_recv().unwrap().token;
+            t.release("total", LockMode::Write, who, Some((json!(0), token)))
+                .unwrap();
+        }
+        assert_eq!(
+            t.already_released("total", LockMode::Write, a, Some(&publish)),
+            None
+        );
     }
 
     #[test]
