@@ -69,6 +69,10 @@ pub struct Worker {
     /// time, container ID, pod UID), kept in the store so that the next
     /// master can adopt it.
     pub handle: Option<String>,
+    /// Taken over from the previous master and not registered again yet:
+    /// it is warm already, so it has one heartbeat timeout to register,
+    /// not the start-up grace (see [`Worker::allowed_silence`]).
+    adopted: bool,
 }
 
 /// A worker incarnation the previous master started that this master's
@@ -93,9 +97,11 @@ impl Worker {
     /// workers started at once on two cores take longer than a heartbeat
     /// timeout to warm, and declaring them dead there restarts them all
     /// again, a storm that never settles. A start that fails is seen by
-    /// the runtime (the process or container exits) without this wait.
+    /// the runtime (the process or container exits) without this wait. An
+    /// adopted worker is warm: it only has to register again, within the
+    /// heartbeat timeout, or it is declared dead and started afresh.
     fn allowed_silence(&self, timeout: Duration) -> Duration {
-        if self.state == WorkerState::Starting {
+        if self.state == WorkerState::Starting && !self.adopted {
             timeout.max(STARTUP_GRACE)
         } else {
             timeout
@@ -592,6 +598,7 @@ impl Scheduler {
                     w.locator = Some(a.locator.clone());
                     w.handle = a.handle.clone();
                     w.last_heartbeat = now;
+                    w.adopted = true;
                     live.push((wr.id, wr.incarnation));
                     info!(
                         worker = wr.id,
@@ -758,6 +765,7 @@ impl Scheduler {
             locator: None,
             slots: 1,
             handle: None,
+            adopted: false,
         });
         journal!(
             self,
@@ -813,6 +821,7 @@ impl Scheduler {
         self.check(id, inc)?;
         let w = &mut self.workers[id as usize];
         w.state = WorkerState::Active;
+        w.adopted = false;
         w.slots = slots;
         w.pid = pid;
         w.locator = locator;
@@ -961,6 +970,7 @@ impl Scheduler {
         }
         w.incarnation += 1;
         w.state = WorkerState::Starting;
+        w.adopted = false;
         w.pid = None;
         w.locator = None;
         w.handle = None;

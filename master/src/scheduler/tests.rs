@@ -510,6 +510,17 @@ fn a_restart_keeps_the_attempts_and_grants_of_adopted_workers_only() {
     s.restore(&rec, &[adopted]);
     assert_eq!(s.worker(0).unwrap().incarnation, 1);
     assert_eq!(s.worker(1).unwrap().incarnation, 2);
+    // The adopted worker is warm: one heartbeat timeout to register again
+    // (not the start-up grace of worker 1, started afresh).
+    let timeout = Duration::from_secs(10);
+    let adopted_at = s.workers[0].last_heartbeat;
+    assert_eq!(
+        s.overdue(adopted_at + timeout + Duration::from_millis(1), timeout)
+            .iter()
+            .map(|o| o.0)
+            .collect::<Vec<_>>(),
+        vec![0]
+    );
     assert_eq!(s.task(a.task_id).unwrap().state, TaskState::Running);
     // B waits to run again (queued, or already placed in a worker's queue).
     assert!(matches!(
