@@ -928,26 +928,49 @@ impl Cluster {
             let (page, end, more) = s.list_tasks(after, state, node, limit, LIST_SCAN);
             (page, end, more, s.feed_base())
         });
-        let stored_states = state.is_none_or(|s| s.is_final());
-        if let (Some(store), true, true) = (self.store.clone(), feed_below > 0, stored_states) {
-            let rows = tokio::task::spawn_blocking(move || {
-                store.finished(&crate::store::FinishedQuery {
-                    after,
-                    end,
-                    feed_below,
-                    state: state.map(|s| s.name()),
-                    node,
-                    limit,
-                })
-            })
+        let query = crate::store::FinishedQuery {
+            after,
+            end,
+            feed_below,
+            state: state.map(|s| s.name()),
+            node,
+            limit,
+        };
+        // Only finished tasks leave memory.
+        if state.is_none_or(|s| s.is_final()) {
+            self.merge_stored(&mut page, query, record_view, |t| t.id)
+                .await?;
+        }
+        let next = crate::scheduler::listing_next(&page, |t| t.id, limit, end, more);
+        Ok((page, next))
+    }
+
+    /// The store's part of a task listing: the finished tasks of `query`'s
+    /// range that left memory (feed positions below `query.feed_below`),
+    /// merged
+    /// into the memory's `page` in ID order and cut to `query.limit`. The
+    /// two parts never overlap (see `Scheduler::retire`).
+    async fn merge_stored<T>(
+        &self,
+        page: &mut Vec<T>,
+        query: crate::store::FinishedQuery<'static>,
+        show: impl Fn(&crate::store::TaskRecord) -> T,
+        id: impl Fn(&T) -> TaskId,
+    ) -> Result<(), StoreError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(());
+        };
+        if query.feed_below == 0 {
+            return Ok(());
+        }
+        let limit = query.limit;
+        let rows = tokio::task::spawn_blocking(move || store.finished(&query))
             .await
             .expect("a store read does not panic")?;
-            page.extend(rows.iter().map(record_view));
-            page.sort_unstable_by_key(|t| t.id);
-            page.truncate(limit);
-        }
-        let next = crate::scheduler::listing_next(&page, limit, end, more);
-        Ok((page, next))
+        page.extend(rows.iter().map(show));
+        page.sort_unstable_by_key(|t| id(t));
+        page.truncate(limit);
+        Ok(())
     }
 
     /// The completion feed: tasks finished from position `after`, waiting
@@ -1278,30 +1301,21 @@ impl Cluster {
             (page, end, more, s.feed_base())
         });
         self.dashboard_cpu(crate::dashboard::thread_cpu().saturating_sub(cpu));
-        let stored_states = state.is_none_or(|s| s.is_final());
-        if let (Some(store), true, true) = (self.store.clone(), feed_below > 0, stored_states) {
-            let rows = tokio::task::spawn_blocking(move || {
-                store.finished(&crate::store::FinishedQuery {
-                    after,
-                    end,
-                    feed_below,
-                    state: state.map(|s| s.name()),
-                    node,
-                    limit,
-                })
-            })
-            .await
-            .expect("a store read does not panic")?;
-            page.extend(rows.iter().map(TaskRow::of_record));
-            page.sort_unstable_by_key(|t| t.id);
-            page.truncate(limit);
+        let query = crate::store::FinishedQuery {
+            after,
+            end,
+            feed_below,
+            state: state.map(|s| s.name()),
+            node,
+            limit,
+        };
+        // Only finished tasks leave memory.
+        if state.is_none_or(|s| s.is_final()) {
+            self.merge_stored(&mut page, query, TaskRow::of_record, |t| t.id)
+                .await?;
         }
         self.metrics.dashboard_rows_served(page.len());
-        let next = if page.len() >= limit {
-            page.last().map(|t| t.id)
-        } else {
-            more.then(|| end - 1)
-        };
+        let next = crate::scheduler::listing_next(&page, |t| t.id, limit, end, more);
         Ok((page, next))
     }
 

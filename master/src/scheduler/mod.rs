@@ -247,9 +247,15 @@ macro_rules! journal {
 /// Where a page of the task listing goes on from: after its last task when
 /// it is full, else after the last ID looked at when more were handed out,
 /// else nowhere (`end` and `more` as [`Scheduler::list_tasks`] returns them).
-pub fn listing_next(page: &[TaskView], limit: usize, end: TaskId, more: bool) -> Option<TaskId> {
+pub fn listing_next<T>(
+    page: &[T],
+    id: impl Fn(&T) -> TaskId,
+    limit: usize,
+    end: TaskId,
+    more: bool,
+) -> Option<TaskId> {
     if page.len() >= limit {
-        page.last().map(|t| t.id)
+        page.last().map(id)
     } else {
         more.then(|| end - 1)
     }

@@ -330,7 +330,7 @@ fn list(
     scan: usize,
 ) -> (Vec<TaskView>, Option<TaskId>) {
     let (page, end, more) = s.list_tasks(after, state, node, limit, scan);
-    let next = listing_next(&page, limit, end, more);
+    let next = listing_next(&page, |t| t.id, limit, end, more);
     (page, next)
 }
 
