@@ -156,28 +156,7 @@ pub fn api_token() -> Option<String> {
 pub fn take_token() {
     #[cfg(target_os = "linux")]
     let _ = nix::sys::prctl::set_dumpable(false);
-    const KEY: &[u8] = b"FLOTILLA_TOKEN=";
-    let value = std::env::var("FLOTILLA_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
-    extern "C" {
-        static mut environ: *const *mut std::ffi::c_char;
-    }
-    // SAFETY: `environ` is the C library's NULL-terminated array of
-    // NUL-terminated strings; each entry is only overwritten within its
-    // own length, while no other thread exists.
-    unsafe {
-        let mut entry = environ;
-        while !entry.is_null() && !(*entry).is_null() {
-            let s = std::ffi::CStr::from_ptr(*entry);
-            let len = s.to_bytes().len();
-            if s.to_bytes().starts_with(KEY) {
-                std::ptr::write_bytes((*entry).add(KEY.len()), b'x', len - KEY.len());
-            }
-            entry = entry.add(1);
-        }
-    }
-    std::env::remove_var("FLOTILLA_TOKEN");
+    let value = flotilla_proto::secret::take_env("FLOTILLA_TOKEN").filter(|t| !t.is_empty());
     let _ = API_TOKEN.set(value);
 }
 

@@ -383,4 +383,5 @@ pub struct LockReleased {
 pub mod api;
 pub mod reap;
 pub mod runner;
+pub mod secret;
 pub mod telemetry;

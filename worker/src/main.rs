@@ -110,31 +110,7 @@ fn credential(taken: Option<String>) -> Result<String> {
 /// variable is removed, so no child inherits it. Called before any thread
 /// exists, since it changes the environment.
 fn take_env_credential() -> Option<String> {
-    let value = std::env::var(env::WORKER_SECRET).ok()?;
-    #[cfg(target_os = "linux")]
-    {
-        let key = format!("{}=", env::WORKER_SECRET);
-        let key = key.as_bytes();
-        extern "C" {
-            static mut environ: *const *mut std::ffi::c_char;
-        }
-        // SAFETY: `environ` is the C library's NULL-terminated array of
-        // NUL-terminated strings; each entry is only overwritten within its
-        // own length, while no other thread exists.
-        unsafe {
-            let mut entry = environ;
-            while !entry.is_null() && !(*entry).is_null() {
-                let s = std::ffi::CStr::from_ptr(*entry);
-                let len = s.to_bytes().len();
-                if s.to_bytes().starts_with(key) {
-                    std::ptr::write_bytes((*entry).add(key.len()), b'x', len - key.len());
-                }
-                entry = entry.add(1);
-            }
-        }
-    }
-    std::env::remove_var(env::WORKER_SECRET);
-    Some(value)
+    flotilla_proto::secret::take_env(env::WORKER_SECRET)
 }
 
 /// Children of the worker (interpreters, shell commands) die with it, so a
